@@ -1,0 +1,415 @@
+//! Configuration: every setting is an environment variable and the same-named CLI flag.
+//!
+//! clap only collects the raw strings; [`Cli::into_config`] validates them so that a bad
+//! value stops start-up with one line naming the *variable* and what it accepts, rather
+//! than clap's multi-line usage text that names the flag.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use ipnet::IpNet;
+
+use crate::ratelimit::Policy;
+
+/// Contract defaults, shared by the CLI and [`Config::default`] so they cannot drift.
+pub mod defaults {
+    pub const LISTEN_ADDR: &str = "0.0.0.0:5000";
+    pub const MAX_N: &str = "1000";
+    pub const RATE_LIMITS: &str = "30/minute,50/hour,200/day";
+    pub const REDIS_TIMEOUT_MS: &str = "50";
+    pub const CACHE_MAX_BYTES: &str = "67108864";
+    pub const SHUTDOWN_DRAIN_SECONDS: &str = "5";
+    pub const LOG_FORMAT: &str = "json";
+    pub const REQUEST_TIMEOUT_MS: &str = "10000";
+    pub const HEADER_READ_TIMEOUT_MS: &str = "5000";
+    pub const MAX_CONNECTIONS: &str = "10000";
+    pub const MAX_IN_FLIGHT: &str = "1024";
+    pub const RATE_LIMIT_MAX_KEYS: &str = "100000";
+}
+
+/// The largest `MAX_N` accepted: F(10^6) has 208,988 digits and is computed in well
+/// under a second; beyond that a single request could hold a core for many seconds.
+pub const MAX_N_CEILING: u64 = 1_000_000;
+
+/// Command line of the `fibonacci-api` binary.
+#[derive(Debug, Parser)]
+#[command(
+    name = "fibonacci-api",
+    version,
+    about = "Returns the nth Fibonacci number over HTTP"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+/// Subcommands besides serving (the default).
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Probe a running instance (exit 0 when it answers 200); for container health checks,
+    /// which have no shell or curl in a distroless image.
+    Healthcheck {
+        /// URL to probe.
+        #[arg(long, default_value = "http://127.0.0.1:5000/livez")]
+        url: String,
+        /// Give up after this many milliseconds.
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
+}
+
+/// Raw settings as given; see the README's configuration table for their meaning.
+#[derive(Debug, Args)]
+pub struct Settings {
+    #[arg(long, env = "LISTEN_ADDR", default_value = defaults::LISTEN_ADDR)]
+    pub listen_addr: String,
+    #[arg(long, env = "ADMIN_LISTEN_ADDR")]
+    pub admin_listen_addr: Option<String>,
+    #[arg(long, env = "MAX_N", default_value = defaults::MAX_N)]
+    pub max_n: String,
+    #[arg(long, env = "RATE_LIMITS", default_value = defaults::RATE_LIMITS)]
+    pub rate_limits: String,
+    #[arg(long, env = "TRUSTED_PROXIES", default_value = "")]
+    pub trusted_proxies: String,
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+    #[arg(long, env = "REDIS_TIMEOUT_MS", default_value = defaults::REDIS_TIMEOUT_MS)]
+    pub redis_timeout_ms: String,
+    #[arg(long, env = "CACHE_MAX_BYTES", default_value = defaults::CACHE_MAX_BYTES)]
+    pub cache_max_bytes: String,
+    #[arg(long, env = "SHUTDOWN_DRAIN_SECONDS", default_value = defaults::SHUTDOWN_DRAIN_SECONDS)]
+    pub shutdown_drain_seconds: String,
+    #[arg(long, env = "LOG_FORMAT", default_value = defaults::LOG_FORMAT)]
+    pub log_format: String,
+    #[arg(long, env = "CORS_ALLOWED_ORIGINS", default_value = "")]
+    pub cors_allowed_origins: String,
+    #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value = defaults::REQUEST_TIMEOUT_MS)]
+    pub request_timeout_ms: String,
+    #[arg(long, env = "HEADER_READ_TIMEOUT_MS", default_value = defaults::HEADER_READ_TIMEOUT_MS)]
+    pub header_read_timeout_ms: String,
+    #[arg(long, env = "MAX_CONNECTIONS", default_value = defaults::MAX_CONNECTIONS)]
+    pub max_connections: String,
+    #[arg(long, env = "MAX_IN_FLIGHT", default_value = defaults::MAX_IN_FLIGHT)]
+    pub max_in_flight: String,
+    #[arg(long, env = "RATE_LIMIT_MAX_KEYS", default_value = defaults::RATE_LIMIT_MAX_KEYS)]
+    pub rate_limit_max_keys: String,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// Validated configuration of one service instance.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen_addr: SocketAddr,
+    pub admin_listen_addr: Option<SocketAddr>,
+    pub max_n: u64,
+    /// `None` when `RATE_LIMITS=off`.
+    pub rate_limits: Option<Policy>,
+    pub trusted_proxies: Vec<IpNet>,
+    pub redis_url: Option<String>,
+    pub redis_timeout: Duration,
+    pub cache_max_bytes: u64,
+    pub shutdown_drain: Duration,
+    pub log_format: LogFormat,
+    pub cors_allowed_origins: Vec<http::HeaderValue>,
+    pub request_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub max_connections: usize,
+    pub max_in_flight: usize,
+    pub rate_limit_max_keys: usize,
+}
+
+/// A setting that cannot be used; its `Display` is the one line printed at start-up.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid {var}={value:?}: expected {expected}")]
+pub struct ConfigError {
+    pub var: &'static str,
+    pub value: String,
+    pub expected: String,
+}
+
+impl ConfigError {
+    fn new(var: &'static str, value: &str, expected: impl Into<String>) -> Self {
+        Self {
+            var,
+            value: value.to_owned(),
+            expected: expected.into(),
+        }
+    }
+}
+
+fn parse_int<T: std::str::FromStr + PartialOrd + std::fmt::Display>(
+    var: &'static str,
+    value: &str,
+    min: T,
+    max: T,
+) -> Result<T, ConfigError> {
+    let expected = || format!("an integer from {min} to {max}");
+    let parsed: T = value
+        .trim()
+        .parse()
+        .map_err(|_| ConfigError::new(var, value, expected()))?;
+    if parsed < min || parsed > max {
+        return Err(ConfigError::new(var, value, expected()));
+    }
+    Ok(parsed)
+}
+
+fn parse_addr(var: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value
+        .trim()
+        .parse()
+        .map_err(|_| ConfigError::new(var, value, "an IP address and port, e.g. 0.0.0.0:5000"))
+}
+
+fn comma_list(value: &str) -> impl Iterator<Item = &str> {
+    value.split(',').map(str::trim).filter(|s| !s.is_empty())
+}
+
+/// Parses `TRUSTED_PROXIES`: IPs (taken as single-address networks) and CIDRs.
+pub fn parse_trusted_proxies(value: &str) -> Result<Vec<IpNet>, ConfigError> {
+    comma_list(value)
+        .map(|item| {
+            item.parse::<IpNet>()
+                .or_else(|_| item.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    ConfigError::new(
+                        "TRUSTED_PROXIES",
+                        value,
+                        format!("comma-separated IPs or CIDRs (e.g. 10.0.0.0/8,192.168.1.7); {item:?} is neither"),
+                    )
+                })
+        })
+        .collect()
+}
+
+impl Settings {
+    /// Validates every setting, stopping at the first bad one.
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let rate_limits = if self.rate_limits.trim().eq_ignore_ascii_case("off") {
+            None
+        } else {
+            Some(Policy::parse(&self.rate_limits).map_err(|why| {
+                ConfigError::new(
+                    "RATE_LIMITS",
+                    &self.rate_limits,
+                    format!("`off` or a list like 30/minute,50/hour,200/day ({why})"),
+                )
+            })?)
+        };
+        let redis_url = match self.redis_url.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(url) => {
+                // Fail on a typo now rather than on the first request an hour later.
+                redis::Client::open(url).map_err(|_| {
+                    ConfigError::new(
+                        "REDIS_URL",
+                        "<redacted>",
+                        "a redis:// or rediss:// URL, e.g. redis://:password@redis:6379/0",
+                    )
+                })?;
+                Some(url.to_owned())
+            }
+        };
+        let log_format = match self.log_format.trim() {
+            "json" => LogFormat::Json,
+            "text" => LogFormat::Text,
+            _ => {
+                return Err(ConfigError::new(
+                    "LOG_FORMAT",
+                    &self.log_format,
+                    "json or text",
+                ))
+            }
+        };
+        let cors_allowed_origins = comma_list(&self.cors_allowed_origins)
+            .map(|origin| {
+                let valid = (origin.starts_with("http://") || origin.starts_with("https://"))
+                    && !origin
+                        .trim_end_matches('/')
+                        .contains(|c: char| c.is_whitespace());
+                valid
+                    .then(|| http::HeaderValue::from_str(origin.trim_end_matches('/')).ok())
+                    .flatten()
+                    .ok_or_else(|| {
+                        ConfigError::new(
+                            "CORS_ALLOWED_ORIGINS",
+                            &self.cors_allowed_origins,
+                            "comma-separated origins like https://app.example.com",
+                        )
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Config {
+            listen_addr: parse_addr("LISTEN_ADDR", &self.listen_addr)?,
+            admin_listen_addr: match self.admin_listen_addr.as_deref().map(str::trim) {
+                None | Some("") => None,
+                Some(addr) => Some(parse_addr("ADMIN_LISTEN_ADDR", addr)?),
+            },
+            max_n: parse_int("MAX_N", &self.max_n, 0, MAX_N_CEILING)?,
+            rate_limits,
+            trusted_proxies: parse_trusted_proxies(&self.trusted_proxies)?,
+            redis_url,
+            redis_timeout: Duration::from_millis(parse_int(
+                "REDIS_TIMEOUT_MS",
+                &self.redis_timeout_ms,
+                1,
+                60_000,
+            )?),
+            cache_max_bytes: parse_int("CACHE_MAX_BYTES", &self.cache_max_bytes, 0, 1 << 40)?,
+            shutdown_drain: Duration::from_secs(parse_int(
+                "SHUTDOWN_DRAIN_SECONDS",
+                &self.shutdown_drain_seconds,
+                0,
+                3600,
+            )?),
+            log_format,
+            cors_allowed_origins,
+            request_timeout: Duration::from_millis(parse_int(
+                "REQUEST_TIMEOUT_MS",
+                &self.request_timeout_ms,
+                1,
+                3_600_000,
+            )?),
+            header_read_timeout: Duration::from_millis(parse_int(
+                "HEADER_READ_TIMEOUT_MS",
+                &self.header_read_timeout_ms,
+                1,
+                3_600_000,
+            )?),
+            max_connections: parse_int("MAX_CONNECTIONS", &self.max_connections, 1, 1_000_000)?,
+            max_in_flight: parse_int("MAX_IN_FLIGHT", &self.max_in_flight, 1, 1_000_000)?,
+            rate_limit_max_keys: parse_int(
+                "RATE_LIMIT_MAX_KEYS",
+                &self.rate_limit_max_keys,
+                64,
+                100_000_000,
+            )?,
+        })
+    }
+}
+
+impl Default for Config {
+    /// The contract defaults, without reading the environment (tests build on this).
+    fn default() -> Self {
+        Settings {
+            listen_addr: defaults::LISTEN_ADDR.into(),
+            admin_listen_addr: None,
+            max_n: defaults::MAX_N.into(),
+            rate_limits: defaults::RATE_LIMITS.into(),
+            trusted_proxies: String::new(),
+            redis_url: None,
+            redis_timeout_ms: defaults::REDIS_TIMEOUT_MS.into(),
+            cache_max_bytes: defaults::CACHE_MAX_BYTES.into(),
+            shutdown_drain_seconds: defaults::SHUTDOWN_DRAIN_SECONDS.into(),
+            log_format: defaults::LOG_FORMAT.into(),
+            cors_allowed_origins: String::new(),
+            request_timeout_ms: defaults::REQUEST_TIMEOUT_MS.into(),
+            header_read_timeout_ms: defaults::HEADER_READ_TIMEOUT_MS.into(),
+            max_connections: defaults::MAX_CONNECTIONS.into(),
+            max_in_flight: defaults::MAX_IN_FLIGHT.into(),
+            rate_limit_max_keys: defaults::RATE_LIMIT_MAX_KEYS.into(),
+        }
+        .into_config()
+        .expect("the contract defaults are valid")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut argv = vec!["fibonacci-api"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).unwrap().settings.into_config()
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let config = Config::default();
+        assert_eq!(config.listen_addr, "0.0.0.0:5000".parse().unwrap());
+        assert_eq!(config.max_n, 1000);
+        assert_eq!(config.redis_timeout, Duration::from_millis(50));
+        assert_eq!(config.cache_max_bytes, 67_108_864);
+        assert_eq!(config.shutdown_drain, Duration::from_secs(5));
+        assert_eq!(config.log_format, LogFormat::Json);
+        assert!(config.redis_url.is_none() && config.admin_listen_addr.is_none());
+        assert!(config.trusted_proxies.is_empty() && config.cors_allowed_origins.is_empty());
+        let policy = config.rate_limits.expect("limits on by default");
+        assert_eq!(policy.to_string(), "30/minute,50/hour,200/day");
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        let cases: &[(&[&str], &str, &str)] = &[
+            (&["--max-n", "abc"], "MAX_N", "not a number"),
+            (&["--max-n=-1"], "MAX_N", "negative"),
+            (&["--max-n", "1000001"], "MAX_N", "above the ceiling"),
+            (&["--listen-addr", "localhost"], "LISTEN_ADDR", "no port"),
+            (
+                &["--rate-limits", "30/fortnight"],
+                "RATE_LIMITS",
+                "unknown unit",
+            ),
+            (&["--rate-limits", "0/minute"], "RATE_LIMITS", "zero limit"),
+            (
+                &["--trusted-proxies", "10.0.0.0/33"],
+                "TRUSTED_PROXIES",
+                "bad prefix",
+            ),
+            (&["--redis-url", "http://x"], "REDIS_URL", "wrong scheme"),
+            (
+                &["--redis-timeout-ms", "0"],
+                "REDIS_TIMEOUT_MS",
+                "zero timeout",
+            ),
+            (&["--log-format", "xml"], "LOG_FORMAT", "unknown format"),
+            (
+                &["--cors-allowed-origins", "example.com"],
+                "CORS_ALLOWED_ORIGINS",
+                "no scheme",
+            ),
+            (
+                &["--shutdown-drain-seconds", "1.5"],
+                "SHUTDOWN_DRAIN_SECONDS",
+                "fraction",
+            ),
+        ];
+        for (args, var, why) in cases {
+            let err = settings(args).expect_err(why);
+            assert_eq!(err.var, *var, "{why}: {err}");
+            let line = err.to_string();
+            assert!(!line.contains('\n') && line.contains(var), "{why}: {line}");
+        }
+    }
+
+    #[test]
+    fn redis_url_is_never_echoed() {
+        let err = settings(&["--redis-url", "http://user:hunter2@x"]).unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn lists_accept_spaces_and_single_addresses() {
+        let config = settings(&[
+            "--trusted-proxies",
+            " 10.0.0.0/8, 192.168.1.7 ,::1",
+            "--cors-allowed-origins",
+            "https://a.example, http://localhost:3000/",
+            "--rate-limits",
+            "OFF",
+        ])
+        .unwrap();
+        assert_eq!(config.trusted_proxies.len(), 3);
+        assert_eq!(config.cors_allowed_origins[1], "http://localhost:3000");
+        assert!(config.rate_limits.is_none());
+    }
+}

@@ -1,0 +1,189 @@
+//! Fibonacci numbers: exact values by fast doubling, and a cheap check of claimed digits.
+//!
+//! Fast doubling walks the bits of `n` from the top, using
+//! F(2k) = F(k)·(2F(k+1) − F(k)) and F(2k+1) = F(k)² + F(k+1)², so F(n) costs
+//! O(log n) big multiplications instead of n big additions, with no recursion.
+
+use num_bigint::BigUint;
+use num_traits::{One, Zero};
+
+/// F(n), exactly.
+pub fn fibonacci(n: u64) -> BigUint {
+    if n == 0 {
+        return BigUint::zero();
+    }
+    // (a, b) = (F(k), F(k+1)), starting at k = 0.
+    let mut a = BigUint::zero();
+    let mut b = BigUint::one();
+    for bit in (0..u64::BITS - n.leading_zeros()).rev() {
+        // F(2k) = F(k)·(2F(k+1) − F(k)); never negative since F(k+1) ≥ F(k).
+        let f2k = &a * ((&b << 1u32) - &a);
+        let f2k1 = &a * &a + &b * &b;
+        if (n >> bit) & 1 == 1 {
+            b = &f2k + &f2k1;
+            a = f2k1;
+        } else {
+            a = f2k;
+            b = f2k1;
+        }
+    }
+    a
+}
+
+/// F(n) in decimal.
+pub fn fibonacci_decimal(n: u64) -> String {
+    fibonacci(n).to_str_radix(10)
+}
+
+/// The Mersenne prime 2^61 − 1: residues modulo it fingerprint a number cheaply.
+const P: u64 = (1 << 61) - 1;
+
+fn mul_mod(x: u64, y: u64) -> u64 {
+    ((x as u128 * y as u128) % P as u128) as u64
+}
+
+/// F(n) mod 2^61 − 1 by the same doubling, in O(log n) word operations.
+fn fibonacci_mod_p(n: u64) -> u64 {
+    let (mut a, mut b) = (0u64, 1u64);
+    for bit in (0..u64::BITS - n.leading_zeros()).rev() {
+        let f2k = mul_mod(a, (2 * b + P - a) % P);
+        let f2k1 = (mul_mod(a, a) + mul_mod(b, b)) % P;
+        if (n >> bit) & 1 == 1 {
+            (a, b) = (f2k1, (f2k + f2k1) % P);
+        } else {
+            (a, b) = (f2k, f2k1);
+        }
+    }
+    a
+}
+
+/// The number of decimal digits of F(n), from Binet's formula; `None` when the
+/// floating-point estimate is too close to a power of ten to be sure.
+fn digit_count(n: u64) -> Option<usize> {
+    if n < 2 {
+        return Some(1);
+    }
+    // log10 F(n) ≈ n·log10(φ) − log10(√5); the neglected ψ^n term is below 0.5 for n ≥ 2.
+    let log10 = n as f64 * 0.208_987_640_249_978_73 - 0.349_485_002_168_009_4;
+    let frac = log10 - log10.floor();
+    if !(1e-9..=1.0 - 1e-9).contains(&frac) {
+        return None;
+    }
+    Some(log10.floor() as usize + 1)
+}
+
+/// Whether `digits` can be trusted as F(n) in decimal: canonical digits, the right length
+/// and the right residue modulo 2^61 − 1. A wrong value passes with probability ~2^-61,
+/// so a corrupt or foreign cache entry is detected without recomputing F(n).
+pub fn is_fibonacci_decimal(n: u64, digits: &[u8]) -> bool {
+    let canonical = !digits.is_empty()
+        && digits.iter().all(u8::is_ascii_digit)
+        && (digits.len() == 1 || digits[0] != b'0');
+    if !canonical {
+        return false;
+    }
+    if let Some(expected) = digit_count(n) {
+        if digits.len() != expected {
+            return false;
+        }
+    }
+    let residue = digits
+        .iter()
+        .fold(0u64, |acc, d| (mul_mod(acc, 10) + u64::from(d - b'0')) % P);
+    residue == fibonacci_mod_p(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::Rng;
+
+    /// The first values by plain addition, the definition itself.
+    fn by_addition(count: usize) -> Vec<BigUint> {
+        let mut values = vec![BigUint::zero(), BigUint::one()];
+        while values.len() < count {
+            let next = &values[values.len() - 1] + &values[values.len() - 2];
+            values.push(next);
+        }
+        values
+    }
+
+    #[test]
+    fn matches_the_definition_up_to_300() {
+        for (n, expected) in by_addition(301).iter().enumerate() {
+            assert_eq!(&fibonacci(n as u64), expected, "F({n})");
+        }
+    }
+
+    #[test]
+    fn known_values() {
+        assert_eq!(fibonacci_decimal(0), "0");
+        assert_eq!(fibonacci_decimal(1), "1");
+        assert_eq!(fibonacci_decimal(2), "1");
+        assert_eq!(fibonacci_decimal(10), "55");
+        assert_eq!(fibonacci_decimal(93), "12200160415121876738");
+        assert_eq!(fibonacci_decimal(100), "354224848179261915075");
+        let f1000 = fibonacci_decimal(1000);
+        assert_eq!(f1000.len(), 209);
+        assert_eq!(
+            f1000,
+            "43466557686937456435688527675040625802564660517371780402481729089536555417949051\
+             89040387984007925516929592259308032263477520968962323987332247116164299644090653\
+             3187938298969649928516003704476137795166849228875"
+        );
+    }
+
+    #[test]
+    fn doubling_identities_hold_for_random_k() {
+        let mut rng = rand::rng();
+        for _ in 0..50 {
+            let k: u64 = rng.random_range(1..20_000);
+            let (fk, fk1) = (fibonacci(k), fibonacci(k + 1));
+            assert_eq!(
+                fibonacci(2 * k),
+                &fk * ((&fk1 << 1u32) - &fk),
+                "F(2k), k={k}"
+            );
+            assert_eq!(
+                fibonacci(2 * k + 1),
+                &fk * &fk + &fk1 * &fk1,
+                "F(2k+1), k={k}"
+            );
+            // Cassini-free check of the recurrence itself at a random point.
+            assert_eq!(fibonacci(k + 2), &fk + &fk1, "F(k+2), k={k}");
+        }
+    }
+
+    #[test]
+    fn true_digits_pass_the_check() {
+        for n in (0..=2000).chain([10_000, 54_321, 100_000]) {
+            let digits = fibonacci_decimal(n);
+            assert!(
+                is_fibonacci_decimal(n, digits.as_bytes()),
+                "F({n}) rejected"
+            );
+        }
+    }
+
+    #[test]
+    fn wrong_digits_fail_the_check() {
+        let f500 = fibonacci_decimal(500);
+        let f499 = fibonacci_decimal(499);
+        let mut off_by_one = f500.clone().into_bytes();
+        *off_by_one.last_mut().unwrap() ^= 1;
+        let cases: &[(&[u8], &str)] = &[
+            (b"", "empty"),
+            (b"55 ", "trailing space"),
+            (b"-55", "sign"),
+            (b"055", "leading zero"),
+            (f499.as_bytes(), "the neighbour's value"),
+            (&off_by_one, "one digit changed"),
+            (&f500.as_bytes()[1..], "truncated"),
+            (b"hello", "not digits"),
+        ];
+        for (digits, why) in cases {
+            assert!(!is_fibonacci_decimal(500, digits), "{why} accepted");
+        }
+        assert!(!is_fibonacci_decimal(10, b"56"), "F(10)=56 accepted");
+    }
+}

@@ -1,0 +1,213 @@
+//! fibonacci-api: exact Fibonacci numbers over HTTP, built as a production service.
+//!
+//! The crate map, from the edge inwards:
+//! - [`config`]: settings from the environment and flags, validated at start-up.
+//! - [`server`]: the accept loop with connection, header and drain limits.
+//! - [`app`]: the state of one instance and the router (a plain function).
+//! - [`middleware`]: observation, load shedding, deadline and rate limit.
+//! - [`routes`]: the endpoints and the OpenAPI document.
+//! - [`input`]: strict parsing of `n`; [`error`]: the one error type.
+//! - [`cache`]: memory → Redis → computation; [`fib`]: the computation itself.
+//! - [`ratelimit`]: per-client windows, in Redis or in process.
+//! - [`redis_client`]: the shared Redis connection and its circuit breaker.
+//! - [`metrics`], [`telemetry`]: RED metrics, logs and traces.
+//! - [`shutdown`]: lifecycle phases and signals.
+//!
+//! [`Application`] is the seam for `main` and the tests: build it (it binds), read its
+//! address, then run it until a shutdown future resolves.
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod cache;
+pub mod config;
+pub mod error;
+pub mod fib;
+pub mod input;
+pub mod metrics;
+pub mod middleware;
+pub mod ratelimit;
+pub mod redis_client;
+pub mod routes;
+pub mod server;
+pub mod shutdown;
+pub mod telemetry;
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::{net::TcpListener, sync::watch};
+
+use crate::{app::App, config::Config, shutdown::Phase};
+
+/// How often metrics upkeep and the rate limiter's sweep run.
+const UPKEEP_PERIOD: Duration = Duration::from_secs(5);
+
+/// A bound, not yet running, instance.
+pub struct Application {
+    listener: TcpListener,
+    admin_listener: Option<TcpListener>,
+    app: Arc<App>,
+}
+
+/// What is left after the HTTP drain: dropped last, it closes the Redis connection.
+pub struct Stopped {
+    _app: Arc<App>,
+}
+
+impl Application {
+    /// Builds the state and binds the listeners (port 0 picks a free port).
+    pub async fn build(config: Config) -> std::io::Result<Self> {
+        let app = App::new(config).map_err(std::io::Error::other)?;
+        let listener = TcpListener::bind(app.config.listen_addr).await?;
+        let admin_listener = match app.config.admin_listen_addr {
+            Some(addr) => Some(TcpListener::bind(addr).await?),
+            None => None,
+        };
+        Ok(Self {
+            listener,
+            admin_listener,
+            app,
+        })
+    }
+
+    /// The API address actually bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// The admin address actually bound, if any.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_listener
+            .as_ref()
+            .map(|l| l.local_addr().expect("bound"))
+    }
+
+    /// The shared state (for tests that look inside).
+    pub fn state(&self) -> Arc<App> {
+        self.app.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then: readiness fails, serving goes on for
+    /// `SHUTDOWN_DRAIN_SECONDS` so load balancers notice, accepting stops, and in-flight
+    /// requests get the request timeout (plus a second) to finish.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> Stopped {
+        let app = self.app;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let stopped = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        let limits = server::Limits {
+            header_read_timeout: app.config.header_read_timeout,
+            max_connections: app.config.max_connections,
+            drain_deadline: app.config.request_timeout + Duration::from_secs(1),
+        };
+        let mut servers = tokio::task::JoinSet::new();
+        servers.spawn(server::serve(
+            self.listener,
+            app::router(app.clone()),
+            limits,
+            stopped(stop_rx.clone()),
+        ));
+        if let Some(admin) = self.admin_listener {
+            servers.spawn(server::serve(
+                admin,
+                app::admin_router(app.clone()),
+                limits,
+                stopped(stop_rx.clone()),
+            ));
+        }
+        let background = spawn_background(&app, stopped(stop_rx.clone()));
+        app.lifecycle.set(Phase::Serving);
+        tracing::info!(
+            addr = %app.config.listen_addr,
+            max_n = app.config.max_n,
+            redis = app.redis.is_some(),
+            rate_limits = %app.config.rate_limits.as_ref().map_or("off".to_string(), |p| p.to_string()),
+            "serving"
+        );
+
+        shutdown.await;
+        app.lifecycle.set(Phase::Draining);
+        tracing::info!(drain = ?app.config.shutdown_drain, "shutdown requested: readiness off, still serving");
+        tokio::time::sleep(app.config.shutdown_drain).await;
+        tracing::info!("no longer accepting connections; draining in-flight requests");
+        let _ = stop_tx.send(true);
+        while servers.join_next().await.is_some() {}
+        let _ = background.await;
+        tracing::info!("HTTP drained");
+        Stopped { _app: app }
+    }
+}
+
+/// Metrics upkeep, the limiter's sweep and the Redis pinger, until `stop`.
+fn spawn_background(
+    app: &Arc<App>,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    let app = app.clone();
+    tokio::spawn(async move {
+        tokio::pin!(stop);
+        let pinger = app.redis.clone().map(|redis| {
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            (
+                tokio::spawn(redis.run_pinger(async {
+                    let _ = rx.await;
+                })),
+                tx,
+            )
+        });
+        let mut tick = tokio::time::interval(UPKEEP_PERIOD);
+        loop {
+            tokio::select! {
+                _ = &mut stop => break,
+                _ = tick.tick() => {
+                    app.metrics.run_upkeep();
+                    if let Some(limiter) = &app.limiter {
+                        limiter.sweep();
+                    }
+                }
+            }
+        }
+        if let Some((task, tx)) = pinger {
+            let _ = tx.send(());
+            let _ = task.await;
+        }
+    })
+}
+
+/// Probes `url` once: the `healthcheck` subcommand for images without a shell or curl.
+pub async fn healthcheck(url: &str, timeout: Duration) -> Result<(), String> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("invalid URL {url:?}: {e}"))?;
+    let host = uri.host().ok_or_else(|| format!("no host in {url:?}"))?;
+    let port = uri.port_u16().unwrap_or(80);
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let probe = async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect((host, port))
+            .await
+            .map_err(|e| e.to_string())?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut head = [0u8; 12];
+        stream
+            .read_exact(&mut head)
+            .await
+            .map_err(|e| e.to_string())?;
+        match &head[9..12] {
+            b"200" => Ok(()),
+            status => Err(format!(
+                "{url} answered {}",
+                String::from_utf8_lossy(status)
+            )),
+        }
+    };
+    tokio::time::timeout(timeout, probe)
+        .await
+        .map_err(|_| format!("{url} did not answer within {timeout:?}"))?
+}

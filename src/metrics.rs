@@ -1,0 +1,135 @@
+//! The metrics registry of one app instance and the contract's metric names.
+//!
+//! Each app owns its own Prometheus recorder instead of installing a global one, so two
+//! instances in one test process count separately and a scrape shows exact values.
+//! Components take their handles once, at construction, through [`Metrics::scope`].
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+};
+
+use metrics::{Counter, Gauge, Histogram};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+
+pub const HTTP_REQUESTS: &str = "http_requests_total";
+pub const HTTP_DURATION: &str = "http_request_duration_seconds";
+pub const HTTP_IN_FLIGHT: &str = "http_requests_in_flight";
+pub const CACHE_REQUESTS: &str = "fibonacci_cache_requests_total";
+pub const COMPUTE_DURATION: &str = "fibonacci_compute_duration_seconds";
+pub const RATE_LIMIT_REJECTIONS: &str = "rate_limit_rejections_total";
+pub const RATE_LIMITER_KEYS: &str = "rate_limiter_keys";
+pub const REDIS_UP: &str = "redis_up";
+pub const BUILD_INFO: &str = "build_info";
+
+/// Request latency buckets: a cached answer takes tens of microseconds, so the useful
+/// resolution is below a millisecond; the tail reaches the request timeout.
+const HTTP_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Computation buckets: from microseconds (small n) to many seconds (n near 10^6 on a slow node).
+const COMPUTE_BUCKETS: &[f64] = &[
+    0.00001, 0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// The label set of one HTTP series; every part is from a closed set.
+type HttpKey = (&'static str, &'static str, u16);
+
+/// One app instance's metrics.
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    process: metrics_process::Collector,
+    /// Handles per label set, so the hot path does one read-locked lookup, not a key build.
+    http: RwLock<HashMap<HttpKey, (Counter, Histogram)>>,
+    in_flight: Gauge,
+}
+
+impl Metrics {
+    /// A fresh registry with `build_info` set.
+    pub fn new() -> Arc<Self> {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(HTTP_DURATION.into()), HTTP_BUCKETS)
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Full(COMPUTE_DURATION.into()), COMPUTE_BUCKETS)
+            })
+            .expect("bucket lists are non-empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        let process = metrics_process::Collector::default();
+        let in_flight = metrics::with_local_recorder(&recorder, || {
+            process.describe();
+            metrics::gauge!(
+                BUILD_INFO,
+                "version" => env!("CARGO_PKG_VERSION"),
+                "revision" => env!("FIBONACCI_API_REVISION"),
+            )
+            .set(1.0);
+            metrics::gauge!(HTTP_IN_FLIGHT)
+        });
+        Arc::new(Self {
+            recorder,
+            handle,
+            process,
+            http: RwLock::new(HashMap::new()),
+            in_flight,
+        })
+    }
+
+    /// Runs `f` with this registry as the recorder of the `metrics` macros.
+    pub fn scope<T>(&self, f: impl FnOnce() -> T) -> T {
+        metrics::with_local_recorder(&self.recorder, f)
+    }
+
+    /// The in-flight gauge.
+    pub fn in_flight(&self) -> &Gauge {
+        &self.in_flight
+    }
+
+    /// Counts one finished request.
+    pub fn record_request(
+        &self,
+        method: &'static str,
+        route: &'static str,
+        status: u16,
+        secs: f64,
+    ) {
+        let key = (method, route, status);
+        if let Some((count, duration)) = self.http.read().expect("not poisoned").get(&key) {
+            count.increment(1);
+            duration.record(secs);
+            return;
+        }
+        let status_label = status.to_string();
+        let handles = self.scope(|| {
+            let labels = [
+                ("method", method.to_owned()),
+                ("route", route.to_owned()),
+                ("status", status_label),
+            ];
+            (
+                metrics::counter!(HTTP_REQUESTS, &labels),
+                metrics::histogram!(HTTP_DURATION, &labels),
+            )
+        });
+        handles.0.increment(1);
+        handles.1.record(secs);
+        self.http
+            .write()
+            .expect("not poisoned")
+            .insert(key, handles);
+    }
+
+    /// The Prometheus text exposition of everything, process metrics refreshed first.
+    pub fn render(&self) -> String {
+        self.scope(|| self.process.collect());
+        self.handle.render()
+    }
+
+    /// Drains histogram buffers; called periodically so memory stays flat between scrapes.
+    pub fn run_upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+}

@@ -1,0 +1,218 @@
+//! Who the client is: the TCP peer, or behind trusted proxies the rightmost
+//! `X-Forwarded-For` entry that is not itself a trusted proxy.
+//!
+//! Never the leftmost entry: the client writes that one. Each proxy appends the address
+//! it received the request from, so reading from the right, the first address that is
+//! not one of ours was written by one of ours, about its peer.
+
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use http::HeaderValue;
+use ipnet::IpNet;
+
+/// The rate-limiting identity of a client: an IPv4 address, or an IPv6 /64 (one
+/// subscriber's allocation: per-address keys would hand an IPv6 user 2^64 budgets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ClientKey {
+    V4(Ipv4Addr),
+    V6Prefix(u64),
+}
+
+impl ClientKey {
+    /// The key of an address.
+    pub fn of(ip: IpAddr) -> Self {
+        match canonical(ip) {
+            IpAddr::V4(v4) => Self::V4(v4),
+            IpAddr::V6(v6) => Self::V6Prefix((u128::from(v6) >> 64) as u64),
+        }
+    }
+}
+
+impl fmt::Display for ClientKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::V4(v4) => write!(f, "{v4}"),
+            Self::V6Prefix(prefix) => {
+                write!(f, "{}/64", Ipv6Addr::from(u128::from(*prefix) << 64))
+            }
+        }
+    }
+}
+
+/// IPv4-mapped IPv6 addresses (from dual-stack sockets) are the IPv4 clients they name.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+fn is_trusted(ip: IpAddr, trusted: &[IpNet]) -> bool {
+    trusted.iter().any(|net| net.contains(&ip))
+}
+
+/// One `X-Forwarded-For` entry: a bare address (as cloud load balancers write it), also
+/// tolerating `[v6]`, `v4:port` and `[v6]:port`.
+fn parse_entry(entry: &str) -> Option<IpAddr> {
+    let entry = entry.trim();
+    if let Ok(ip) = entry.parse() {
+        return Some(ip);
+    }
+    if let Ok(sock) = entry.parse::<std::net::SocketAddr>() {
+        return Some(sock.ip());
+    }
+    entry
+        .strip_prefix('[')
+        .and_then(|e| e.strip_suffix(']'))
+        .and_then(|e| e.parse().ok())
+}
+
+/// The client address of a request from `peer` carrying these `X-Forwarded-For` values.
+pub fn resolve<'a>(
+    peer: IpAddr,
+    forwarded_for: impl DoubleEndedIterator<Item = &'a HeaderValue>,
+    trusted: &[IpNet],
+) -> IpAddr {
+    let peer = canonical(peer);
+    if trusted.is_empty() || !is_trusted(peer, trusted) {
+        return peer;
+    }
+    let mut leftmost = None;
+    // Several headers are one list in order: read them all from the right.
+    for value in forwarded_for.rev() {
+        let Ok(text) = value.to_str() else {
+            return peer;
+        };
+        for entry in text.rsplit(',') {
+            let Some(ip) = parse_entry(entry).map(canonical) else {
+                // Garbage where we expected our proxy's word: trust nothing further left.
+                return peer;
+            };
+            if !is_trusted(ip, trusted) {
+                return ip;
+            }
+            leftmost = Some(ip);
+        }
+    }
+    // Every hop is ours: the request started inside; the farthest hop is the client.
+    leftmost.unwrap_or(peer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn the_client_rules() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()];
+        let cases: &[(&str, &[&str], &str, &str)] = &[
+            ("203.0.113.9", &[], "203.0.113.9", "no header: the peer"),
+            (
+                "203.0.113.9",
+                &["1.2.3.4"],
+                "203.0.113.9",
+                "untrusted peer: its header is ignored",
+            ),
+            (
+                "10.0.0.2",
+                &["198.51.100.7"],
+                "198.51.100.7",
+                "one trusted proxy",
+            ),
+            (
+                "10.0.0.2",
+                &["6.6.6.6, 198.51.100.7"],
+                "198.51.100.7",
+                "forged leftmost entry ignored",
+            ),
+            (
+                "10.0.0.2",
+                &["198.51.100.7, 10.0.0.3"],
+                "198.51.100.7",
+                "two proxies of ours",
+            ),
+            (
+                "10.0.0.2",
+                &["6.6.6.6", "198.51.100.7, 10.0.0.3"],
+                "198.51.100.7",
+                "several headers",
+            ),
+            (
+                "10.0.0.2",
+                &["10.0.0.5"],
+                "10.0.0.5",
+                "all hops ours: the farthest",
+            ),
+            (
+                "10.0.0.2",
+                &["6.6.6.6, garbage"],
+                "10.0.0.2",
+                "garbage: back to the peer",
+            ),
+            ("10.0.0.2", &[""], "10.0.0.2", "empty header: the peer"),
+            (
+                "10.0.0.2",
+                &["198.51.100.7:4431"],
+                "198.51.100.7",
+                "address with port",
+            ),
+            (
+                "10.0.0.2",
+                &["[2001:db8::1]:443"],
+                "2001:db8::1",
+                "bracketed IPv6 with port",
+            ),
+            (
+                "::ffff:10.0.0.2",
+                &["198.51.100.7"],
+                "198.51.100.7",
+                "mapped peer is trusted",
+            ),
+            ("fd00::1", &["2001:db8::7"], "2001:db8::7", "IPv6 proxy"),
+            (
+                "::ffff:203.0.113.9",
+                &[],
+                "203.0.113.9",
+                "mapped address is IPv4",
+            ),
+        ];
+        for (peer, headers, expected, why) in cases {
+            let values: Vec<HeaderValue> = headers
+                .iter()
+                .map(|h| HeaderValue::from_str(h).unwrap())
+                .collect();
+            assert_eq!(
+                resolve(ip(peer), values.iter(), &trusted),
+                ip(expected),
+                "{why}"
+            );
+        }
+    }
+
+    #[test]
+    fn nothing_is_trusted_by_default() {
+        let values = [HeaderValue::from_static("198.51.100.7")];
+        assert_eq!(resolve(ip("10.0.0.2"), values.iter(), &[]), ip("10.0.0.2"));
+    }
+
+    #[test]
+    fn ipv6_clients_are_keyed_by_their_64() {
+        let a = ClientKey::of(ip("2001:db8:1:2:aaaa::1"));
+        let b = ClientKey::of(ip("2001:db8:1:2:bbbb::9"));
+        let c = ClientKey::of(ip("2001:db8:1:3::1"));
+        assert_eq!(a, b, "same /64, same budget");
+        assert_ne!(a, c, "neighbouring /64, own budget");
+        assert_eq!(a.to_string(), "2001:db8:1:2::/64");
+        assert_eq!(
+            ClientKey::of(ip("::ffff:192.0.2.1")).to_string(),
+            "192.0.2.1"
+        );
+    }
+}

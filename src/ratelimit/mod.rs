@@ -1,0 +1,109 @@
+//! Per-client rate limits: several windows at once, cluster-wide through Redis, with an
+//! in-process fallback that is bounded in memory.
+//!
+//! - [`policy`]: `RATE_LIMITS` parsing.
+//! - [`window`]: the sliding-window counter, shared by both backends.
+//! - [`client`]: who the client is (peer address or trusted `X-Forwarded-For`).
+//! - [`local`]: the in-process store.
+//! - [`redis`]: the atomic Redis script.
+
+pub mod client;
+pub mod local;
+pub mod policy;
+pub mod redis;
+pub mod window;
+
+use std::{
+    sync::Arc,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use metrics::{Counter, Gauge};
+
+pub use client::ClientKey;
+pub use policy::{Policy, Unit, Window};
+pub use window::Decision;
+
+use crate::{
+    metrics::{Metrics, RATE_LIMITER_KEYS, RATE_LIMIT_REJECTIONS},
+    redis_client::RedisClient,
+};
+
+/// Milliseconds since the Unix epoch: windows are epoch-aligned, like Redis's `TIME`.
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The limiter of one replica.
+pub struct RateLimiter {
+    policy: Policy,
+    policy_header: http::HeaderValue,
+    local: local::LocalLimiter,
+    redis: Option<(Arc<RedisClient>, redis::RedisWindows)>,
+    rejections: Vec<(Unit, Counter)>,
+    keys: Gauge,
+}
+
+impl RateLimiter {
+    /// A limiter for `policy`; with `redis`, limits hold across every replica using it.
+    pub fn new(
+        policy: Policy,
+        max_keys: usize,
+        redis: Option<Arc<RedisClient>>,
+        metrics: &Metrics,
+    ) -> Self {
+        let rejections = metrics.scope(|| {
+            policy
+                .windows()
+                .iter()
+                .map(|w| {
+                    (
+                        w.unit,
+                        metrics::counter!(RATE_LIMIT_REJECTIONS, "window" => w.unit.name()),
+                    )
+                })
+                .collect()
+        });
+        Self {
+            policy_header: http::HeaderValue::from_str(&policy.header())
+                .expect("digits and separators"),
+            local: local::LocalLimiter::new(policy.clone(), max_keys),
+            redis: redis.map(|r| (r, redis::RedisWindows::new(&policy))),
+            rejections,
+            keys: metrics.scope(|| metrics::gauge!(RATE_LIMITER_KEYS)),
+            policy,
+        }
+    }
+
+    /// The `RateLimit-Policy` header value.
+    pub fn policy_header(&self) -> &http::HeaderValue {
+        &self.policy_header
+    }
+
+    /// Checks and counts one request of `client`: in Redis when it answers, else locally.
+    pub async fn check(&self, client: ClientKey) -> Decision {
+        let decision = match &self.redis {
+            Some((redis, windows)) => match windows.check(redis, client, &self.policy).await {
+                Ok(decision) => decision,
+                Err(e) => {
+                    tracing::debug!(error = %e, "rate limiting locally");
+                    self.local.check(client, now_ms())
+                }
+            },
+            None => self.local.check(client, now_ms()),
+        };
+        if let Decision::Rejected { window, .. } = &decision {
+            if let Some((_, counter)) = self.rejections.iter().find(|(u, _)| *u == window.unit) {
+                counter.increment(1);
+            }
+        }
+        decision
+    }
+
+    /// Forgets clients whose counts no longer matter and updates `rate_limiter_keys`.
+    pub fn sweep(&self) {
+        self.keys.set(self.local.sweep(now_ms()) as f64);
+    }
+}

@@ -1,0 +1,54 @@
+//! `GET /openapi.json`: the OpenAPI 3.1 document, generated from the handlers' annotations.
+
+use std::sync::Arc;
+
+use axum::{extract::State, http::header, response::IntoResponse};
+use serde::Serialize;
+use utoipa::{OpenApi, ToSchema};
+
+use crate::app::App;
+
+/// Every error body.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"error": "query parameter 'n' must be at most 1000; got 5000"}))]
+pub struct ErrorBody {
+    /// What is wrong and what is allowed.
+    pub error: String,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "fibonacci-api",
+        description = "Returns the nth Fibonacci number, exactly."
+    ),
+    paths(
+        super::fibonacci::fibonacci,
+        super::probes::health,
+        super::probes::livez,
+        super::probes::readyz,
+        super::probes::metrics,
+        openapi_json,
+    ),
+    components(schemas(ErrorBody, super::fibonacci::FibonacciResponse, super::probes::Status))
+)]
+struct ApiDoc;
+
+/// The document as JSON text, with this instance's `MAX_N` as the bound of `n`.
+pub fn document(max_n: u64) -> String {
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).expect("the document serializes");
+    if let Some(schema) = doc.pointer_mut("/paths/~1fibonacci/get/parameters/0/schema") {
+        schema["maximum"] = max_n.into();
+    }
+    serde_json::to_string_pretty(&doc).expect("the document serializes")
+}
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "meta",
+    responses((status = 200, description = "OpenAPI 3.1 document", content_type = "application/json", body = Object)))]
+pub async fn openapi_json(State(app): State<Arc<App>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        app.openapi.clone(),
+    )
+}

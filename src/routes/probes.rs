@@ -1,0 +1,80 @@
+//! Health, liveness, readiness and metrics: never rate limited, never shed.
+
+use std::sync::Arc;
+
+use axum::{
+    extract::State,
+    http::{header, HeaderValue, StatusCode},
+    response::{IntoResponse, Response},
+    Json,
+};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::{app::App, error::error_body, shutdown::Phase};
+
+/// A probe's answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Status {
+    #[schema(example = "healthy")]
+    pub status: &'static str,
+}
+
+/// The original API's health check: the process is up and answering.
+#[utoipa::path(get, path = "/health", tag = "probes",
+    responses((status = 200, description = "The service is up", body = Status, example = json!({"status": "healthy"}))))]
+pub async fn health() -> Json<Status> {
+    Json(Status { status: "healthy" })
+}
+
+/// Kubernetes liveness: the process is not wedged. Deliberately checks nothing else, so a
+/// dependency outage never gets healthy pods restarted.
+#[utoipa::path(get, path = "/livez", tag = "probes",
+    responses((status = 200, description = "Alive", body = Status)))]
+pub async fn livez() -> Json<Status> {
+    Json(Status { status: "alive" })
+}
+
+/// Kubernetes readiness: 503 while starting or draining, so load balancers stop sending
+/// traffic before the process stops taking it. Redis is deliberately not consulted: an
+/// outage degrades the cache, it must not empty the load balancer.
+#[utoipa::path(get, path = "/readyz", tag = "probes",
+    responses(
+        (status = 200, description = "Ready for traffic", body = Status),
+        (status = 503, description = "Starting or draining", body = crate::routes::openapi::ErrorBody),
+    ))]
+pub async fn readyz(State(app): State<Arc<App>>) -> Response {
+    match app.lifecycle.phase() {
+        Phase::Serving => Json(Status { status: "ready" }).into_response(),
+        phase => {
+            let why = if phase == Phase::Starting {
+                "starting"
+            } else {
+                "draining: shutting down"
+            };
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                )],
+                error_body(&format!("not ready: {why}")),
+            )
+                .into_response()
+        }
+    }
+}
+
+/// Prometheus text exposition of every metric of this instance.
+#[utoipa::path(get, path = "/metrics", tag = "probes",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain; version=0.0.4", body = String)))]
+pub async fn metrics(State(app): State<Arc<App>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        app.metrics.render(),
+    )
+        .into_response()
+}
