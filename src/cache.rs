@@ -101,7 +101,7 @@ impl FibonacciStore {
             Ok(body) => return Ok(body),
             Err(guard) => guard,
         };
-        let body = match self.from_redis(n).await {
+        let body = match self.lookup_redis(n).await {
             Some(body) => body,
             None => {
                 let digits = self.compute(n).await?;
@@ -115,7 +115,7 @@ impl FibonacciStore {
         Ok(body)
     }
 
-    async fn from_redis(&self, n: u64) -> Option<Bytes> {
+    async fn lookup_redis(&self, n: u64) -> Option<Bytes> {
         let redis = self.redis.as_ref()?;
         let span = tracing::debug_span!(
             "cache.redis",

@@ -1,6 +1,9 @@
 //! The accept loop: hyper with our own limits instead of `axum::serve`, whose header
 //! timeout is fixed and which has no cap on connections.
 //!
+//! - HTTP/1.1 only: what load balancers speak to backends. (hyper-util's auto builder,
+//!   which would add h2c, first waits for bytes to sniff the protocol, and a client that
+//!   sends nothing would hold its connection forever.)
 //! - A header-read timeout cuts clients that never finish their request head (including
 //!   ones that send nothing at all).
 //! - A cap on open connections: past it, new connections are closed at once rather than
@@ -12,10 +15,10 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{extract::ConnectInfo, Router};
-use hyper::body::Incoming;
+use hyper::{body::Incoming, server::conn::http1};
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{conn::auto, graceful::GracefulShutdown},
+    rt::{TokioIo, TokioTimer},
+    server::graceful::GracefulShutdown,
     service::TowerToHyperService,
 };
 use tokio::{net::TcpListener, sync::Semaphore};
@@ -42,17 +45,12 @@ pub async fn serve(
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(MAX_HEAD_BYTES)
         .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(MAX_HEAD_BYTES as u32);
     tokio::pin!(stop);
     loop {
         let (stream, peer) = tokio::select! {
@@ -79,10 +77,7 @@ pub async fn serve(
                 req
             },
         ));
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, %peer, "connection ended with an error");

@@ -78,7 +78,7 @@ fn wait(v: &View, w: &Window) -> u64 {
     let (t, limit) = (w.period(), u64::from(w.limit));
     // Earliest elapsed time e with prev·(T−e) ≤ room·T, i.e. e ≥ T − room·T/prev.
     let earliest = |prev: u64, room: u64| t - (room * t / prev);
-    if v.cur + 1 <= limit {
+    if v.cur < limit {
         // Fits later in this window, once enough of the previous one has slid out.
         let room = limit - v.cur - 1;
         earliest(v.prev, room).saturating_sub(v.elapsed).max(1)

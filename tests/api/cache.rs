@@ -1,0 +1,211 @@
+//! The tiered cache against a real `redis-server`: sharing, outages, recovery, corruption,
+//! and single flight.
+
+use std::time::{Duration, Instant};
+
+use fibonacci_api::{cache::redis_key, config::Config, fib};
+use redis::Commands;
+use reqwest::StatusCode;
+
+use crate::helpers::{eventually, spawn_app, test_config, RedisServer, Scrape};
+
+fn with_redis(redis: &RedisServer) -> Config {
+    Config {
+        redis_url: Some(redis.url()),
+        rate_limits: None,
+        max_n: 300_000,
+        ..test_config()
+    }
+}
+
+const COMPUTE: &str = "fibonacci_compute_duration_seconds";
+const CACHE: &str = "fibonacci_cache_requests_total";
+
+fn redis_hits(scrape: &Scrape) -> f64 {
+    scrape.get(CACHE, &[("tier", "redis"), ("result", "hit")])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_computed_by_one_instance_is_served_from_redis_by_another() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let first = spawn_app(with_redis(&redis)).await;
+    let second = spawn_app(with_redis(&redis)).await;
+
+    let body = first.fib("777").await.text().await.unwrap();
+    assert_eq!(
+        first.scrape().await.count(COMPUTE, &[]),
+        1.0,
+        "the first instance computed it"
+    );
+    let digits = fib::fibonacci_decimal(777);
+    let mut conn = redis.conn();
+    eventually(
+        Duration::from_secs(5),
+        "the value is written back to Redis",
+        || {
+            let stored: Option<String> = conn.get(redis_key(777)).unwrap();
+            let done = stored.as_deref() == Some(digits.as_str());
+            async move { done }
+        },
+    )
+    .await;
+
+    assert_eq!(second.fib("777").await.text().await.unwrap(), body);
+    let scrape = second.scrape().await;
+    assert_eq!(redis_hits(&scrape), 1.0, "served from Redis");
+    assert_eq!(scrape.count(COMPUTE, &[]), 0.0, "without recomputing");
+    assert_eq!(scrape.get("redis_up", &[]), 1.0);
+    // And now from its own memory: no second Redis call.
+    second.fib("777").await;
+    let scrape = second.scrape().await;
+    assert_eq!(redis_hits(&scrape), 1.0);
+    assert_eq!(
+        scrape.get(CACHE, &[("tier", "memory"), ("result", "hit")]),
+        1.0
+    );
+    first.stop().await;
+    second.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_dying_costs_nothing_and_its_return_is_noticed() {
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    let app = spawn_app(with_redis(&redis)).await;
+    assert_eq!(app.fib("100").await.status(), StatusCode::OK);
+    eventually(Duration::from_secs(5), "redis_up is 1", || async {
+        app.scrape().await.get("redis_up", &[]) == 1.0
+    })
+    .await;
+
+    redis.kill();
+    // Every request still succeeds; the breaker opens after a few timeouts.
+    for n in 200..260 {
+        let response = app.fib(&n.to_string()).await;
+        assert_eq!(response.status(), StatusCode::OK, "n={n} with Redis down");
+    }
+    let scrape = app.scrape().await;
+    assert_eq!(scrape.get("redis_up", &[]), 0.0, "the outage is visible");
+    assert!(scrape.get(CACHE, &[("tier", "redis"), ("result", "error")]) >= 1.0);
+    // With the breaker open, a miss does not wait on Redis at all: 40 uncached answers
+    // take far less than 40 Redis timeouts (50 ms each) would.
+    let started = Instant::now();
+    for n in 300..340 {
+        assert_eq!(app.fib(&n.to_string()).await.status(), StatusCode::OK);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?} with Redis down",
+        started.elapsed()
+    );
+
+    redis.restart();
+    eventually(
+        Duration::from_secs(10),
+        "the tier recovers by itself",
+        || async { app.scrape().await.get("redis_up", &[]) == 1.0 },
+    )
+    .await;
+    app.fib("999").await;
+    let mut conn = redis.conn();
+    eventually(Duration::from_secs(5), "write-back resumes", || {
+        let exists: bool = conn.exists(redis_key(999)).unwrap();
+        async move { exists }
+    })
+    .await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_garbage_value_in_redis_is_never_served_and_is_overwritten() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let mut conn = redis.conn();
+    let planted = [
+        (500u64, "12345".to_string(), "foreign digits"),
+        (501, "not a number".into(), "not digits"),
+        (502, fib::fibonacci_decimal(503), "the neighbour's value"),
+    ];
+    for (n, value, _) in &planted {
+        let _: () = conn.set(redis_key(*n), value).unwrap();
+    }
+    let app = spawn_app(with_redis(&redis)).await;
+    for (n, _, why) in &planted {
+        let body = app.fib(&n.to_string()).await.text().await.unwrap();
+        assert_eq!(
+            body,
+            format!(r#"{{"n":{n},"fibonacci":{}}}"#, fib::fibonacci_decimal(*n)),
+            "{why}"
+        );
+    }
+    let scrape = app.scrape().await;
+    assert_eq!(redis_hits(&scrape), 0.0, "none of them counted as a hit");
+    assert_eq!(scrape.count(COMPUTE, &[]), 3.0);
+    for (n, _, why) in &planted {
+        let expected = fib::fibonacci_decimal(*n);
+        eventually(Duration::from_secs(5), why, || {
+            let stored: String = conn.get(redis_key(*n)).unwrap();
+            let fixed = stored == expected;
+            async move { fixed }
+        })
+        .await;
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_for_one_n_are_computed_once() {
+    let app = spawn_app(Config {
+        max_n: 300_000,
+        rate_limits: None,
+        ..test_config()
+    })
+    .await;
+    let requests: Vec<_> = (0..16)
+        .map(|_| tokio::spawn(app.client.get(app.url("/fibonacci?n=250000")).send()))
+        .collect();
+    let mut bodies = Vec::new();
+    for request in requests {
+        let response = request.await.unwrap().unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        bodies.push(response.text().await.unwrap());
+    }
+    assert!(
+        bodies.windows(2).all(|w| w[0] == w[1]),
+        "everyone got the same answer"
+    );
+    assert_eq!(
+        app.scrape().await.count(COMPUTE, &[]),
+        1.0,
+        "one computation for 16 requests"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_service_starts_and_serves_with_redis_unreachable() {
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let app = spawn_app(Config {
+        redis_url: Some(format!("redis://127.0.0.1:{port}")),
+        ..test_config()
+    })
+    .await;
+    for _ in 0..5 {
+        assert_eq!(app.fib("10").await.status(), StatusCode::OK);
+    }
+    assert_eq!(
+        app.get("/readyz").await.status(),
+        StatusCode::OK,
+        "readiness ignores Redis"
+    );
+    app.stop().await;
+}

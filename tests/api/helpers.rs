@@ -1,0 +1,260 @@
+//! The one way tests start the service, and the Redis server some of them need.
+
+use std::{
+    net::{IpAddr, SocketAddr, TcpListener as StdListener},
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use fibonacci_api::{app::App, config::Config, Application, Stopped};
+use tokio::{sync::oneshot, task::JoinHandle};
+
+/// A running instance and a client for it.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub admin_addr: Option<SocketAddr>,
+    pub state: Arc<App>,
+    pub client: reqwest::Client,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Stopped>>,
+}
+
+/// The configuration tests start from: loopback, port 0, no drain wait.
+pub fn test_config() -> Config {
+    Config {
+        listen_addr: "127.0.0.1:0".parse().unwrap(),
+        shutdown_drain: Duration::ZERO,
+        ..Config::default()
+    }
+}
+
+/// Starts the app with `config`; it is serving when this returns (the listener is
+/// bound before `build` returns, so connections queue until the loop accepts them).
+pub async fn spawn_app(config: Config) -> TestApp {
+    let app = Application::build(config).await.expect("app builds");
+    let addr = app.local_addr();
+    let admin_addr = app.admin_addr();
+    let state = app.state();
+    let (tx, rx) = oneshot::channel();
+    let task = tokio::spawn(app.run_until_stopped(async {
+        let _ = rx.await;
+    }));
+    TestApp {
+        addr,
+        admin_addr,
+        state,
+        client: client_from(None),
+        shutdown: Some(tx),
+        task: Some(task),
+    }
+}
+
+/// A client whose connections come from `local` (e.g. 127.0.0.2), so tests can be
+/// distinct clients on one machine.
+pub fn client_from(local: Option<IpAddr>) -> reqwest::Client {
+    reqwest::Client::builder()
+        .local_address(local)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+impl TestApp {
+    pub fn url(&self, path_and_query: &str) -> String {
+        format!("http://{}{}", self.addr, path_and_query)
+    }
+
+    pub async fn get(&self, path_and_query: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path_and_query))
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    /// GET /fibonacci?n=… from the default client.
+    pub async fn fib(&self, n: &str) -> reqwest::Response {
+        self.get(&format!("/fibonacci?n={n}")).await
+    }
+
+    /// The scrape of `/metrics`, parsed.
+    pub async fn scrape(&self) -> Scrape {
+        let text = self.get("/metrics").await.text().await.unwrap();
+        Scrape::parse(&text)
+    }
+
+    /// Sends the shutdown signal (as SIGTERM would) and returns at once.
+    pub fn signal_shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Signals shutdown and waits for the drain to finish.
+    pub async fn stop(mut self) {
+        self.signal_shutdown();
+        if let Some(task) = self.task.take() {
+            task.await.expect("app task ends cleanly");
+        }
+    }
+}
+
+/// A Prometheus scrape, parsed into samples.
+pub struct Scrape {
+    pub samples: Vec<prometheus_parse::Sample>,
+}
+
+impl Scrape {
+    pub fn parse(text: &str) -> Self {
+        let lines = text.lines().map(|l| Ok(l.to_owned()));
+        let scrape = prometheus_parse::Scrape::parse(lines).expect("valid exposition format");
+        Self {
+            samples: scrape.samples,
+        }
+    }
+
+    /// The value of the series `name{labels}` (exact label set), if present.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        self.samples
+            .iter()
+            .find(|s| {
+                s.metric == name
+                    && s.labels.len() == labels.len()
+                    && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
+            })
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                prometheus_parse::Value::Histogram(ref buckets) => {
+                    buckets.last().map_or(0.0, |b| b.count)
+                }
+                prometheus_parse::Value::Summary(_) => f64::NAN,
+            })
+    }
+
+    /// A counter or gauge that must be there.
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.value(name, labels)
+            .unwrap_or_else(|| panic!("no series {name}{labels:?}"))
+    }
+
+    /// The number of observations of a histogram (its `_count`).
+    pub fn count(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.value(&format!("{name}_count"), labels)
+            .or_else(|| self.value(name, labels))
+            .unwrap_or(0.0)
+    }
+}
+
+/// A private `redis-server` on a free port, stopped when dropped.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl RedisServer {
+    /// Starts one, or returns `None` (loudly) when `redis-server` is not installed —
+    /// unless `REQUIRE_REDIS=1`, which CI sets so it can never pass by skipping.
+    pub fn start() -> Option<Self> {
+        let installed = Command::new("redis-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !installed {
+            assert!(
+                std::env::var("REQUIRE_REDIS").as_deref() != Ok("1"),
+                "REQUIRE_REDIS=1 but redis-server is not on PATH"
+            );
+            eprintln!("\n*** SKIPPING: redis-server is not on PATH (install it, or set REQUIRE_REDIS=1 to fail instead) ***\n");
+            return None;
+        }
+        let mut server = Self {
+            port: free_port(),
+            child: None,
+        };
+        server.launch();
+        Some(server)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    fn launch(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        self.child = Some(child);
+        self.wait_until_answering();
+    }
+
+    fn wait_until_answering(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let client = redis::Client::open(self.url()).unwrap();
+        loop {
+            if let Ok(mut conn) = client.get_connection() {
+                if redis::cmd("PING").query::<String>(&mut conn).is_ok() {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "redis-server did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills it (as a crash would); `restart` brings it back on the same port, empty.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        self.launch();
+    }
+
+    /// A synchronous connection for planting and inspecting values.
+    pub fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Waits, polling, until `check` holds or `timeout` passes; for effects that happen in
+/// the background (a write-back, a breaker closing), never for the app to start.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

@@ -1,0 +1,229 @@
+//! Server hygiene: slow and abusive clients cannot take the service down.
+
+use std::time::Duration;
+
+use fibonacci_api::config::Config;
+use reqwest::StatusCode;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+use crate::helpers::{eventually, spawn_app, test_config};
+
+/// Reads until the server closes the connection (or `limit` passes), returning what came.
+async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> Option<String> {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read_all = async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(limit, read_all).await.ok()?;
+    Some(String::from_utf8_lossy(&seen).into_owned())
+}
+
+fn quick_timeouts() -> Config {
+    Config {
+        header_read_timeout: Duration::from_millis(300),
+        rate_limits: None,
+        ..test_config()
+    }
+}
+
+#[tokio::test]
+async fn clients_that_never_finish_their_headers_are_cut_off() {
+    let app = spawn_app(quick_timeouts()).await;
+    let mut silent = TcpStream::connect(app.addr).await.unwrap();
+    assert!(
+        read_until_closed(&mut silent, Duration::from_secs(5))
+            .await
+            .is_some(),
+        "a connection that sends nothing is closed"
+    );
+    let mut trickler = TcpStream::connect(app.addr).await.unwrap();
+    trickler
+        .write_all(b"GET /fibonacci?n=1 HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    assert!(
+        read_until_closed(&mut trickler, Duration::from_secs(5))
+            .await
+            .is_some(),
+        "a request head never finished is closed"
+    );
+    assert_eq!(
+        app.fib("1").await.status(),
+        StatusCode::OK,
+        "and the service is fine"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_headers_get_431_not_a_crash() {
+    let app = spawn_app(quick_timeouts()).await;
+    let mut stream = TcpStream::connect(app.addr).await.unwrap();
+    let huge = "a".repeat(64 * 1024);
+    let request = format!("GET /fibonacci?n=1 HTTP/1.1\r\nHost: x\r\nX-Big: {huge}\r\n\r\n");
+    let _ = stream.write_all(request.as_bytes()).await;
+    let reply = read_until_closed(&mut stream, Duration::from_secs(5))
+        .await
+        .unwrap_or_default();
+    assert!(
+        reply.starts_with("HTTP/1.1 431"),
+        "got {:?}",
+        reply.lines().next()
+    );
+    assert_eq!(app.fib("1").await.status(), StatusCode::OK);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundreds_of_stalled_connections_do_not_block_a_fresh_client() {
+    let app = spawn_app(Config {
+        rate_limits: None,
+        ..test_config()
+    })
+    .await;
+    let mut stalled = Vec::new();
+    for _ in 0..300 {
+        let mut s = TcpStream::connect(app.addr).await.unwrap();
+        s.write_all(b"GET /fibonacci?n=5 HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        stalled.push(s);
+    }
+    let fresh = crate::helpers::client_from(None);
+    let response = fresh.get(app.url("/fibonacci?n=20")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.text().await.unwrap(),
+        r#"{"n":20,"fibonacci":6765}"#
+    );
+    drop(stalled);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn past_the_connection_cap_new_connections_are_closed_at_once() {
+    let app = spawn_app(Config {
+        max_connections: 4,
+        header_read_timeout: Duration::from_secs(30),
+        ..quick_timeouts()
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(app.addr).await.unwrap();
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 512];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 200"),
+            "keep-alive connection served"
+        );
+        held.push(s);
+    }
+    let mut extra = TcpStream::connect(app.addr).await.unwrap();
+    let _ = extra
+        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let reply = read_until_closed(&mut extra, Duration::from_secs(5)).await;
+    assert_eq!(
+        reply.as_deref(),
+        Some(""),
+        "closed without an answer, not left hanging"
+    );
+    drop(held);
+    eventually(
+        Duration::from_secs(5),
+        "capacity returns when connections close",
+        || async {
+            app.client
+                .get(app.url("/health"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == StatusCode::OK)
+        },
+    )
+    .await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_max_in_flight_the_api_sheds_load_but_probes_answer() {
+    let app = spawn_app(Config {
+        max_in_flight: 1,
+        max_n: 1_000_000,
+        ..quick_timeouts()
+    })
+    .await;
+    let slow = tokio::spawn(app.client.get(app.url("/fibonacci?n=999999")).send());
+    let state = app.state.clone();
+    eventually(
+        Duration::from_secs(5),
+        "the slow request holds the only permit",
+        || {
+            let busy = state.in_flight.available_permits() == 0;
+            async move { busy }
+        },
+    )
+    .await;
+    let shed = app.fib("5").await;
+    assert_eq!(shed.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(shed.headers()["retry-after"], "1");
+    let body: serde_json::Value = shed.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("capacity"),
+        "{body}"
+    );
+    assert_eq!(
+        app.get("/readyz").await.status(),
+        StatusCode::OK,
+        "probes are not shed"
+    );
+    assert_eq!(
+        app.get("/health").await.status(),
+        StatusCode::OK,
+        "health is not shed"
+    );
+    assert_eq!(slow.await.unwrap().unwrap().status(), StatusCode::OK);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_its_deadline_gets_a_503() {
+    let app = spawn_app(Config {
+        request_timeout: Duration::from_millis(20),
+        max_n: 1_000_000,
+        ..quick_timeouts()
+    })
+    .await;
+    let response = app.fib("1000000").await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(response.headers().contains_key("retry-after"));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_healthcheck_subcommand_passes_against_a_live_instance() {
+    let app = spawn_app(test_config()).await;
+    let url = app.url("/livez");
+    let status = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_fibonacci-api"))
+            .args(["healthcheck", "--url", &url])
+            .status()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(status.success());
+    app.stop().await;
+}

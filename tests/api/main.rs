@@ -1,0 +1,11 @@
+//! Integration tests: the real app on port 0, driven over real sockets.
+
+mod helpers;
+
+mod api;
+mod cache;
+mod config;
+mod hygiene;
+mod observability;
+mod ratelimit;
+mod shutdown;

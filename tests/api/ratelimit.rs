@@ -1,0 +1,227 @@
+//! Rate limits over real sockets: per client, unspoofable, exempt probes, cluster-wide.
+
+use std::net::IpAddr;
+
+use fibonacci_api::{config::Config, ratelimit::Policy};
+use reqwest::StatusCode;
+
+use crate::helpers::{client_from, spawn_app, test_config, RedisServer, TestApp};
+
+fn limited(policy: &str) -> Config {
+    Config {
+        rate_limits: Some(Policy::parse(policy).unwrap()),
+        ..test_config()
+    }
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+async fn status_from(
+    app: &TestApp,
+    client: &reqwest::Client,
+    forwarded_for: Option<&str>,
+) -> StatusCode {
+    let mut request = client.get(app.url("/fibonacci?n=7"));
+    if let Some(xff) = forwarded_for {
+        request = request.header("x-forwarded-for", xff);
+    }
+    request.send().await.unwrap().status()
+}
+
+#[tokio::test]
+async fn the_31st_request_in_a_minute_is_rejected_with_the_real_wait() {
+    let app = spawn_app(test_config()).await;
+    let client = client_from(Some(ip("127.0.0.9")));
+    for i in 1..=30u64 {
+        let response = client.get(app.url("/fibonacci?n=7")).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "request {i}");
+        let headers = response.headers();
+        assert_eq!(headers["ratelimit-limit"], "30", "request {i}");
+        assert_eq!(
+            headers["ratelimit-remaining"],
+            (30 - i).to_string().as_str(),
+            "request {i}"
+        );
+        assert_eq!(
+            headers["ratelimit-policy"],
+            "30;w=60, 50;w=3600, 200;w=86400"
+        );
+    }
+    let response = client.get(app.url("/fibonacci?n=7")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // The wait runs to the next minute plus ~2 s while the last minute slides out.
+    assert!((1..=62).contains(&retry_after), "Retry-After {retry_after}");
+    assert_eq!(response.headers()["ratelimit-remaining"], "0");
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("30 requests per minute"),
+        "{body}"
+    );
+    assert_eq!(
+        app.scrape()
+            .await
+            .get("rate_limit_rejections_total", &[("window", "minute")]),
+        1.0
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn distinct_addresses_have_distinct_budgets_and_probes_are_exempt() {
+    let app = spawn_app(limited("3/minute")).await;
+    let (a, b) = (
+        client_from(Some(ip("127.0.0.2"))),
+        client_from(Some(ip("127.0.0.3"))),
+    );
+    for _ in 0..3 {
+        assert_eq!(status_from(&app, &a, None).await, StatusCode::OK);
+    }
+    assert_eq!(
+        status_from(&app, &a, None).await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(
+        status_from(&app, &b, None).await,
+        StatusCode::OK,
+        "127.0.0.3 has its own budget"
+    );
+    for path in ["/health", "/livez", "/readyz", "/metrics", "/openapi.json"] {
+        for _ in 0..5 {
+            let status = a.get(app.url(path)).send().await.unwrap().status();
+            assert_eq!(status, StatusCode::OK, "{path} for a limited client");
+        }
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_forged_forwarded_for_from_an_untrusted_peer_changes_nothing() {
+    let app = spawn_app(limited("2/minute")).await;
+    let client = client_from(Some(ip("127.0.0.4")));
+    assert_eq!(
+        status_from(&app, &client, Some("1.1.1.1")).await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        status_from(&app, &client, Some("2.2.2.2")).await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        status_from(&app, &client, Some("3.3.3.3")).await,
+        StatusCode::TOO_MANY_REQUESTS,
+        "still the same peer, whatever it claims"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_the_rightmost_untrusted_entry_is_the_client() {
+    let app = spawn_app(Config {
+        trusted_proxies: vec![
+            "127.0.0.5/32".parse().unwrap(),
+            "10.0.0.0/8".parse().unwrap(),
+        ],
+        ..limited("2/minute")
+    })
+    .await;
+    let proxy = client_from(Some(ip("127.0.0.5")));
+    // The client forges a leftmost entry; our proxies appended the real address.
+    let xff = "9.9.9.9, 198.51.100.7, 10.1.2.3";
+    assert_eq!(status_from(&app, &proxy, Some(xff)).await, StatusCode::OK);
+    assert_eq!(
+        status_from(&app, &proxy, Some("8.8.8.8, 198.51.100.7")).await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        status_from(&app, &proxy, Some("7.7.7.7, 198.51.100.7")).await,
+        StatusCode::TOO_MANY_REQUESTS,
+        "changing the forged entry does not buy a new budget"
+    );
+    assert_eq!(
+        status_from(&app, &proxy, Some("198.51.100.8")).await,
+        StatusCode::OK,
+        "another client"
+    );
+    assert_eq!(
+        status_from(&app, &proxy, Some("garbage")).await,
+        StatusCode::OK,
+        "garbage falls back to the proxy's own address, a budget of its own"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_hold_across_instances_sharing_redis_and_locally_without_it() {
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    let config = || Config {
+        redis_url: Some(redis.url()),
+        ..test_config()
+    };
+    let (one, two) = (spawn_app(config()).await, spawn_app(config()).await);
+    let client = client_from(Some(ip("127.0.0.6")));
+    for i in 0..20 {
+        assert_eq!(
+            status_from(&one, &client, None).await,
+            StatusCode::OK,
+            "instance one, request {i}"
+        );
+    }
+    for i in 0..10 {
+        assert_eq!(
+            status_from(&two, &client, None).await,
+            StatusCode::OK,
+            "instance two, request {i}"
+        );
+    }
+    assert_eq!(
+        status_from(&two, &client, None).await,
+        StatusCode::TOO_MANY_REQUESTS,
+        "the 31st across both instances"
+    );
+    assert_eq!(
+        status_from(&one, &client, None).await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+
+    redis.kill();
+    // Each instance falls back to its own limiter: it still limits, per instance.
+    let other = client_from(Some(ip("127.0.0.7")));
+    for app in [&one, &two] {
+        let mut allowed = 0;
+        for _ in 0..40 {
+            if status_from(app, &other, None).await == StatusCode::OK {
+                allowed += 1;
+            }
+        }
+        assert_eq!(allowed, 30, "local fallback limits to 30 per minute");
+    }
+    one.stop().await;
+    two.stop().await;
+}
+
+#[tokio::test]
+async fn rate_limits_off_means_no_limits_and_no_headers() {
+    let app = spawn_app(Config {
+        rate_limits: None,
+        ..test_config()
+    })
+    .await;
+    for _ in 0..60 {
+        let response = app.fib("3").await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(response.headers().get("ratelimit-limit").is_none());
+    }
+    app.stop().await;
+}

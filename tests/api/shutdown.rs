@@ -1,0 +1,77 @@
+//! Graceful shutdown: readiness fails first, serving goes on through the drain period,
+//! in-flight requests finish, then the listener closes.
+
+use std::time::Duration;
+
+use fibonacci_api::config::Config;
+use reqwest::StatusCode;
+
+use crate::helpers::{eventually, spawn_app, test_config};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_fails_first_and_serving_goes_on_through_the_drain() {
+    let mut app = spawn_app(Config {
+        shutdown_drain: Duration::from_secs(2),
+        rate_limits: None,
+        ..test_config()
+    })
+    .await;
+    assert_eq!(app.get("/readyz").await.status(), StatusCode::OK);
+    app.signal_shutdown();
+    eventually(Duration::from_secs(5), "readiness turns 503", || async {
+        app.get("/readyz").await.status() == StatusCode::SERVICE_UNAVAILABLE
+    })
+    .await;
+    let body: serde_json::Value = app.get("/readyz").await.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("draining"),
+        "{body}"
+    );
+    // Still answering while load balancers take it out of rotation.
+    assert_eq!(
+        app.fib("10").await.status(),
+        StatusCode::OK,
+        "served during the drain"
+    );
+    assert_eq!(
+        app.get("/livez").await.status(),
+        StatusCode::OK,
+        "still alive while draining"
+    );
+    let addr = app.addr;
+    app.stop().await;
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "the listener is closed after the drain"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_in_flight_request_finishes_during_shutdown() {
+    let mut app = spawn_app(Config {
+        max_n: 1_000_000,
+        rate_limits: None,
+        ..test_config()
+    })
+    .await;
+    let slow = tokio::spawn(app.client.get(app.url("/fibonacci?n=1000000")).send());
+    let state = app.state.clone();
+    eventually(Duration::from_secs(5), "the request is in flight", || {
+        let busy = state.in_flight.available_permits() < state.config.max_in_flight;
+        async move { busy }
+    })
+    .await;
+    app.signal_shutdown();
+    let response = slow
+        .await
+        .unwrap()
+        .expect("the in-flight request was answered");
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response.text().await.unwrap();
+    assert!(
+        body.starts_with(r#"{"n":1000000,"fibonacci":19532821287077577316"#),
+        "{}",
+        &body[..60]
+    );
+    app.stop().await;
+}
