@@ -9,3 +9,4 @@ mod hygiene;
 mod observability;
 mod ratelimit;
 mod shutdown;
+mod tracing;

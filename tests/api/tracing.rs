@@ -1,0 +1,273 @@
+//! Traces from the real binary to an in-process OTLP receiver, over gRPC and over
+//! HTTP/protobuf: span shape, continued `traceparent`, sampling, the flush at shutdown,
+//! and the trace id on log lines.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use axum::{body::Bytes, routing::post, Router};
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::{
+        trace_service_server::{TraceService, TraceServiceServer},
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    },
+    common::v1::any_value::Value,
+    trace::v1::Span,
+};
+use prost::Message;
+
+use crate::helpers::eventually;
+
+type Spans = Arc<Mutex<Vec<Span>>>;
+
+fn collect(spans: &Spans, request: ExportTraceServiceRequest) {
+    let mut all = spans.lock().unwrap();
+    for resource in request.resource_spans {
+        for scope in resource.scope_spans {
+            all.extend(scope.spans);
+        }
+    }
+}
+
+struct GrpcReceiver(Spans);
+
+#[tonic::async_trait]
+impl TraceService for GrpcReceiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        collect(&self.0, request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+async fn grpc_receiver() -> (SocketAddr, Spans) {
+    let spans = Spans::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let service = TraceServiceServer::new(GrpcReceiver(spans.clone()));
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    (addr, spans)
+}
+
+async fn http_receiver() -> (SocketAddr, Spans) {
+    let spans = Spans::default();
+    let sink = spans.clone();
+    let router = Router::new().route(
+        "/v1/traces",
+        post(move |body: Bytes| async move {
+            let request = ExportTraceServiceRequest::decode(body).expect("OTLP protobuf");
+            collect(&sink, request);
+            ExportTraceServiceResponse::default().encode_to_vec()
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    (addr, spans)
+}
+
+/// The binary, running with `env`, its stdout lines collected.
+struct Service {
+    child: Child,
+    base: String,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+async fn start_service(env: &[(&str, String)]) -> Service {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fibonacci-api"));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
+        .env("SHUTDOWN_DRAIN_SECONDS", "0")
+        .env("RATE_LIMITS", "off")
+        // Export only at shutdown, so the test sees the flush after the drain.
+        .env("OTEL_BSP_SCHEDULE_DELAY", "600000")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let stdout = child.stdout.take().unwrap();
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let livez = format!("{base}/livez");
+    eventually(Duration::from_secs(20), "the binary answers /livez", || {
+        let request = client.get(&livez).send();
+        async move { request.await.is_ok() }
+    })
+    .await;
+    Service { child, base, lines }
+}
+
+impl Service {
+    /// SIGTERM, then the exit status.
+    fn terminate(mut self) -> (std::process::ExitStatus, Vec<String>) {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+        let status = self.child.wait().unwrap();
+        std::thread::sleep(Duration::from_millis(50)); // let the reader drain the pipe
+        let lines = self.lines.lock().unwrap().clone();
+        (status, lines)
+    }
+}
+
+fn attribute(span: &Span, key: &str) -> Option<String> {
+    span.attributes.iter().find(|a| a.key == key).and_then(|a| {
+        a.value.as_ref()?.value.as_ref().map(|v| match v {
+            Value::StringValue(s) => s.clone(),
+            Value::IntValue(i) => i.to_string(),
+            Value::BoolValue(b) => b.to_string(),
+            Value::DoubleValue(d) => d.to_string(),
+            other => format!("{other:?}"),
+        })
+    })
+}
+
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const PARENT_ID: &str = "00f067aa0ba902b7";
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Sends one traced request and one untraced, stops the service, and checks the spans.
+async fn traced_request_round_trip(
+    protocol: &str,
+    receiver: (SocketAddr, Spans),
+    rust_log: &str,
+) -> Vec<String> {
+    let (addr, spans) = receiver;
+    let service = start_service(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{addr}")),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", protocol.into()),
+        ("OTEL_SERVICE_NAME", "fib-under-test".into()),
+        // Sample nothing on our own, but follow a sampled parent.
+        ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio".into()),
+        ("OTEL_TRACES_SAMPLER_ARG", "0".into()),
+        ("RUST_LOG", rust_log.into()),
+    ])
+    .await;
+    let client = reqwest::Client::new();
+    let traced = client
+        .get(format!("{}/fibonacci?n=321", service.base))
+        .header("traceparent", format!("00-{TRACE_ID}-{PARENT_ID}-01"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(traced.status(), 200);
+    let untraced = client
+        .get(format!("{}/fibonacci?n=5", service.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(untraced.status(), 200);
+    assert!(
+        spans.lock().unwrap().is_empty(),
+        "nothing exported before shutdown (batch delay)"
+    );
+
+    let (status, lines) = service.terminate();
+    assert!(status.success(), "exit 0 after SIGTERM: {status:?}");
+    let spans = spans.lock().unwrap().clone();
+    let server = spans
+        .iter()
+        .find(|s| s.name == "GET /fibonacci")
+        .unwrap_or_else(|| {
+            panic!(
+                "{protocol}: no server span among {:?}",
+                spans.iter().map(|s| &s.name).collect::<Vec<_>>()
+            )
+        });
+    assert_eq!(
+        hex(&server.trace_id),
+        TRACE_ID,
+        "continues the incoming trace"
+    );
+    assert_eq!(
+        hex(&server.parent_span_id),
+        PARENT_ID,
+        "child of the caller's span"
+    );
+    assert_eq!(server.kind, 2, "SPAN_KIND_SERVER");
+    for (key, value) in [
+        ("http.request.method", "GET"),
+        ("http.route", "/fibonacci"),
+        ("url.path", "/fibonacci"),
+        ("http.response.status_code", "200"),
+        ("client.address", "127.0.0.1"),
+    ] {
+        assert_eq!(
+            attribute(server, key).as_deref(),
+            Some(value),
+            "{protocol}: {key}"
+        );
+    }
+    for child in ["cache.memory", "fibonacci.compute"] {
+        let span = spans
+            .iter()
+            .find(|s| s.name == child)
+            .unwrap_or_else(|| panic!("{protocol}: no {child} span"));
+        assert_eq!(
+            hex(&span.trace_id),
+            TRACE_ID,
+            "{child} is in the same trace"
+        );
+        assert_eq!(
+            attribute(span, "n").as_deref(),
+            Some("321"),
+            "{child} carries n"
+        );
+    }
+    assert!(
+        spans.iter().all(|s| hex(&s.trace_id) == TRACE_ID),
+        "the unparented request was not sampled (ratio 0)"
+    );
+    lines
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_arrive_over_grpc_even_with_logs_at_warn() {
+    traced_request_round_trip("grpc", grpc_receiver().await, "warn").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_arrive_over_http_and_log_lines_carry_the_trace_id() {
+    let lines = traced_request_round_trip("http/protobuf", http_receiver().await, "info").await;
+    let request_line = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| {
+            l["message"] == "request" && l["route"] == "/fibonacci" && l["trace_id"] == TRACE_ID
+        })
+        .unwrap_or_else(|| panic!("no request log line with the trace id in {lines:#?}"));
+    assert_eq!(request_line["status"], 200);
+    assert_eq!(request_line["span_id"].as_str().map(str::len), Some(16));
+}
