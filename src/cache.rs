@@ -6,7 +6,10 @@
 //! Redis holds decimal digits under `fibonacci:v1:{n}`; what it returns is checked
 //! ([`fib::is_fibonacci_decimal`]) before it is served, and overwritten if wrong.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use metrics::{Counter, Histogram};
@@ -70,6 +73,9 @@ pub struct FibonacciStore {
     memory_counters: TierCounters,
     redis_counters: TierCounters,
     compute_duration: Histogram,
+    /// How long a miss may take (Redis, then computation) before the caller gets a 503;
+    /// hits never wait, so they carry no timer.
+    deadline: Duration,
 }
 
 impl FibonacciStore {
@@ -85,7 +91,14 @@ impl FibonacciStore {
             memory_counters: TierCounters::new(metrics, "memory"),
             redis_counters: TierCounters::new(metrics, "redis"),
             compute_duration: metrics.scope(|| metrics::histogram!(COMPUTE_DURATION)),
+            deadline: Duration::from_secs(3600),
         }
+    }
+
+    /// Bounds each miss by `deadline` (`REQUEST_TIMEOUT_MS`).
+    pub fn with_deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
     }
 
     /// The response body for F(n).
@@ -96,6 +109,13 @@ impl FibonacciStore {
             return Ok(body);
         }
         self.memory_counters.miss.increment(1);
+        tokio::time::timeout(self.deadline, self.fill(n))
+            .await
+            .map_err(|_| ApiError::Timeout)?
+    }
+
+    /// A miss: wait for whoever is already filling n, or fill it from Redis or computation.
+    async fn fill(&self, n: u64) -> Result<Bytes, ApiError> {
         let guard = match self.memory.get_value_or_guard_async(&n).await {
             // Another request for the same n was already filling it: its answer is ours.
             Ok(body) => return Ok(body),

@@ -95,6 +95,8 @@ pub struct Settings {
     pub max_in_flight: String,
     #[arg(long, env = "RATE_LIMIT_MAX_KEYS", default_value = defaults::RATE_LIMIT_MAX_KEYS)]
     pub rate_limit_max_keys: String,
+    #[arg(long, env = "METRICS_ENABLED", default_value = "true")]
+    pub metrics_enabled: String,
 }
 
 /// Log line format.
@@ -124,6 +126,9 @@ pub struct Config {
     pub max_connections: usize,
     pub max_in_flight: usize,
     pub rate_limit_max_keys: usize,
+    /// Whether requests are counted (`/metrics` then serves only process and cache
+    /// metrics); off exists to measure what counting costs.
+    pub metrics_enabled: bool,
 }
 
 /// A setting that cannot be used; its `Display` is the one line printed at start-up.
@@ -247,7 +252,19 @@ impl Settings {
                     })
             })
             .collect::<Result<_, _>>()?;
+        let metrics_enabled = match self.metrics_enabled.trim() {
+            "true" | "1" => true,
+            "false" | "0" => false,
+            _ => {
+                return Err(ConfigError::new(
+                    "METRICS_ENABLED",
+                    &self.metrics_enabled,
+                    "true or false",
+                ))
+            }
+        };
         Ok(Config {
+            metrics_enabled,
             listen_addr: parse_addr("LISTEN_ADDR", &self.listen_addr)?,
             admin_listen_addr: match self.admin_listen_addr.as_deref().map(str::trim) {
                 None | Some("") => None,
@@ -316,6 +333,7 @@ impl Default for Config {
             max_connections: defaults::MAX_CONNECTIONS.into(),
             max_in_flight: defaults::MAX_IN_FLIGHT.into(),
             rate_limit_max_keys: defaults::RATE_LIMIT_MAX_KEYS.into(),
+            metrics_enabled: "true".into(),
         }
         .into_config()
         .expect("the contract defaults are valid")

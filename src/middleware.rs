@@ -1,5 +1,7 @@
 //! The request pipeline around the handlers: observation (client, span, RED metrics, the
-//! request log line), load shedding, the request deadline and the rate limit.
+//! request log line, security headers) on every route, and admission (load shedding,
+//! the rate limit) on the API. Each is one function: every layer of middleware costs
+//! a boxed future per request, and this is the hot path.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -8,7 +10,7 @@ use std::{
 };
 
 use axum::{
-    extract::{ConnectInfo, MatchedPath, Request, State},
+    extract::{ConnectInfo, Request, State},
     http::{header, HeaderName, HeaderValue},
     middleware::Next,
     response::{IntoResponse, Response},
@@ -36,8 +38,17 @@ const ROUTES: &[&str] = &[
     "/openapi.json",
 ];
 
-fn route_label(path: Option<&MatchedPath>) -> &'static str {
-    path.and_then(|p| ROUTES.iter().find(|r| **r == p.as_str()).copied())
+/// Marks a response from the router's fallback: no route matched.
+#[derive(Debug, Clone, Copy)]
+pub struct Unmatched;
+
+/// Every route is a static path, so the path names the route template (as
+/// `MatchedPath` would) without waiting for routing; anything else is `unmatched`.
+fn route_label(path: &str) -> &'static str {
+    ROUTES
+        .iter()
+        .find(|r| **r == path)
+        .copied()
         .unwrap_or("unmatched")
 }
 
@@ -54,12 +65,13 @@ fn method_label(method: &http::Method) -> &'static str {
     }
 }
 
-/// Resolves the client, runs the request inside its server span, and records its
-/// metrics and log line. Outermost, so it sees every response, errors included.
+/// Resolves the client, runs the request inside its server span, records its metrics
+/// and log line, and adds the security headers. Outermost, so it sees every response,
+/// errors included.
 pub async fn observe(State(app): State<Arc<App>>, mut req: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = method_label(req.method());
-    let route = route_label(req.extensions().get::<MatchedPath>());
+    let mut route = route_label(req.uri().path());
     let peer = req
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
@@ -84,9 +96,13 @@ pub async fn observe(State(app): State<Arc<App>>, mut req: Request, next: Next) 
     telemetry::continue_trace(&span, req.headers());
 
     app.metrics.in_flight().increment(1.0);
-    let response = next.run(req).instrument(span.clone()).await;
+    let mut response = next.run(req).instrument(span.clone()).await;
+    add_security_headers(&mut response);
     app.metrics.in_flight().decrement(1.0);
 
+    if response.extensions().get::<Unmatched>().is_some() {
+        route = "unmatched";
+    }
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
     app.metrics
@@ -108,23 +124,6 @@ pub async fn observe(State(app): State<Arc<App>>, mut req: Request, next: Next) 
     response
 }
 
-/// Answers 503 at once when `MAX_IN_FLIGHT` requests are already being served, instead
-/// of queueing without bound; applied to the API, not to probes or metrics.
-pub async fn shed_load(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
-    match app.in_flight.try_acquire() {
-        Ok(_permit) => next.run(req).await,
-        Err(_) => ApiError::Overloaded.into_response(),
-    }
-}
-
-/// Bounds each API request by `REQUEST_TIMEOUT_MS`.
-pub async fn deadline(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
-    match tokio::time::timeout(app.config.request_timeout, next.run(req)).await {
-        Ok(response) => response,
-        Err(_) => ApiError::Timeout.into_response(),
-    }
-}
-
 const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
 const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
 const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
@@ -135,8 +134,14 @@ fn ceil_secs(ms: u64) -> u64 {
     ms.div_ceil(1000).max(1)
 }
 
-/// Applies the per-client limits and adds the IETF draft `RateLimit-*` headers.
-pub async fn rate_limit(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+/// Admission to the API: sheds load (503 at once when `MAX_IN_FLIGHT` requests are
+/// already being served, instead of queueing without bound), then applies the
+/// per-client limits and adds the IETF draft `RateLimit-*` headers. Probes and metrics
+/// do not pass through here.
+pub async fn admit(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let Ok(_permit) = app.in_flight.try_acquire() else {
+        return ApiError::Overloaded.into_response();
+    };
     let Some(limiter) = &app.limiter else {
         return next.run(req).await;
     };
@@ -189,8 +194,7 @@ pub async fn rate_limit(State(app): State<Arc<App>>, req: Request, next: Next) -
 }
 
 /// Headers every response carries.
-pub async fn security_headers(req: Request, next: Next) -> Response {
-    let mut response = next.run(req).await;
+fn add_security_headers(response: &mut Response) {
     let headers = response.headers_mut();
     headers.insert(
         header::X_CONTENT_TYPE_OPTIONS,
@@ -204,5 +208,4 @@ pub async fn security_headers(req: Request, next: Next) -> Response {
         header::REFERRER_POLICY,
         HeaderValue::from_static("no-referrer"),
     );
-    response
 }

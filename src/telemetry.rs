@@ -124,10 +124,12 @@ pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
             .with_threads(false)
             .with_filter(ours)
     });
-    tracing_subscriber::registry()
-        .with(logs)
-        .with(traces)
-        .init();
+    // Only layers that exist: a `None` layer reports interest in every callsite, which
+    // would make every span live (and cost a registry slot per request) with nobody
+    // listening.
+    let mut layers = vec![logs];
+    layers.extend(traces.map(Layer::boxed));
+    tracing_subscriber::registry().with(layers).init();
     Ok(Telemetry { provider })
 }
 

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use axum::{
-    extract::{RawQuery, State},
+    extract::{Request, State},
     http::{header, HeaderMap, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
 };
@@ -77,18 +77,14 @@ fn matches_if_none_match(headers: &HeaderMap, etag: &HeaderValue) -> bool {
         (status = 503, description = "Overloaded or timed out; see Retry-After", body = crate::routes::openapi::ErrorBody,
             headers(("Retry-After" = u64))),
     ))]
-pub async fn fibonacci(
-    State(app): State<Arc<App>>,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let n = parse_n(query.as_deref(), app.config.max_n)?;
+pub async fn fibonacci(State(app): State<Arc<App>>, req: Request) -> Result<Response, ApiError> {
+    let n = parse_n(req.uri().query(), app.config.max_n)?;
     let etag = etag(n);
     let cache_headers = [
         (header::ETAG, etag.clone()),
         (header::CACHE_CONTROL, CACHE_CONTROL),
     ];
-    if matches_if_none_match(&headers, &etag) {
+    if matches_if_none_match(req.headers(), &etag) {
         return Ok((StatusCode::NOT_MODIFIED, cache_headers).into_response());
     }
     let body = app.store.get(n).await?;

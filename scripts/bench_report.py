@@ -1,0 +1,63 @@
+"""Summarises scripts/bench-load's raw rows: medians per scenario, ratios to the ceiling,
+a Markdown table (bench/results.md) and a latency/throughput chart (bench/latency.svg)."""
+
+import statistics
+import sys
+from collections import defaultdict
+
+raw, out, date, machine, load = sys.argv[1:6]
+rows = defaultdict(list)
+for line in open(raw):
+    scenario, label, rps, p50, p99, p999, rss, errors = line.rstrip("\n").split("\t")
+    rows[(scenario, label)].append((float(rps), float(p50), float(p99), float(p999), int(rss) / 1024, int(errors)))
+
+def median(key, i):
+    return statistics.median(r[i] for r in rows[key])
+
+ceiling_for = {"hot": ("hot", "ceiling"), "hot-no-metrics": ("hot", "ceiling"), "limiter": ("limiter", "ceiling"),
+               "bad-input": ("hot", "ceiling"), "hot-access-logs": ("hot", "ceiling"),
+               "uncached-n50k-100k": ("hot", "ceiling")}
+lines = [
+    f"Measured {date} on {machine}; load {load} on 127.0.0.1 (wrk shares the cores with the server).",
+    "Medians of the rounds; ratios are against the ceiling run in the same rounds.",
+    "",
+    "| scenario | server | req/s | p50 µs | p99 µs | p99.9 µs | peak RSS MiB | req/s ÷ ceiling | p99 ÷ ceiling |",
+    "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+]
+order = ["hot", "hot-no-metrics", "hot-access-logs", "limiter", "bad-input", "uncached-n50k-100k"]
+bars = []
+for scenario in order:
+    for label in ("ceiling", "service"):
+        key = (scenario, label)
+        if key not in rows:
+            continue
+        rps, p50, p99, p999, rss = (median(key, i) for i in range(5))
+        ceiling = ceiling_for[scenario]
+        ratio = p99_ratio = ""
+        if label == "service" and ceiling in rows:
+            ratio = f"{rps / median(ceiling, 0):.2f}"
+            p99_ratio = f"{p99 / median(ceiling, 2):.2f}"
+        lines.append(f"| {scenario} | {label} | {rps:,.0f} | {p50:.0f} | {p99:.0f} | {p999:.0f} | {rss:.1f} | {ratio} | {p99_ratio} |")
+        bars.append((f"{scenario} ({label})", rps, p99))
+if ("hot", "service") in rows and ("hot-no-metrics", "service") in rows:
+    lines += ["", f"Metrics overhead on the hot path: with metrics ÷ without = "
+              f"{median(('hot', 'service'), 0) / median(('hot-no-metrics', 'service'), 0):.3f} (requests/s)."]
+open(f"{out}/results.md", "w").write("\n".join(lines) + "\n")
+print("\n".join(lines))
+
+# A horizontal bar chart: throughput bars, p99 as a label.
+width, bar_h, gap, left = 760, 22, 8, 230
+height = 60 + len(bars) * (bar_h + gap)
+top = max(b[1] for b in bars) or 1
+svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
+       f'<text x="10" y="20" font-size="14" font-weight="bold">fibonacci-api load benchmark ({date}): requests/s, p99 latency</text>',
+       f'<text x="10" y="38" fill="#555">{machine}; {load}</text>']
+for i, (name, rps, p99) in enumerate(bars):
+    y = 50 + i * (bar_h + gap)
+    w = (width - left - 150) * rps / top
+    colour = "#9aa5b1" if "ceiling" in name else "#2f6fde"
+    svg.append(f'<text x="10" y="{y + 15}">{name}</text>')
+    svg.append(f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{bar_h}" fill="{colour}"/>')
+    svg.append(f'<text x="{left + w + 6:.1f}" y="{y + 15}">{rps:,.0f}/s · p99 {p99:.0f} µs</text>')
+svg.append("</svg>")
+open(f"{out}/latency.svg", "w").write("\n".join(svg) + "\n")
