@@ -1,0 +1,1325 @@
+#!/usr/bin/env python3
+"""Checks behind scripts/check-deploy (run it through that script, which sets up
+the tools: it calls `python scripts/check_deploy.py <check>` once per check and
+reports PASS/FAIL from the exit code).
+
+Checks:
+  chart        helm lint --strict + render + kubernetes-validate --strict for every
+               values file, CRD objects' required fields, restricted PSS, cross-object
+               references, values.schema.json coverage, chart guard rails
+  argocd       AppProject/Application fields; every Application's chart path and
+               valueFiles exist, render, validate, and only use kinds the project allows
+  alerts-sync  deploy/prometheus/alerts.yaml == the chart's PrometheusRule groups
+  gen-alerts   rewrite deploy/prometheus/alerts.yaml from the chart
+  dashboard    dashboard JSON: copies byte-identical, datasource only via variable,
+               every variable used is defined
+  dockerfile   COPY sources exist, binary name matches Cargo.toml, non-root, exec-form
+               HEALTHCHECK, every path Cargo needs is in the build context
+  queries      the live check: service + real Prometheus, every dashboard/alert/
+               recording/analysis/adapter query runs and uses only scraped metrics
+  config       the service binary starts with the environment every values file
+               gives the pod, answers /livez, and exits 0 on SIGTERM
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "helm" / "fibonacci-api"
+DASHBOARD = CHART / "dashboards" / "fibonacci-api.json"
+DASHBOARD_COPY = ROOT / "grafana" / "dashboards" / "fibonacci-api.json"
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
+VENV_BIN = Path(sys.executable).parent
+
+# Kubernetes versions whose schemas every rendered object must satisfy: the
+# chart's kubeVersion floor, a middle one, and the newest the installed
+# kubernetes-validate knows (1.25..1.37 for kubernetes-validate 1.37.0).
+K8S_VERSIONS = ["1.30.0", "1.33.0", "1.37.0"]
+
+# The values files the chart is linted, rendered and validated with. The
+# release/namespace pair matches how the ArgoCD Applications deploy it.
+VALUES_FILES = {
+    "default": None,
+    "staging": CHART / "values-staging.yaml",
+    "production": CHART / "values-production.yaml",
+    "all-features": CHART / "ci" / "all-features-values.yaml",
+    "external-redis": CHART / "ci" / "external-redis-values.yaml",
+}
+
+CRD_KINDS = {
+    ("monitoring.coreos.com", "ServiceMonitor"),
+    ("monitoring.coreos.com", "PrometheusRule"),
+    ("argoproj.io", "Rollout"),
+    ("argoproj.io", "AnalysisTemplate"),
+    ("argoproj.io", "Application"),
+    ("argoproj.io", "AppProject"),
+    ("argoproj.io", "ApplicationSet"),
+}
+
+# Metrics that dashboards and alerts may use although the service does not
+# export them: they come from the cluster, so the live check cannot scrape them.
+#   up          Prometheus' own per-target series
+#   kube_*      kube-state-metrics (HPA replicas, pod readiness, restarts)
+#   container_* cAdvisor via the kubelet (CPU throttling)
+EXTERNAL_METRIC_NAMES = {"up"}
+EXTERNAL_METRIC_PREFIXES = ("kube_", "container_")
+# Labels Prometheus (or the Prometheus Operator) attaches to scraped series;
+# the live check's scrape config sets namespace and pod statically.
+TARGET_LABELS = {"job", "instance", "namespace", "pod", "service", "endpoint", "container",
+                 "rollouts_pod_template_hash"}
+
+
+class CheckFailed(Exception):
+    pass
+
+
+def fail(msg: str) -> None:
+    raise CheckFailed(msg)
+
+
+def info(msg: str) -> None:
+    print(f"  {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------- YAML
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that rejects duplicate mapping keys (Kubernetes' strict
+    decoding does too, and PyYAML would silently keep the last one)."""
+
+
+def _construct_mapping(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_all(text: str, where: str) -> list[dict]:
+    try:
+        return [d for d in yaml.load_all(text, Loader=UniqueKeyLoader) if d]
+    except yaml.YAMLError as e:
+        fail(f"{where}: invalid YAML: {e}")
+    return []
+
+
+def load_file(path: Path) -> dict:
+    docs = load_all(path.read_text(), str(path.relative_to(ROOT)))
+    return docs[0] if docs else {}
+
+
+# --------------------------------------------------------------------------- helm
+
+
+def helm():
+    import helm_python  # noqa: PLC0415 (installed in the venv by check-deploy)
+    return helm_python
+
+
+def values_of(name: str) -> dict:
+    path = VALUES_FILES[name]
+    return load_file(path) if path else {}
+
+
+def render(values: dict, release: str = "fibonacci-api", namespace: str = "fibonacci-api",
+           chart: Path = CHART) -> tuple[list[dict], str]:
+    """Render like `helm template`; returns (objects, NOTES.txt)."""
+    with helm().Chart.load(str(chart)) as c:
+        out = c.render(values, name=release, namespace=namespace, is_install=True)
+    objects, notes = [], ""
+    for path, text in sorted(out.items()):
+        if path.endswith("NOTES.txt"):
+            notes = text
+            continue
+        for doc in load_all(text, path):
+            doc.setdefault("__source", path)
+            objects.append(doc)
+    return objects, notes
+
+
+def strip_source(obj: dict) -> dict:
+    return {k: v for k, v in obj.items() if k != "__source"}
+
+
+def group_of(obj: dict) -> str:
+    api = obj.get("apiVersion", "")
+    return api.split("/")[0] if "/" in api else ""
+
+
+def kid(obj: dict) -> str:
+    return f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')} ({obj.get('__source', '?')})"
+
+
+def lint(values: dict, label: str) -> None:
+    for kv in K8S_VERSIONS:
+        report = helm().lint(str(CHART), values, strict=True, kube_version=f"v{kv}",
+                             namespace="fibonacci-api")
+        bad = [m for m in report.get("messages", []) if m.get("severity", 0) >= 2]
+        if bad or report.get("errors"):
+            fail(f"helm lint --strict ({label}, k8s {kv}): "
+                 + "; ".join(f"{m.get('path')}: {m.get('error')}" for m in bad)
+                 + " ".join(report.get("errors") or []))
+
+
+def kubernetes_validate(objects: list[dict], label: str) -> int:
+    """kubernetes-validate --strict (its own CLI) on every non-CRD object, for
+    every version in K8S_VERSIONS. Returns the number of objects validated."""
+    core = [strip_source(o) for o in objects if (group_of(o), o.get("kind")) not in CRD_KINDS]
+    with tempfile.TemporaryDirectory() as tmp:
+        files = []
+        for i, obj in enumerate(core):
+            f = Path(tmp) / f"{i:03d}-{obj['kind']}-{obj['metadata']['name']}.yaml"
+            f.write_text(yaml.safe_dump(obj))
+            files.append(str(f))
+        cmd = [str(VENV_BIN / "kubernetes-validate"), "--strict", "--quiet"]
+        for kv in K8S_VERSIONS:
+            cmd += ["-k", kv]
+        proc = subprocess.run(cmd + files, capture_output=True, text=True)
+        if proc.returncode != 0 or "ERROR" in proc.stdout or "WARN" in proc.stdout:
+            fail(f"kubernetes-validate --strict ({label}):\n{proc.stdout}{proc.stderr}")
+    return len(core)
+
+
+# --------------------------------------------------------------------------- CRD checks
+
+DURATION = re.compile(r"^([0-9]+(ms|s|m|h|d|w|y))+$")
+DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+def need(cond, obj, msg):
+    if not cond:
+        fail(f"{kid(obj)}: {msg}")
+
+
+def dig(obj, *path, default=None):
+    cur = obj
+    for p in path:
+        if isinstance(cur, dict) and p in cur:
+            cur = cur[p]
+        elif isinstance(cur, list) and isinstance(p, int) and p < len(cur):
+            cur = cur[p]
+        else:
+            return default
+    return cur
+
+
+def check_pod_template_spec(obj, tmpl):
+    need(isinstance(tmpl, dict), obj, "spec.template missing")
+    containers = dig(tmpl, "spec", "containers")
+    need(isinstance(containers, list) and containers, obj, "spec.template.spec.containers missing")
+    for c in containers:
+        need(c.get("name") and c.get("image"), obj, "every container needs name and image")
+
+
+def check_rule_groups(obj, groups, where):
+    need(isinstance(groups, list) and groups, obj, f"{where}: groups must be a non-empty list")
+    names = set()
+    for g in groups:
+        need(isinstance(g.get("name"), str) and g["name"], obj, f"{where}: every group needs a name")
+        need(g["name"] not in names, obj, f"{where}: duplicate group {g['name']}")
+        names.add(g["name"])
+        need(isinstance(g.get("rules"), list) and g["rules"], obj, f"{where}: group {g['name']} has no rules")
+        for r in g["rules"]:
+            need(("alert" in r) != ("record" in r), obj, f"{where}: a rule needs exactly one of alert/record: {r}")
+            need(isinstance(r.get("expr"), str) and r["expr"].strip(), obj, f"{where}: rule without expr: {r}")
+            if "for" in r:
+                need(DURATION.match(str(r["for"])), obj, f"{where}: bad 'for' {r['for']!r}")
+            if "alert" in r:
+                labels, ann = r.get("labels") or {}, r.get("annotations") or {}
+                need(labels.get("severity") in ("critical", "warning", "info"), obj,
+                     f"{where}: alert {r['alert']} needs severity critical|warning|info")
+                for a in ("summary", "description", "runbook_url"):
+                    need(ann.get(a), obj, f"{where}: alert {r['alert']} needs annotation {a}")
+                need(str(ann["runbook_url"]).startswith("http"), obj, f"{where}: {r['alert']} runbook_url not a URL")
+
+
+def check_crd_object(obj: dict, all_objects: list[dict]) -> None:
+    """Required fields of the CRD kinds, as their controllers would reject them."""
+    kind, spec = obj.get("kind"), obj.get("spec") or {}
+    md = obj.get("metadata") or {}
+    need(md.get("name") and DNS1123.match(md["name"]), obj, "metadata.name missing or not DNS-1123")
+    need(isinstance(spec, dict) and spec, obj, "spec missing")
+    if kind == "ServiceMonitor":
+        need(obj["apiVersion"] == "monitoring.coreos.com/v1", obj, "apiVersion must be monitoring.coreos.com/v1")
+        need(isinstance(spec.get("selector"), dict), obj, "spec.selector required")
+        eps = spec.get("endpoints")
+        need(isinstance(eps, list) and eps, obj, "spec.endpoints must be a non-empty list")
+        for ep in eps:
+            need(ep.get("port") or ep.get("targetPort"), obj, "every endpoint needs port or targetPort")
+            for k in ("interval", "scrapeTimeout"):
+                if k in ep:
+                    need(DURATION.match(str(ep[k])), obj, f"endpoint {k} {ep[k]!r} is not a duration")
+    elif kind == "PrometheusRule":
+        need(obj["apiVersion"] == "monitoring.coreos.com/v1", obj, "apiVersion must be monitoring.coreos.com/v1")
+        check_rule_groups(obj, spec.get("groups"), "spec")
+    elif kind == "Rollout":
+        need(obj["apiVersion"] == "argoproj.io/v1alpha1", obj, "apiVersion must be argoproj.io/v1alpha1")
+        need(isinstance(dig(spec, "selector", "matchLabels"), dict), obj, "spec.selector.matchLabels required")
+        check_pod_template_spec(obj, spec.get("template"))
+        tlabels = dig(spec, "template", "metadata", "labels") or {}
+        for k, v in spec["selector"]["matchLabels"].items():
+            need(tlabels.get(k) == v, obj, f"selector {k}={v} does not match the pod template labels")
+        canary = dig(spec, "strategy", "canary")
+        need(isinstance(canary, dict) or isinstance(dig(spec, "strategy", "blueGreen"), dict), obj,
+             "spec.strategy.canary or blueGreen required")
+        if canary:
+            need(isinstance(canary.get("steps"), list) and canary["steps"], obj, "canary.steps must be non-empty")
+            for t in dig(canary, "analysis", "templates", default=[]) or []:
+                name = t.get("templateName")
+                need(any(o.get("kind") == "AnalysisTemplate" and o["metadata"]["name"] == name for o in all_objects),
+                     obj, f"analysis template {name} is not rendered")
+    elif kind == "AnalysisTemplate":
+        need(obj["apiVersion"] == "argoproj.io/v1alpha1", obj, "apiVersion must be argoproj.io/v1alpha1")
+        metrics = spec.get("metrics")
+        need(isinstance(metrics, list) and metrics, obj, "spec.metrics must be a non-empty list")
+        declared = {a.get("name") for a in spec.get("args") or []}
+        for m in metrics:
+            need(m.get("name"), obj, "every metric needs a name")
+            prov = m.get("provider") or {}
+            need(len(prov) == 1, obj, f"metric {m.get('name')} needs exactly one provider")
+            if "prometheus" in prov:
+                need(dig(prov, "prometheus", "address") and dig(prov, "prometheus", "query"), obj,
+                     "prometheus provider needs address and query")
+            used = set(re.findall(r"\{\{\s*args\.([A-Za-z0-9_-]+)\s*\}\}", json.dumps(m)))
+            need(used <= declared, obj, f"metric {m['name']} uses undeclared args {used - declared}")
+    elif kind == "Application":
+        check_application(obj)
+    elif kind == "AppProject":
+        need(isinstance(spec.get("sourceRepos"), list) and spec["sourceRepos"], obj, "spec.sourceRepos required")
+        need(isinstance(spec.get("destinations"), list) and spec["destinations"], obj, "spec.destinations required")
+        for d in spec["destinations"]:
+            need(d.get("server") or d.get("name"), obj, "every destination needs server or name")
+            need(d.get("namespace"), obj, "every destination needs a namespace")
+    elif kind == "ApplicationSet":
+        need(isinstance(spec.get("generators"), list) and spec["generators"], obj, "spec.generators required")
+        need(isinstance(spec.get("template"), dict), obj, "spec.template required")
+
+
+def check_application(obj: dict) -> None:
+    spec = obj.get("spec") or {}
+    need(obj["apiVersion"] == "argoproj.io/v1alpha1", obj, "apiVersion must be argoproj.io/v1alpha1")
+    need(spec.get("project"), obj, "spec.project required")
+    sources = spec.get("sources") or ([spec["source"]] if spec.get("source") else [])
+    need(sources, obj, "spec.source or spec.sources required")
+    for s in sources:
+        need(s.get("repoURL"), obj, "source.repoURL required")
+        need(s.get("path") or s.get("chart") or s.get("ref"), obj, "source needs path, chart or ref")
+        need(s.get("targetRevision"), obj, "source.targetRevision required (never track an implicit HEAD)")
+    dest = spec.get("destination") or {}
+    need(dest.get("server") or dest.get("name"), obj, "destination.server or name required")
+    need(dest.get("namespace"), obj, "destination.namespace required")
+
+
+# --------------------------------------------------------------------------- core-object checks
+
+POD_KINDS = {"Deployment", "Rollout", "StatefulSet", "DaemonSet", "Job", "Pod"}
+
+
+def pod_spec_of(obj):
+    if obj.get("kind") == "Pod":
+        return obj.get("spec") or {}, obj.get("metadata", {}).get("labels") or {}
+    return dig(obj, "spec", "template", "spec") or {}, dig(obj, "spec", "template", "metadata", "labels") or {}
+
+
+def check_restricted(obj: dict) -> None:
+    """The restricted Pod Security Standard plus the chart's own hardening."""
+    spec, _ = pod_spec_of(obj)
+    psc = spec.get("securityContext") or {}
+    need(spec.get("automountServiceAccountToken") is False, obj, "automountServiceAccountToken must be false")
+    need(spec.get("enableServiceLinks") is False, obj, "enableServiceLinks must be false")
+    for c in spec.get("containers", []) + spec.get("initContainers", []):
+        sc = c.get("securityContext") or {}
+        where = f"container {c['name']}"
+        need(sc.get("allowPrivilegeEscalation") is False, obj, f"{where}: allowPrivilegeEscalation must be false")
+        need(sc.get("readOnlyRootFilesystem") is True, obj, f"{where}: readOnlyRootFilesystem must be true")
+        need("ALL" in (dig(sc, "capabilities", "drop") or []), obj, f"{where}: capabilities must drop ALL")
+        need(not dig(sc, "capabilities", "add"), obj, f"{where}: no capabilities may be added")
+        need(sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is True, obj, f"{where}: runAsNonRoot must be true")
+        uid = sc.get("runAsUser", psc.get("runAsUser"))
+        need(uid is None or uid != 0, obj, f"{where}: runAsUser 0")
+        seccomp = dig(sc, "seccompProfile", "type") or dig(psc, "seccompProfile", "type")
+        need(seccomp in ("RuntimeDefault", "Localhost"), obj, f"{where}: seccompProfile RuntimeDefault required")
+        res = c.get("resources") or {}
+        need(dig(res, "requests", "cpu") and dig(res, "requests", "memory") and dig(res, "limits", "memory"), obj,
+             f"{where}: requests (cpu, memory) and a memory limit are required")
+        need(":latest" not in c["image"] and (":" in c["image"].split("/")[-1] or "@" in c["image"]), obj,
+             f"{where}: image {c['image']} must be pinned")
+
+
+def matches(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in (selector or {}).items())
+
+
+def check_references(objects: list[dict]) -> None:
+    """What the API server cannot see: objects that point at each other."""
+    by_kind: dict[str, list[dict]] = {}
+    for o in objects:
+        by_kind.setdefault(o["kind"], []).append(o)
+    names = {(o["kind"], o["metadata"]["name"]) for o in objects}
+    workloads = [o for o in objects if o["kind"] in ("Deployment", "Rollout")]
+    pods = [(o, *pod_spec_of(o)) for o in objects if o["kind"] in POD_KINDS]
+
+    for svc in by_kind.get("Service", []):
+        sel = dig(svc, "spec", "selector") or {}
+        targets = [(o, spec) for o, spec, labels in pods if o["kind"] != "Pod" and matches(sel, labels)]
+        need(len(targets) == 1, svc, f"selector {sel} must select exactly one workload, got {len(targets)}")
+        ports = {p.get("name") for c in targets[0][1]["containers"] for p in c.get("ports", [])}
+        for p in svc["spec"]["ports"]:
+            tp = p.get("targetPort")
+            need(not isinstance(tp, str) or tp in ports, svc, f"targetPort {tp} is not a container port")
+    for o, spec, labels in pods:
+        for c in spec.get("containers", []):
+            ports = {p.get("name") for p in c.get("ports", [])}
+            for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+                port = dig(c, probe, "httpGet", "port") or dig(c, probe, "tcpSocket", "port")
+                need(port is None or not isinstance(port, str) or port in ports, o,
+                     f"{probe} port {port} is not a container port")
+            for ef in c.get("envFrom", []):
+                cm = dig(ef, "configMapRef", "name")
+                need(cm is None or ("ConfigMap", cm) in names, o, f"envFrom ConfigMap {cm} is not rendered")
+        sa = spec.get("serviceAccountName")
+        need(sa is None or ("ServiceAccount", sa) in names, o, f"serviceAccountName {sa} is not rendered")
+    for hpa in by_kind.get("HorizontalPodAutoscaler", []):
+        ref = hpa["spec"]["scaleTargetRef"]
+        need((ref["kind"], ref["name"]) in names, hpa, f"scaleTargetRef {ref['kind']}/{ref['name']} is not rendered")
+        need(not dig(next(o for o in objects if o["kind"] == ref["kind"] and o["metadata"]["name"] == ref["name"]),
+                     "spec", "replicas"), hpa, "the HPA's target sets spec.replicas: a sync would fight the HPA")
+    for pdb in by_kind.get("PodDisruptionBudget", []):
+        sel = dig(pdb, "spec", "selector", "matchLabels")
+        need(any(matches(sel, labels) for o, _, labels in pods if o["kind"] != "Pod"), pdb, "selects no pods")
+    for np in by_kind.get("NetworkPolicy", []):
+        sel = dig(np, "spec", "podSelector", "matchLabels")
+        need(any(matches(sel, labels) for o, _, labels in pods if o["kind"] != "Pod"), np, "selects no pods")
+    for ing in by_kind.get("Ingress", []):
+        for rule in ing["spec"].get("rules", []):
+            for p in dig(rule, "http", "paths", default=[]):
+                svc = dig(p, "backend", "service", "name")
+                need(("Service", svc) in names, ing, f"backend Service {svc} is not rendered")
+    for sm in by_kind.get("ServiceMonitor", []):
+        sel = dig(sm, "spec", "selector", "matchLabels")
+        svcs = [s for s in by_kind.get("Service", []) if matches(sel, s["metadata"].get("labels"))]
+        need(len(svcs) == 1, sm, f"selector must match exactly one Service, got {len(svcs)}")
+        ports = {p.get("name") for p in svcs[0]["spec"]["ports"]}
+        for ep in sm["spec"]["endpoints"]:
+            need(ep.get("port") in ports, sm, f"endpoint port {ep.get('port')} is not a Service port")
+    for cm in by_kind.get("ConfigMap", []):
+        if cm["metadata"]["name"].endswith("-dashboard"):
+            need(cm["metadata"]["labels"].get("grafana_dashboard") == "1", cm, "dashboard ConfigMap needs grafana_dashboard: \"1\"")
+            data = cm.get("data", {}).get("fibonacci-api.json")
+            need(data is not None, cm, "dashboard ConfigMap has no fibonacci-api.json")
+            need(json.loads(data) == json.loads(DASHBOARD.read_text()), cm,
+                 "dashboard ConfigMap content differs from dashboards/fibonacci-api.json")
+    # The checksum annotation rolls the pods when the ConfigMap changes.
+    for w in workloads:
+        if not any("configMapRef" in ef for c in dig(w, "spec", "template", "spec", "containers") for ef in c.get("envFrom", [])):
+            continue
+        ann = dig(w, "spec", "template", "metadata", "annotations") or {}
+        need(re.fullmatch(r"[0-9a-f]{64}", ann.get("checksum/config", "")), w, "checksum/config annotation missing")
+        spec = dig(w, "spec", "template", "spec")
+        grace = spec.get("terminationGracePeriodSeconds", 30)
+        cmname = next(ef["configMapRef"]["name"] for ef in spec["containers"][0]["envFrom"] if "configMapRef" in ef)
+        cm = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == cmname)
+        drain = int(cm["data"].get("SHUTDOWN_DRAIN_SECONDS", 5))
+        deadline = -(-int(cm["data"].get("REQUEST_TIMEOUT_MS", 10000)) // 1000)
+        pre = dig(spec["containers"][0], "lifecycle", "preStop", "sleep", "seconds") or 0
+        need(grace >= pre + drain + deadline, w,
+             f"terminationGracePeriodSeconds {grace} < preStop {pre} + drain {drain} + request deadline {deadline}")
+
+
+def schema_coverage(schema: dict, values: dict, path: str = "") -> list[str]:
+    """Every value must be declared in values.schema.json: objects with
+    properties must forbid unknown keys; objects without properties are
+    Kubernetes types passed through (validated by kubernetes-validate)."""
+    problems = []
+    if not isinstance(values, dict):
+        return problems
+    props = schema.get("properties")
+    if props is None:
+        return problems
+    if schema.get("additionalProperties") is not False:
+        problems.append(f"{path or '<root>'}: schema object has properties but allows unknown keys")
+    for k, v in values.items():
+        if k not in props:
+            problems.append(f"{path}.{k}: not declared in values.schema.json")
+            continue
+        sub = props[k]
+        if not sub.get("description") and "properties" not in sub and sub.get("type") in ("array", "object") \
+                and "items" not in sub and "additionalProperties" not in sub:
+            problems.append(f"{path}.{k}: pass-through schema without a description")
+        problems += schema_coverage(sub, v, f"{path}.{k}")
+    return problems
+
+
+def cmd_chart() -> None:
+    h = helm()
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    defaults = load_file(CHART / "values.yaml")
+    total = 0
+    for label, path in VALUES_FILES.items():
+        values = values_of(label)
+        problems = schema_coverage(schema, defaults) + schema_coverage(schema, values)
+        if problems:
+            fail("values.schema.json does not cover every value:\n  " + "\n  ".join(sorted(set(problems))))
+        lint(values, label)
+        objects, notes = render(values)
+        need(notes.strip(), {"kind": "NOTES.txt", "metadata": {"name": label}}, "NOTES.txt renders empty")
+        n = kubernetes_validate(objects, label)
+        kinds = sorted({o["kind"] for o in objects})
+        for o in objects:
+            if (group_of(o), o["kind"]) in CRD_KINDS:
+                check_crd_object(o, objects)
+            if o["kind"] in POD_KINDS:
+                check_restricted(o)
+            need(o["metadata"].get("namespace"), o, "metadata.namespace must be set (GitOps diffs and `kubectl apply -f`)")
+        check_references(objects)
+        total += len(objects)
+        info(f"{label:15s} lint ok ({', '.join(K8S_VERSIONS)}); {len(objects)} objects, {n} validated "
+             f"--strict for {len(K8S_VERSIONS)} Kubernetes versions, {len(objects) - n} CRD objects checked: {', '.join(kinds)}")
+
+    # The values that must make rendering fail, each with the reason it must.
+    must_fail = {
+        "unknown key (schema rejects typos)": {"replicaCont": 3},
+        "weakened security context": {"securityContext": {"allowPrivilegeEscalation": True}},
+        "grace period shorter than the drain": {"terminationGracePeriodSeconds": 10},
+        "preStop sleep not covered by the grace period": {"lifecycle": {"preStopSleepSeconds": 15}},
+        "in-cluster and external Redis together": {"redis": {"enabled": True}, "externalRedis": {"url": "redis://r:6379"}},
+        "latency SLO threshold that is not a bucket": {"prometheusRule": {"slo": {"latencyThreshold": "0.2"}}},
+        "canary analysis without the ServiceMonitor": {"rollout": {"enabled": True}},
+    }
+    for why, values in must_fail.items():
+        try:
+            render(values)
+        except CheckFailed:
+            raise
+        except Exception:  # noqa: BLE001 - HelmRenderError / HelmValuesError
+            continue
+        fail(f"rendering should fail for {why}: {values}")
+    info(f"{len(must_fail)} invalid values sets rejected: {', '.join(must_fail)}")
+    with h.Chart.load(str(CHART)) as c:
+        need(c.metadata.get("kubeVersion"), {"kind": "Chart", "metadata": {"name": "fibonacci-api"}}, "kubeVersion unset")
+
+
+def cmd_argocd() -> None:
+    docs = []
+    for f in sorted((ROOT / "argocd").glob("*.yaml")):
+        for d in load_all(f.read_text(), str(f.relative_to(ROOT))):
+            d["__source"] = str(f.relative_to(ROOT))
+            docs.append(d)
+    apps = [d for d in docs if d.get("kind") == "Application"]
+    projects = {d["metadata"]["name"]: d for d in docs if d.get("kind") == "AppProject"}
+    need(apps, {"kind": "argocd", "metadata": {"name": "-"}}, "no Application in argocd/")
+    for d in docs:
+        need((group_of(d), d.get("kind")) in CRD_KINDS, d, "unexpected kind in argocd/")
+        check_crd_object(d, docs)
+    envs = set()
+    for app in apps:
+        spec = app["spec"]
+        proj = projects.get(spec["project"])
+        need(proj, app, f"project {spec['project']} is not defined in argocd/")
+        src = spec["source"]
+        need(src["repoURL"] in proj["spec"]["sourceRepos"], app, "repoURL not in the project's sourceRepos")
+        dest = spec["destination"]
+        need(any(d.get("namespace") in (dest["namespace"], "*") and
+                 (d.get("server") == dest.get("server") or d.get("name") == dest.get("name"))
+                 for d in proj["spec"]["destinations"]), app, "destination not allowed by the project")
+        sp = spec.get("syncPolicy") or {}
+        need(dig(sp, "automated", "prune") is True and dig(sp, "automated", "selfHeal") is True, app,
+             "automated sync with prune and selfHeal required")
+        need("CreateNamespace=true" in (sp.get("syncOptions") or []), app, "CreateNamespace=true required")
+        need(dig(sp, "retry", "limit"), app, "syncPolicy.retry required")
+        ignored = {(i.get("group"), i.get("kind")) for i in spec.get("ignoreDifferences") or []
+                   if "/spec/replicas" in (i.get("jsonPointers") or [])}
+        need({("apps", "Deployment"), ("argoproj.io", "Rollout")} <= ignored, app,
+             "ignoreDifferences must cover /spec/replicas of Deployment and Rollout (the HPA owns it)")
+        need("RespectIgnoreDifferences=true" in (sp.get("syncOptions") or []), app,
+             "RespectIgnoreDifferences=true required, or a sync still resets the HPA's replicas")
+        chart = ROOT / src["path"]
+        need((chart / "Chart.yaml").is_file(), app, f"chart path {src['path']} has no Chart.yaml")
+        values = {}
+        for vf in dig(src, "helm", "valueFiles", default=[]) or []:
+            p = chart / vf
+            need(p.is_file(), app, f"valueFile {vf} does not exist in {src['path']}")
+            values = deep_merge(values, load_file(p))
+        release = dig(src, "helm", "releaseName") or app["metadata"]["name"]
+        objects, _ = render(values, release=release, namespace=dest["namespace"], chart=chart)
+        kubernetes_validate(objects, app["metadata"]["name"])
+        for o in objects:
+            if (group_of(o), o["kind"]) in CRD_KINDS:
+                check_crd_object(o, objects)
+        check_references(objects)
+        allowed = {(w["group"], w["kind"]) for w in proj["spec"].get("namespaceResourceWhitelist", [])}
+        for o in objects:
+            ann = o["metadata"].get("annotations") or {}
+            if ann.get("argocd.argoproj.io/hook") == "Skip":
+                continue
+            need((group_of(o), o["kind"]) in allowed, o,
+                 f"kind not in AppProject {proj['metadata']['name']}'s namespaceResourceWhitelist: ArgoCD would refuse to sync it")
+            need(o["metadata"]["namespace"] == dest["namespace"], o, "renders into another namespace than the destination")
+        envs.add(dest["namespace"])
+        info(f"{app['metadata']['name']}: {src['path']} + {dig(src, 'helm', 'valueFiles')} -> "
+             f"{len(objects)} objects in {dest['namespace']}, rendered and validated")
+    need(len(envs) == len(apps), {"kind": "argocd", "metadata": {"name": "-"}}, "two Applications share a namespace")
+
+
+def deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# --------------------------------------------------------------------------- alerts
+
+
+ALERTS_VALUES = {"prometheusRule": {"enabled": True}, "redis": {"enabled": True}}
+ALERTS_HEADER = """\
+# Generated from the Helm chart's PrometheusRule (helm/fibonacci-api/templates/_rules.tpl)
+# for release "fibonacci-api" in namespace "fibonacci-api" with Redis configured.
+# Do not edit: change the chart, then run `scripts/check-deploy gen-alerts`.
+# scripts/check-deploy fails while this file and the chart differ.
+"""
+
+
+def chart_rule_groups() -> list[dict]:
+    objects, _ = render(ALERTS_VALUES)
+    rules = [o for o in objects if o["kind"] == "PrometheusRule"]
+    if len(rules) != 1:
+        fail("the chart must render exactly one PrometheusRule with prometheusRule.enabled")
+    return rules[0]["spec"]["groups"]
+
+
+class BlockDumper(yaml.SafeDumper):
+    pass
+
+
+def _str_rep(dumper, data):
+    if "\n" in data:
+        return dumper.represent_scalar("tag:yaml.org,2002:str", data, style="|")
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data)
+
+
+BlockDumper.add_representer(str, _str_rep)
+
+
+def cmd_gen_alerts() -> None:
+    text = ALERTS_HEADER + yaml.dump({"groups": chart_rule_groups()}, Dumper=BlockDumper, sort_keys=False, width=1000)
+    ALERTS.write_text(text)
+    info(f"wrote {ALERTS.relative_to(ROOT)}")
+
+
+def cmd_alerts_sync() -> None:
+    plain = load_file(ALERTS)
+    if plain.get("groups") != chart_rule_groups():
+        fail(f"{ALERTS.relative_to(ROOT)} differs from the chart's PrometheusRule: run `scripts/check-deploy gen-alerts`")
+    check_rule_groups({"kind": "rules", "metadata": {"name": str(ALERTS.relative_to(ROOT))}}, plain["groups"], "groups")
+    alerts = sorted({r["alert"] for g in plain["groups"] for r in g["rules"] if "alert" in r})
+    tests = load_file(ALERTS.parent / "alerts_test.yaml")
+    tested = {a.get("alertname") for t in tests.get("tests", []) for a in t.get("alert_rule_test", [])
+              if a.get("exp_alerts")}
+    untested = set(alerts) - tested
+    if untested:
+        fail(f"alerts without a firing promtool test in alerts_test.yaml: {sorted(untested)}")
+    readme_anchor = set()
+    for doc in (ROOT / "README.md",):
+        if doc.exists():
+            readme_anchor |= {m.lower() for m in re.findall(r"^#+\s+`?([A-Za-z]+)`?\s*$", doc.read_text(), re.M)}
+    missing = [a for a in alerts if a.lower() not in readme_anchor]
+    if missing:
+        fail(f"alerts without a runbook section (a heading named after the alert): {missing}")
+    info(f"identical to the chart; {len(alerts)} alerts, each with a firing unit test and a runbook section")
+
+
+# --------------------------------------------------------------------------- dashboard
+
+
+def dashboard_panels(d: dict):
+    for p in d.get("panels", []):
+        yield p
+        yield from p.get("panels", []) or []
+
+
+def cmd_dashboard() -> None:
+    raw = DASHBOARD.read_bytes()
+    if not DASHBOARD_COPY.exists() or DASHBOARD_COPY.read_bytes() != raw:
+        fail(f"{DASHBOARD_COPY.relative_to(ROOT)} is not a byte-identical copy of {DASHBOARD.relative_to(ROOT)}: "
+             f"cp {DASHBOARD.relative_to(ROOT)} {DASHBOARD_COPY.relative_to(ROOT)}")
+    d = json.loads(raw)
+    variables = {v["name"]: v for v in d.get("templating", {}).get("list", [])}
+    need(variables.get("datasource", {}).get("type") == "datasource", {"kind": "dashboard", "metadata": {"name": "-"}},
+         "a datasource variable is required")
+    bad_uids = []
+
+    def walk(node, where):
+        if isinstance(node, dict):
+            ds = node.get("datasource")
+            if isinstance(ds, dict) and ds.get("uid") not in ("${datasource}", "$datasource"):
+                bad_uids.append(f"{where}: {ds}")
+            if isinstance(ds, str) and ds not in ("${datasource}", "$datasource"):
+                bad_uids.append(f"{where}: {ds}")
+            for k, v in node.items():
+                walk(v, f"{where}.{k}")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{where}[{i}]")
+    walk(d, "dashboard")
+    if bad_uids:
+        fail("hard-coded datasources (use ${datasource}):\n  " + "\n  ".join(bad_uids))
+    ids, exprs = set(), 0
+    for p in dashboard_panels(d):
+        need(p["id"] not in ids, {"kind": "panel", "metadata": {"name": p.get("title")}}, "duplicate panel id")
+        ids.add(p["id"])
+        for t in p.get("targets", []):
+            exprs += 1
+            used = set(re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", t["expr"]))
+            unknown = {u for u in used if not u.startswith("__") and u not in variables}
+            need(not unknown, {"kind": "panel", "metadata": {"name": p["title"]}}, f"undefined variables {unknown}")
+    need(d.get("uid") and d.get("title"), {"kind": "dashboard", "metadata": {"name": "-"}}, "uid and title required")
+    info(f"{len(ids)} panels, {exprs} queries; copies identical; datasource only through ${{datasource}}")
+
+
+# --------------------------------------------------------------------------- Dockerfile
+
+
+def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
+    lines, buf = [], ""
+    for raw in text.splitlines():
+        s = raw.strip()
+        if not buf and (not s or s.startswith("#")):
+            continue
+        if s.startswith("#"):
+            continue
+        if s.endswith("\\"):
+            buf += s[:-1] + " "
+            continue
+        buf += s
+        word, _, rest = buf.partition(" ")
+        lines.append((word.upper(), rest.strip()))
+        buf = ""
+    return lines
+
+
+def dockerignore_excludes(patterns: list[str], rel: str) -> bool:
+    """Docker's .dockerignore semantics for the patterns this repo uses: the
+    last matching pattern wins; '!' re-includes; a directory pattern covers its
+    contents."""
+    def to_regex(pat: str) -> re.Pattern:
+        out = ""
+        for token in re.split(r"(\*\*|\*|\?)", pat):
+            out += {"**": ".*", "*": "[^/]*", "?": "[^/]"}.get(token, re.escape(token))
+        return re.compile(out)
+    excluded = False
+    parts = rel.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    for p in patterns:
+        neg = p.startswith("!")
+        rx = to_regex((p[1:] if neg else p).strip("/"))
+        if any(rx.fullmatch(pre) for pre in prefixes):
+            excluded = not neg
+    return excluded
+
+
+def cmd_dockerfile() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    ins = dockerfile_instructions(text)
+    cargo = tomllib.loads((ROOT / "Cargo.toml").read_text())
+    bins = [b["name"] for b in cargo.get("bin", [])] or [cargo["package"]["name"]]
+    D = {"kind": "Dockerfile", "metadata": {"name": "Dockerfile"}}
+    need("fibonacci-api" in bins, D, f"Cargo.toml has no [[bin]] fibonacci-api (bins: {bins})")
+    ignore = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+              if line.strip() and not line.startswith("#")]
+    # Files Cargo needs to build: the manifest, lockfile, every declared target
+    # (a declared target whose file is missing fails `cargo build` for all
+    # targets), the default src/ targets and any build script.
+    needed = ["Cargo.toml", "Cargo.lock"]
+    default_dirs = {"bin": "src/bin", "bench": "benches", "test": "tests", "example": "examples"}
+    for section in ("lib", "bin", "bench", "test", "example"):
+        entries = cargo.get(section)
+        entries = [entries] if isinstance(entries, dict) else (entries or [])
+        for e in entries:
+            if e.get("path"):
+                needed.append(e["path"])
+            elif section != "lib" and not (section == "bin" and e.get("name") == cargo["package"]["name"]):
+                name = e["name"]
+                d = default_dirs[section]
+                found = [p for p in (f"{d}/{name}.rs", f"{d}/{name}/main.rs") if (ROOT / p).exists()]
+                needed.append(found[0] if found else f"{d}/{name}.rs")
+    for default in ("src/main.rs", "src/lib.rs"):
+        if (ROOT / default).exists():
+            needed.append(default)
+    build = cargo.get("package", {}).get("build")
+    if build or (ROOT / "build.rs").exists():
+        needed.append(build if isinstance(build, str) else "build.rs")
+    # Targets cargo only auto-discovers (not declared) may stay out of the
+    # context: a missing directory just means no such target.
+    needed = list(dict.fromkeys(needed))
+    copies_all = False
+    for word, rest in ins:
+        if word in ("COPY", "ADD"):
+            args = [a for a in rest.split() if not a.startswith("--")]
+            if any(a.startswith("--from") for a in rest.split()):
+                continue
+            if rest.strip().startswith("["):
+                args = json.loads(rest[rest.index("["):])
+            for src in args[:-1]:
+                if src in (".", "./"):
+                    copies_all = True
+                    continue
+                need((ROOT / src).exists(), D, f"{word} source {src} does not exist")
+                need(not dockerignore_excludes(ignore, src.rstrip("/")), D, f"{word} source {src} is excluded by .dockerignore")
+    for path in needed:
+        need((ROOT / path).exists(), D, f"Cargo.toml needs {path}, which does not exist")
+        need(not dockerignore_excludes(ignore, path), D, f"{path} is needed by cargo but excluded by .dockerignore")
+        if not copies_all:
+            need(any(word == "COPY" and (path.split("/")[0] in rest.split()) for word, rest in ins), D,
+                 f"{path} is needed by cargo but never COPYed")
+    for secret in (".git", "target", ".venv", ".env"):
+        need(dockerignore_excludes(ignore, secret), D, f".dockerignore must exclude {secret}")
+    stages = [rest for word, rest in ins if word == "FROM"]
+    final = stages[-1]
+    need("distroless" in final or final.startswith("scratch"), D, f"final stage {final} is not distroless/scratch")
+    stage_names = set()
+    for s in stages:
+        words = s.split()
+        image = words[0]
+        if image not in stage_names:
+            need(image == "scratch" or ":" in image or "@" in image, D, f"FROM {image} is not pinned")
+            need(not image.endswith(":latest"), D, f"FROM {image}: never :latest")
+        if len(words) == 3 and words[1].upper() == "AS":
+            stage_names.add(words[2])
+    user = [rest for word, rest in ins if word == "USER"]
+    need(user and re.fullmatch(r"[1-9][0-9]*(:[1-9][0-9]*)?", user[-1]), D, "final USER must be a numeric non-root uid[:gid]")
+    build_cmds = " ".join(rest for word, rest in ins if word == "RUN")
+    need("--bin fibonacci-api" in build_cmds and "--locked" in build_cmds, D, "cargo build --locked --bin fibonacci-api missing")
+    entry = [rest for word, rest in ins if word == "ENTRYPOINT"]
+    need(entry and json.loads(entry[-1])[0].endswith("/fibonacci-api"), D, "ENTRYPOINT must exec the fibonacci-api binary")
+    hc = [rest for word, rest in ins if word == "HEALTHCHECK"]
+    need(hc and "CMD [" in hc[-1], D, "HEALTHCHECK must use the exec form (no shell in distroless)")
+    hc_cmd = json.loads(hc[-1][hc[-1].index("["):])
+    need(hc_cmd[0] == json.loads(entry[-1])[0] and "healthcheck" in hc_cmd, D,
+         "HEALTHCHECK must run the binary's healthcheck subcommand")
+    build_rs = ROOT / (build if isinstance(build, str) else "build.rs")
+    if build_rs.exists() and "GIT_REVISION" in build_rs.read_text():
+        need("GIT_REVISION=" in build_cmds, D, "build.rs reads GIT_REVISION but the build does not set it (no .git in the context)")
+    exposed = " ".join(rest for word, rest in ins if word == "EXPOSE")
+    need("5000" in exposed, D, "EXPOSE 5000 missing")
+    labels = " ".join(rest for word, rest in ins if word == "LABEL")
+    for lab in ("org.opencontainers.image.source", "org.opencontainers.image.version", "org.opencontainers.image.revision"):
+        need(lab in labels, D, f"OCI label {lab} missing")
+    info(f"binary fibonacci-api (Cargo.toml bins: {bins}); build context has {', '.join(needed)}; "
+         f"{len(stages)} stages, final {final.split()[0]}, USER {user[-1]}")
+
+
+# --------------------------------------------------------------------------- PromQL
+
+
+PROMQL_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless",
+                   "bool", "offset", "atan2", "nan", "inf", "start", "end"}
+GROUPING = {"by", "without", "on", "ignoring", "group_left", "group_right"}
+AGGREGATIONS = {"sum", "min", "max", "avg", "group", "stddev", "stdvar", "count", "count_values",
+                "bottomk", "topk", "quantile", "limitk", "limit_ratio"}
+
+
+def promql_selectors(expr: str) -> list[tuple[str, list[tuple[str, str, str]]]]:
+    """The vector selectors of a PromQL expression as (metric name, [(label, op,
+    value)]). A small tokenizer rather than a parser: enough for metric-name
+    and label checks (Prometheus itself checks the syntax)."""
+    out, i, n = [], 0, len(expr)
+
+    def skip_ws(j):
+        while j < n and expr[j] in " \t\r\n":
+            j += 1
+        return j
+
+    def read_string(j):
+        q = expr[j]
+        j += 1
+        buf = ""
+        while j < n and expr[j] != q:
+            if expr[j] == "\\" and q != "`":
+                buf += expr[j: j + 2]
+                j += 2
+                continue
+            buf += expr[j]
+            j += 1
+        return buf, j + 1
+
+    def read_matchers(j):
+        matchers = []
+        j += 1  # '{'
+        while True:
+            j = skip_ws(j)
+            if j >= n or expr[j] == "}":
+                return matchers, j + 1
+            if expr[j] == ",":
+                j += 1
+                continue
+            m = re.compile(r"[A-Za-z_][A-Za-z0-9_]*").match(expr, j)
+            if not m:
+                fail(f"cannot read label matchers at {expr[j:j + 30]!r} in {expr!r}")
+            label = m.group(0)
+            j = skip_ws(m.end())
+            op = re.compile(r"=~|!~|!=|=").match(expr, j).group(0)
+            j = skip_ws(j + len(op))
+            value, j = read_string(j)
+            matchers.append((label, op, value))
+
+    while i < n:
+        c = expr[i]
+        if c in " \t\r\n":
+            i += 1
+        elif c == "#":
+            while i < n and expr[i] != "\n":
+                i += 1
+        elif c in "\"'`":
+            _, i = read_string(i)
+        elif c == "[":
+            i = expr.index("]", i) + 1
+        elif c == "{":
+            matchers, i = read_matchers(i)
+            name = next((v for lab, op, v in matchers if lab == "__name__" and op == "="), "")
+            out.append((name, matchers))
+        elif c.isdigit() or (c == "." and i + 1 < n and expr[i + 1].isdigit()):
+            m = re.compile(r"[0-9.]+([eE][+-]?[0-9]+)?[a-zA-Z0-9]*").match(expr, i)
+            i = m.end()
+        elif c.isalpha() or c in "_:":
+            m = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*").match(expr, i)
+            word, i = m.group(0), m.end()
+            j = skip_ws(i)
+            if word.lower() in GROUPING and j < n and expr[j] == "(":
+                i = expr.index(")", j) + 1
+            elif word.lower() in PROMQL_KEYWORDS or word in AGGREGATIONS:
+                pass  # keyword, or an aggregation (its `by (...)` may come first)
+            elif j < n and expr[j] == "(":
+                pass  # function or aggregation
+            elif j < n and expr[j] == "{":
+                matchers, i = read_matchers(j)
+                out.append((word, matchers))
+            else:
+                out.append((word, []))
+        else:
+            i += 1
+    return out
+
+
+# --------------------------------------------------------------------------- live queries
+
+CHILDREN: list[subprocess.Popen] = []
+
+
+def _cleanup(*_):
+    for p in reversed(CHILDREN):
+        if p.poll() is None:
+            p.terminate()
+    for p in reversed(CHILDREN):
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    CHILDREN.clear()
+
+
+def _on_signal(signum, _frame):
+    _cleanup()
+    sys.exit(128 + signum)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(url: str, method: str = "GET", timeout: float = 5.0) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def poll(what: str, fn, timeout: float = 60.0, every: float = 0.2):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = fn()
+            if last:
+                return last
+        except (OSError, urllib.error.URLError, ValueError) as e:
+            last = e
+        time.sleep(every)
+    fail(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
+def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    f = open(log, "wb")
+    p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    CHILDREN.append(p)
+    return p
+
+
+def prom_query(base: str, q: str) -> dict:
+    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": q})
+    status, body = http(url, timeout=15)
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return {"status": "error", "error": f"HTTP {status}: {body[:200]!r}"}
+    return data
+
+
+def grafana_expr(expr: str, variables: set[str]) -> str:
+    """Substitute Grafana's built-in and dashboard variables with concrete values."""
+    builtins = {"__rate_interval": "30s", "__interval": "5s", "__range": "5m", "__range_s": "300",
+                "__interval_ms": "5000", "__range_ms": "300000"}
+
+    def sub(m):
+        name = m.group(1) or m.group(2)
+        if name in builtins:
+            return builtins[name]
+        if name in variables:
+            return ".*"  # every variable is multi-value with allValue .*
+        fail(f"unknown Grafana variable ${name} in {expr!r}")
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::[a-z]+)?\}|\$([A-Za-z_][A-Za-z0-9_]*)", sub, expr)
+
+
+def collect_queries() -> list[tuple[str, str]]:
+    """(where, PromQL) for every query this repository ships."""
+    queries = []
+    d = json.loads(DASHBOARD.read_text())
+    variables = {v["name"] for v in d["templating"]["list"]}
+    for p in dashboard_panels(d):
+        for t in p.get("targets", []):
+            queries.append((f"dashboard panel {p['title']!r} {t['refId']}", grafana_expr(t["expr"], variables)))
+    for a in d.get("annotations", {}).get("list", []):
+        if a.get("expr"):
+            queries.append((f"dashboard annotation {a['name']!r}", grafana_expr(a["expr"], variables)))
+    for v in d["templating"]["list"]:
+        if v["type"] != "query":
+            continue
+        q = v["query"]["query"] if isinstance(v["query"], dict) else v["query"]
+        m = re.fullmatch(r"label_values\((.*),\s*([A-Za-z_][A-Za-z0-9_]*)\)", q.strip())
+        need(m, {"kind": "variable", "metadata": {"name": v["name"]}}, f"unsupported variable query {q!r}")
+        queries.append((f"dashboard variable ${v['name']}", f"group by ({m.group(2)}) ({grafana_expr(m.group(1), variables)})"))
+    for g in load_file(ALERTS)["groups"]:
+        for r in g["rules"]:
+            queries.append((f"rule {r.get('alert') or r.get('record')} ({g['name']})", r["expr"]))
+    objects, _ = render(values_of("all-features"))
+    for o in objects:
+        if o["kind"] == "AnalysisTemplate":
+            for m in o["spec"]["metrics"]:
+                q = re.sub(r"\{\{\s*args\.[A-Za-z0-9_-]+\s*\}\}", "0123456789", m["provider"]["prometheus"]["query"])
+                queries.append((f"AnalysisTemplate {o['metadata']['name']} metric {m['name']}", q))
+        if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-prometheus-adapter-rules"):
+            for rule in yaml.safe_load(o["data"]["config.yaml"])["rules"]:
+                q = (rule["metricsQuery"].replace("<<.Series>>", "http_requests_total")
+                     .replace("<<.LabelMatchers>>", 'namespace="fibonacci-api",pod=~".*"').replace("<<.GroupBy>>", "pod"))
+                queries.append(("prometheus-adapter metricsQuery", q))
+                queries.append(("prometheus-adapter seriesQuery", rule["seriesQuery"]))
+    return queries
+
+
+def send_traffic(base: str) -> dict[int, int]:
+    """The traffic mix: 200s (cache misses, then hits), 400s, a 404, probes,
+    and more than 30 requests from one client so the per-minute limit answers 429."""
+    counts: dict[int, int] = {}
+
+    def hit(path, method="GET"):
+        status, _ = http(base + path, method=method)
+        counts[status] = counts.get(status, 0) + 1
+        return status
+    for path in ("/health", "/livez", "/readyz", "/openapi.json", "/metrics", "/does-not-exist"):
+        hit(path)
+    hit("/fibonacci", method="POST")
+    for n in (0, 1, 2, 10, 90, 500, 1000):       # misses: computed
+        hit(f"/fibonacci?n={n}")
+    for n in (10, 10, 500):                       # hits: served from the cache
+        hit(f"/fibonacci?n={n}")
+    for bad in ("abc", "-1", "1001", "", "1.5", "10&n=11"):  # 400s
+        hit(f"/fibonacci?n={bad}")
+    hit("/fibonacci")                             # n missing: 400
+    for _ in range(25):                           # past 30/minute: 429s
+        hit("/fibonacci?n=42")
+    return counts
+
+
+def cmd_queries() -> None:
+    binary = service_binary()
+    prometheus, redis_server = shutil.which("prometheus"), shutil.which("redis-server")
+    if not prometheus:
+        fail("prometheus not installed (scripts/check-deploy installs it)")
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    atexit.register(_cleanup)
+    tmp = Path(tempfile.mkdtemp(prefix="check-deploy-"))
+    atexit.register(shutil.rmtree, tmp, True)
+    try:
+        _run_queries(binary, prometheus, redis_server, tmp)
+    except CheckFailed:
+        for log in sorted(tmp.glob("*.log")):
+            tail = log.read_text(errors="replace").splitlines()[-15:]
+            print(f"  --- last lines of {log.name}:\n    " + "\n    ".join(tail), flush=True)
+        raise
+    finally:
+        _cleanup()
+
+
+def _run_queries(binary: Path, prometheus: str, redis_server: str | None, tmp: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "REDIS_", "RATE_LIMIT"))}
+    # A private Redis so redis_up and the Redis cache tier exist, and rate-limit
+    # counters start from zero on every run (a shared Redis keeps yesterday's).
+    if redis_server:
+        rport = free_port()
+        start([redis_server, "--port", str(rport), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+               "--dir", str(tmp)], tmp / "redis.log")
+        poll("redis", lambda: socket.create_connection(("127.0.0.1", rport), timeout=1).close() or True, 20)
+        env["REDIS_URL"] = f"redis://127.0.0.1:{rport}/0"
+    port = free_port()
+    env.update({"LISTEN_ADDR": f"127.0.0.1:{port}", "RATE_LIMITS": "30/minute,50/hour,200/day",
+                "LOG_FORMAT": "json", "RUST_LOG": "warn", "SHUTDOWN_DRAIN_SECONDS": "0"})
+    env.pop("ADMIN_LISTEN_ADDR", None)
+    svc = start([str(binary)], tmp / "service.log", env=env)
+    base = f"http://127.0.0.1:{port}"
+
+    def ready():
+        if svc.poll() is not None:
+            fail(f"the service exited with {svc.returncode}")
+        return http(base + "/readyz", timeout=1)[0] == 200
+    poll("the service's /readyz", ready, 60)
+    info(f"service {binary.relative_to(ROOT) if binary.is_relative_to(ROOT) else binary} on {base}"
+         + (f", Redis {env['REDIS_URL']}" if "REDIS_URL" in env else ", no redis-server: without Redis"))
+
+    pport = free_port()
+    config = {
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(ALERTS)],
+        "scrape_configs": [{
+            "job_name": "fibonacci-api", "metrics_path": "/metrics",
+            # namespace and pod as the Prometheus Operator would attach them, so
+            # the rules' namespace/job selectors match as in a cluster.
+            "static_configs": [{"targets": [f"127.0.0.1:{port}"],
+                                "labels": {"namespace": "fibonacci-api", "pod": "fibonacci-api-check"}}],
+        }],
+    }
+    (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
+    prom = start([prometheus, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
+                  f"--web.listen-address=127.0.0.1:{pport}", "--log.level=warn"], tmp / "prometheus.log")
+    pbase = f"http://127.0.0.1:{pport}"
+
+    def scraped_up():
+        if prom.poll() is not None:
+            fail(f"prometheus exited with {prom.returncode}")
+        r = prom_query(pbase, 'up{job="fibonacci-api"} == 1')
+        return r.get("status") == "success" and r["data"]["result"]
+    poll("Prometheus' first successful scrape", scraped_up, 60)
+
+    counts = send_traffic(base)
+    traffic_end = time.time()
+    info("traffic: " + ", ".join(f"{n} x {code}" for code, n in sorted(counts.items())))
+    for code, why in ((200, "answers"), (400, "invalid n"), (404, "unknown path"), (429, "rate limit")):
+        if not counts.get(code):
+            fail(f"the traffic mix produced no {code} ({why}): {counts}")
+
+    status, body = http(base + "/metrics")
+    if status != 200:
+        fail(f"/metrics answered {status}")
+    exposition = body.decode()
+    families = set(re.findall(r"^# TYPE ([A-Za-z_:][A-Za-z0-9_:]*) ", exposition, re.M))
+    sample_names = set(re.findall(r"^([A-Za-z_:][A-Za-z0-9_:]*)[{ ]", exposition, re.M))
+
+    def caught_up():
+        # Three scrapes after the traffic (so rate() has points) and every
+        # series name of the exposition stored.
+        r = prom_query(pbase, 'timestamp(up{job="fibonacci-api"})')
+        if not (r.get("status") == "success" and r["data"]["result"]
+                and float(r["data"]["result"][0]["value"][1]) > traffic_end + 3):
+            return False
+        names = json.loads(http(f"{pbase}/api/v1/label/__name__/values?"
+                                + urllib.parse.urlencode({"match[]": '{job="fibonacci-api"}'}))[1])["data"]
+        return set(names) >= sample_names and names
+    stored = set(poll("Prometheus to store the scrapes after the traffic", caught_up, 60))
+
+    def rules_evaluated():
+        groups = json.loads(http(f"{pbase}/api/v1/rules")[1])["data"]["groups"]
+        rules = [r for g in groups for r in g["rules"]]
+        if not rules:
+            return False
+        for r in rules:
+            if r.get("health") == "err":
+                fail(f"Prometheus rule {r['name']} failed: {r.get('lastError')}")
+        last = [r.get("lastEvaluation", "") for r in rules]
+        return all(not s.startswith("0001") for s in last) and rules
+    rules = poll("Prometheus to evaluate every rule", rules_evaluated, 60)
+    recorded = {r["name"] for r in rules if r["type"] == "recording"}
+    info(f"Prometheus on {pbase} loaded {len(rules)} rules from {ALERTS.relative_to(ROOT)}; "
+         f"{len(families)} metric families scraped")
+
+    series_labels: dict[str, dict[str, set[str]]] = {}
+
+    def labels_of(name: str) -> dict[str, set[str]]:
+        if name not in series_labels:
+            url = f"{pbase}/api/v1/series?" + urllib.parse.urlencode({"match[]": f'{name}{{job="fibonacci-api"}}'})
+            found: dict[str, set[str]] = {}
+            for s in json.loads(http(url)[1])["data"]:
+                for k, v in s.items():
+                    found.setdefault(k, set()).add(v)
+            series_labels[name] = found
+        return series_labels[name]
+
+    problems, empty, ok = [], [], 0
+    queries = collect_queries()
+    for where, q in queries:
+        r = prom_query(pbase, q)
+        if r.get("status") != "success":
+            problems.append(f"{where}: does not run: {r.get('error')}\n      {q}")
+            continue
+        if not r["data"]["result"]:
+            empty.append(where)
+        for name, matchers in promql_selectors(q):
+            if not name:
+                problems.append(f"{where}: selector without a metric name\n      {q}")
+                continue
+            if name in EXTERNAL_METRIC_NAMES or name.startswith(EXTERNAL_METRIC_PREFIXES):
+                continue
+            if name in recorded:
+                continue
+            if name not in stored:
+                problems.append(f"{where}: metric {name} is not in the service's scrape\n      {q}")
+                continue
+            present = labels_of(name)
+            for label, op, value in matchers:
+                if label in TARGET_LABELS or label == "__name__" or re.fullmatch(value if "~" in op else re.escape(value), ""):
+                    continue
+                if label not in present:
+                    problems.append(f"{where}: {name} has no label {label!r} (has {sorted(present)})\n      {q}")
+                elif op == "=" and value not in present[label]:
+                    problems.append(f"{where}: no {name} series has {label}={value!r} "
+                                    f"(values: {sorted(present[label])})\n      {q}")
+        ok += 1
+    if problems:
+        fail(f"{len(problems)} of {len(queries)} queries are broken against the live scrape:\n    "
+             + "\n    ".join(problems))
+    info(f"{len(queries)} queries ran (dashboard panels, annotation, variables, recording and alert rules, "
+         f"canary analysis, prometheus-adapter); every metric, label and le bucket they name is in the scrape")
+    if empty:
+        info(f"{len(empty)} returned no data with this traffic (no 5xx, cluster-only metrics...): "
+             + "; ".join(empty))
+
+
+def service_binary() -> Path:
+    binary = Path(os.environ.get("FIBONACCI_API_BIN", ROOT / "target" / "debug" / "fibonacci-api"))
+    if not binary.is_absolute():
+        binary = ROOT / binary
+    if not (binary.is_file() and os.access(binary, os.X_OK)):
+        fail(f"service binary {binary} not found: build it first (cargo build --bin fibonacci-api) "
+             "or point FIBONACCI_API_BIN at it")
+    return binary
+
+
+def pod_environment(objects: list[dict]) -> dict[str, str]:
+    """The API container's environment as Kubernetes would build it: envFrom
+    ConfigMaps, then env (literal values, $(VAR) expanded; Secret and
+    downward-API references replaced by stand-ins)."""
+    workload = next(o for o in objects if o["kind"] in ("Deployment", "Rollout")
+                    and dig(o, "spec", "template", "metadata", "labels", "app.kubernetes.io/component") == "api")
+    container = workload["spec"]["template"]["spec"]["containers"][0]
+    env: dict[str, str] = {}
+    for ef in container.get("envFrom", []):
+        cm = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == ef["configMapRef"]["name"])
+        env.update(cm["data"])
+    stand_ins = {"REDIS_URL": "redis://127.0.0.1:1/0", "REDIS_PASSWORD": "secret"}
+    for e in container.get("env", []):
+        if "value" in e:
+            env[e["name"]] = re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), ""), e["value"])
+        elif "secretKeyRef" in e.get("valueFrom", {}):
+            env[e["name"]] = stand_ins.get(e["name"], "stand-in")
+        else:
+            env[e["name"]] = "stand-in"
+    return env
+
+
+def cmd_config() -> None:
+    """Start the real binary with the environment each values file gives the
+    pod: a setting the chart passes that the service rejects fails here, not
+    in a crash-looping rollout."""
+    binary = service_binary()
+    signal.signal(signal.SIGTERM, _on_signal)
+    atexit.register(_cleanup)
+    tmp = Path(tempfile.mkdtemp(prefix="check-deploy-config-"))
+    atexit.register(shutil.rmtree, tmp, True)
+    # All values files at once (each on its own ports), so the drains overlap.
+    runs = []
+    for label in VALUES_FILES:
+        objects, _ = render(values_of(label))
+        pod_env = pod_environment(objects)
+        port, admin = free_port(), free_port()
+        pod_env["LISTEN_ADDR"] = f"127.0.0.1:{port}"
+        if "ADMIN_LISTEN_ADDR" in pod_env:
+            pod_env["ADMIN_LISTEN_ADDR"] = f"127.0.0.1:{admin}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")} | pod_env
+        log = tmp / f"{label}.log"
+        proc = start([str(binary)], log, env=env)
+        probe = f"http://127.0.0.1:{admin if 'ADMIN_LISTEN_ADDR' in pod_env else port}/livez"
+        runs.append((label, pod_env, log, proc, probe))
+    for label, pod_env, log, proc, probe in runs:
+        def alive():
+            if proc.poll() is not None:
+                fail(f"{label}: the service exited with {proc.returncode} on the chart's configuration:\n    "
+                     + "\n    ".join(log.read_text(errors="replace").splitlines()[-10:]))
+            return http(probe, timeout=1)[0] == 200
+        poll(f"{label}: /livez", alive, 30)
+    for _, _, _, proc, _ in runs:
+        proc.send_signal(signal.SIGTERM)
+    for label, pod_env, log, proc, probe in runs:
+        try:
+            code = proc.wait(timeout=int(pod_env.get("SHUTDOWN_DRAIN_SECONDS", 5)) + 15)
+        except subprocess.TimeoutExpired:
+            fail(f"{label}: the service did not exit within the drain + deadline after SIGTERM")
+        if code != 0:
+            fail(f"{label}: exit code {code} after SIGTERM (expected 0 after a graceful shutdown)")
+        keys = sorted(k for k in pod_env if k not in ("POD_NAME", "POD_NAMESPACE", "NODE_NAME"))
+        info(f"{label:15s} started with {len(keys)} settings ({', '.join(keys)}), live, exited 0 on SIGTERM")
+
+
+# --------------------------------------------------------------------------- main
+
+COMMANDS = {
+    "chart": cmd_chart, "argocd": cmd_argocd, "alerts-sync": cmd_alerts_sync, "gen-alerts": cmd_gen_alerts,
+    "dashboard": cmd_dashboard, "dockerfile": cmd_dockerfile, "queries": cmd_queries, "config": cmd_config,
+}
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2 or sys.argv[1] not in COMMANDS:
+        print(f"usage: {sys.argv[0]} {{{'|'.join(COMMANDS)}}}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        COMMANDS[sys.argv[1]]()
+    except CheckFailed as e:
+        print(f"  error: {e}", flush=True)
+        sys.exit(1)
