@@ -51,7 +51,7 @@ fn limiter(c: &mut Criterion) {
     c.bench_function("local_limiter_check_10k_clients", |b| {
         b.iter(|| {
             i = (i + 1) % keys.len();
-            black_box(limiter.check(keys[i], now + i as u64))
+            black_box(limiter.check(&keys[i], now + i as u64))
         })
     });
 }

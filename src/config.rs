@@ -4,12 +4,15 @@
 //! value stops start-up with one line naming the *variable* and what it accepts, rather
 //! than clap's multi-line usage text that names the flag.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 
-use crate::ratelimit::Policy;
+use crate::{
+    auth::{Authenticator, KeySource},
+    ratelimit::Policy,
+};
 
 /// Contract defaults, shared by the CLI and [`Config::default`] so they cannot drift.
 pub mod defaults {
@@ -97,6 +100,16 @@ pub struct Settings {
     pub rate_limit_max_keys: String,
     #[arg(long, env = "METRICS_ENABLED", default_value = "true")]
     pub metrics_enabled: String,
+    #[arg(long, env = "AUTH_JWT_HS256_SECRET", hide_env_values = true)]
+    pub auth_jwt_hs256_secret: Option<String>,
+    #[arg(long, env = "AUTH_JWT_PUBLIC_KEY_FILE")]
+    pub auth_jwt_public_key_file: Option<String>,
+    #[arg(long, env = "AUTH_JWT_JWKS_FILE")]
+    pub auth_jwt_jwks_file: Option<String>,
+    #[arg(long, env = "AUTH_JWT_AUDIENCE")]
+    pub auth_jwt_audience: Option<String>,
+    #[arg(long, env = "AUTH_JWT_ISSUER")]
+    pub auth_jwt_issuer: Option<String>,
 }
 
 /// Log line format.
@@ -129,6 +142,8 @@ pub struct Config {
     /// Whether requests are counted (`/metrics` then serves only process and cache
     /// metrics); off exists to measure what counting costs.
     pub metrics_enabled: bool,
+    /// JWT bearer authentication of `/fibonacci`; `None` leaves it open.
+    pub auth: Option<Arc<Authenticator>>,
 }
 
 /// A setting that cannot be used; its `Display` is the one line printed at start-up.
@@ -195,7 +210,51 @@ pub fn parse_trusted_proxies(value: &str) -> Result<Vec<IpNet>, ConfigError> {
         .collect()
 }
 
+fn non_empty(value: &Option<String>) -> Option<&str> {
+    value.as_deref().map(str::trim).filter(|v| !v.is_empty())
+}
+
 impl Settings {
+    /// The JWT verifier, when a key source is configured.
+    fn auth(&self) -> Result<Option<Arc<Authenticator>>, ConfigError> {
+        let secret = non_empty(&self.auth_jwt_hs256_secret);
+        let public_key = non_empty(&self.auth_jwt_public_key_file);
+        let jwks = non_empty(&self.auth_jwt_jwks_file);
+        let (audience, issuer) = (
+            non_empty(&self.auth_jwt_audience),
+            non_empty(&self.auth_jwt_issuer),
+        );
+        let (var, shown) = match (secret, public_key, jwks) {
+            (None, None, None) => {
+                return match (audience, issuer) {
+                    (None, None) => Ok(None),
+                    (Some(aud), _) => Err(ConfigError::new(
+                        "AUTH_JWT_AUDIENCE",
+                        aud,
+                        "to be set together with AUTH_JWT_HS256_SECRET, AUTH_JWT_PUBLIC_KEY_FILE or AUTH_JWT_JWKS_FILE",
+                    )),
+                    (None, Some(iss)) => Err(ConfigError::new(
+                        "AUTH_JWT_ISSUER",
+                        iss,
+                        "to be set together with AUTH_JWT_HS256_SECRET, AUTH_JWT_PUBLIC_KEY_FILE or AUTH_JWT_JWKS_FILE",
+                    )),
+                };
+            }
+            (Some(_), None, None) => ("AUTH_JWT_HS256_SECRET", "<redacted>"),
+            (None, Some(path), None) => ("AUTH_JWT_PUBLIC_KEY_FILE", path),
+            (None, None, Some(path)) => ("AUTH_JWT_JWKS_FILE", path),
+            _ => ("AUTH_JWT_*", "several key sources"),
+        };
+        let source = KeySource {
+            hs256_secret: secret,
+            public_key_file: public_key.map(Path::new),
+            jwks_file: jwks.map(Path::new),
+        };
+        Authenticator::new(source, audience, issuer)
+            .map(|a| Some(Arc::new(a)))
+            .map_err(|expected| ConfigError::new(var, shown, expected))
+    }
+
     /// Validates every setting, stopping at the first bad one.
     pub fn into_config(self) -> Result<Config, ConfigError> {
         let rate_limits = if self.rate_limits.trim().eq_ignore_ascii_case("off") {
@@ -252,6 +311,7 @@ impl Settings {
                     })
             })
             .collect::<Result<_, _>>()?;
+        let auth = self.auth()?;
         let metrics_enabled = match self.metrics_enabled.trim() {
             "true" | "1" => true,
             "false" | "0" => false,
@@ -264,6 +324,7 @@ impl Settings {
             }
         };
         Ok(Config {
+            auth,
             metrics_enabled,
             listen_addr: parse_addr("LISTEN_ADDR", &self.listen_addr)?,
             admin_listen_addr: match self.admin_listen_addr.as_deref().map(str::trim) {
@@ -334,6 +395,11 @@ impl Default for Config {
             max_in_flight: defaults::MAX_IN_FLIGHT.into(),
             rate_limit_max_keys: defaults::RATE_LIMIT_MAX_KEYS.into(),
             metrics_enabled: "true".into(),
+            auth_jwt_hs256_secret: None,
+            auth_jwt_public_key_file: None,
+            auth_jwt_jwks_file: None,
+            auth_jwt_audience: None,
+            auth_jwt_issuer: None,
         }
         .into_config()
         .expect("the contract defaults are valid")
@@ -407,6 +473,12 @@ mod tests {
             let line = err.to_string();
             assert!(!line.contains('\n') && line.contains(var), "{why}: {line}");
         }
+    }
+
+    #[test]
+    fn the_jwt_secret_is_never_echoed() {
+        let err = settings(&["--auth-jwt-hs256-secret", "hunter2-but-short"]).unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
     }
 
     #[test]

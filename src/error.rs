@@ -25,6 +25,8 @@ pub enum ApiError {
         message: String,
         retry_after_secs: u64,
     },
+    #[error("unauthorized: {0}")]
+    Unauthorized(#[from] crate::auth::AuthError),
     #[error("the service is at capacity: retry shortly")]
     Overloaded,
     #[error("the request took too long and was cancelled: retry shortly")]
@@ -39,6 +41,7 @@ impl ApiError {
         match self {
             Self::BadInput(_) => StatusCode::BAD_REQUEST,
             Self::NotFound => StatusCode::NOT_FOUND,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Overloaded | Self::Timeout => StatusCode::SERVICE_UNAVAILABLE,
@@ -77,6 +80,20 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let Self::Unauthorized(e) = &self {
+            // RFC 6750: the challenge names the scheme and, for a bad token, the error.
+            let challenge = match e {
+                crate::auth::AuthError::Missing => r#"Bearer realm="fibonacci-api""#.to_owned(),
+                e => format!(
+                    r#"Bearer realm="fibonacci-api", error="invalid_token", error_description="{e}""#
+                ),
+            };
+            if let Ok(value) = HeaderValue::from_str(&challenge) {
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, value);
+            }
         }
         if matches!(self, Self::MethodNotAllowed) {
             response

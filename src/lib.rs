@@ -8,7 +8,7 @@
 //! - [`routes`]: the endpoints and the OpenAPI document.
 //! - [`input`]: strict parsing of `n`; [`error`]: the one error type.
 //! - [`cache`]: memory → Redis → computation; [`fib`]: the computation itself.
-//! - [`ratelimit`]: per-client windows, in Redis or in process.
+//! - [`ratelimit`]: per-client windows, in Redis or in process; [`auth`]: optional JWTs.
 //! - [`redis_client`]: the shared Redis connection and its circuit breaker.
 //! - [`metrics`], [`telemetry`]: RED metrics, logs and traces.
 //! - [`shutdown`]: lifecycle phases and signals.
@@ -18,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod auth;
 pub mod cache;
 pub mod config;
 pub mod error;

@@ -19,6 +19,7 @@ use tracing::{field::Empty, Instrument};
 
 use crate::{
     app::App,
+    auth::AuthError,
     error::ApiError,
     ratelimit::{client, ClientKey, Decision},
     telemetry,
@@ -135,28 +136,35 @@ fn ceil_secs(ms: u64) -> u64 {
 }
 
 /// Admission to the API: sheds load (503 at once when `MAX_IN_FLIGHT` requests are
-/// already being served, instead of queueing without bound), then applies the
-/// per-client limits and adds the IETF draft `RateLimit-*` headers. Probes and metrics
-/// do not pass through here.
+/// already being served, instead of queueing without bound), authenticates (when JWT
+/// auth is on), then applies the per-client limits and adds the IETF draft
+/// `RateLimit-*` headers. Probes and metrics do not pass through here.
 pub async fn admit(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
     let Ok(_permit) = app.in_flight.try_acquire() else {
         return ApiError::Overloaded.into_response();
-    };
-    let Some(limiter) = &app.limiter else {
-        return next.run(req).await;
     };
     let client = req
         .extensions()
         .get::<Client>()
         .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0);
-    let decision = limiter.check(ClientKey::of(client)).await;
-    let (mut response, limit, remaining, reset) = match decision {
+    let identity = match &app.config.auth {
+        None => Ok(ClientKey::of(client)),
+        Some(auth) => auth
+            .verify(req.headers().get(header::AUTHORIZATION))
+            .map(|subject| ClientKey::Subject(subject.into())),
+    };
+    // A failed authentication is counted against the address, so guessing is limited too.
+    let key = identity.clone().unwrap_or_else(|_| ClientKey::of(client));
+    let Some(limiter) = &app.limiter else {
+        return run_authenticated(identity, client, req, next).await;
+    };
+    let (mut response, limit, remaining, reset) = match limiter.check(&key).await {
         Decision::Allowed {
             remaining,
             limit,
             reset,
         } => (
-            next.run(req).await,
+            run_authenticated(identity, client, req, next).await,
             u64::from(limit),
             remaining,
             ceil_secs(reset),
@@ -169,6 +177,7 @@ pub async fn admit(State(app): State<Arc<App>>, req: Request, next: Next) -> Res
             tracing::warn!(
                 event = "rate_limited",
                 client = %client,
+                key = %key,
                 window = window.unit.name(),
                 limit = window.limit,
                 retry_after_s = secs,
@@ -191,6 +200,23 @@ pub async fn admit(State(app): State<Arc<App>>, req: Request, next: Next) -> Res
     headers.insert(RATELIMIT_RESET, HeaderValue::from(reset));
     headers.insert(RATELIMIT_POLICY, limiter.policy_header().clone());
     response
+}
+
+/// Runs the request if it is authenticated; otherwise answers 401 and says so in the
+/// logs (the reason and the client, never the token).
+async fn run_authenticated(
+    identity: Result<ClientKey, AuthError>,
+    client: IpAddr,
+    req: Request,
+    next: Next,
+) -> Response {
+    match identity {
+        Ok(_) => next.run(req).await,
+        Err(e) => {
+            tracing::warn!(event = "auth_rejected", client = %client, reason = e.reason(), "authentication failed");
+            ApiError::Unauthorized(e).into_response()
+        }
+    }
 }
 
 /// Headers every response carries.

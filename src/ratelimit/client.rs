@@ -13,12 +13,14 @@ use std::{
 use http::HeaderValue;
 use ipnet::IpNet;
 
-/// The rate-limiting identity of a client: an IPv4 address, or an IPv6 /64 (one
-/// subscriber's allocation: per-address keys would hand an IPv6 user 2^64 budgets).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// The rate-limiting identity of a client: an IPv4 address, an IPv6 /64 (one
+/// subscriber's allocation: per-address keys would hand an IPv6 user 2^64 budgets), or
+/// with JWT authentication the token's verified subject.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ClientKey {
     V4(Ipv4Addr),
     V6Prefix(u64),
+    Subject(std::sync::Arc<str>),
 }
 
 impl ClientKey {
@@ -38,6 +40,7 @@ impl fmt::Display for ClientKey {
             Self::V6Prefix(prefix) => {
                 write!(f, "{}/64", Ipv6Addr::from(u128::from(*prefix) << 64))
             }
+            Self::Subject(subject) => write!(f, "sub:{subject}"),
         }
     }
 }

@@ -53,16 +53,16 @@ impl LocalLimiter {
     }
 
     /// Checks (and, if allowed, counts) one request of `key` at `now` (ms since the epoch).
-    pub fn check(&self, key: ClientKey, now: u64) -> Decision {
-        let mut shard = self.shard(&key).lock().expect("not poisoned");
-        if !shard.contains_key(&key) && shard.len() >= self.shard_capacity {
+    pub fn check(&self, key: &ClientKey, now: u64) -> Decision {
+        let mut shard = self.shard(key).lock().expect("not poisoned");
+        if !shard.contains_key(key) && shard.len() >= self.shard_capacity {
             self.make_room(&mut shard, now);
         }
-        let counts = shard.entry(key).or_default();
+        let counts = shard.entry(key.clone()).or_default();
         let decision = window::check(counts, now, &self.policy);
         if *counts == Counts::default() {
             // A rejected newcomer leaves no trace (only possible with odd policies).
-            shard.remove(&key);
+            shard.remove(key);
         }
         decision
     }
@@ -75,7 +75,7 @@ impl LocalLimiter {
         }
         let mut by_usage: Vec<(u64, ClientKey)> = shard
             .iter()
-            .map(|(key, c)| (window::usage(c, now, policy), *key))
+            .map(|(key, c)| (window::usage(c, now, policy), key.clone()))
             .collect();
         let quarter = by_usage.len() / 4;
         by_usage.select_nth_unstable(quarter);
@@ -133,10 +133,10 @@ mod tests {
     fn clients_have_separate_budgets() {
         let limiter = LocalLimiter::new(Policy::parse("2/minute").unwrap(), 1000);
         let now = 100 * DAY;
-        assert!(allowed(&limiter.check(key(1), now)));
-        assert!(allowed(&limiter.check(key(1), now)));
-        assert!(!allowed(&limiter.check(key(1), now)), "third of key 1");
-        assert!(allowed(&limiter.check(key(2), now)), "key 2 is untouched");
+        assert!(allowed(&limiter.check(&key(1), now)));
+        assert!(allowed(&limiter.check(&key(1), now)));
+        assert!(!allowed(&limiter.check(&key(1), now)), "third of key 1");
+        assert!(allowed(&limiter.check(&key(2), now)), "key 2 is untouched");
     }
 
     #[test]
@@ -146,9 +146,9 @@ mod tests {
         let now = 100 * DAY;
         // One abusive client keeps hammering while a million others pass through once.
         for i in 0..1_000_000u32 {
-            limiter.check(key(i + 1_000_000), now + u64::from(i) / 100);
+            limiter.check(&key(i + 1_000_000), now + u64::from(i) / 100);
             if i % 1000 == 0 {
-                limiter.check(key(7), now + u64::from(i) / 100);
+                limiter.check(&key(7), now + u64::from(i) / 100);
             }
             if i % 997 == 0 {
                 assert!(limiter.len() <= limiter.capacity(), "over the bound at {i}");
@@ -157,7 +157,7 @@ mod tests {
         assert!(limiter.capacity() >= cap && limiter.capacity() < cap + SHARDS);
         // The abusive client's state survived the churn: it is still limited.
         assert!(
-            !allowed(&limiter.check(key(7), now + 10_000)),
+            !allowed(&limiter.check(&key(7), now + 10_000)),
             "evicted the active abuser"
         );
     }
@@ -166,13 +166,13 @@ mod tests {
     fn sweeping_forgets_only_what_no_longer_matters() {
         let limiter = LocalLimiter::new(Policy::parse("1/minute").unwrap(), 1000);
         let now = 100 * DAY;
-        limiter.check(key(1), now);
+        limiter.check(&key(1), now);
         assert_eq!(
             limiter.sweep(now + 60_000),
             1,
             "still counts as the previous minute"
         );
-        assert!(!allowed(&limiter.check(key(1), now + 1000)));
+        assert!(!allowed(&limiter.check(&key(1), now + 1000)));
         assert_eq!(
             limiter.sweep(now + 120_000),
             0,

@@ -83,7 +83,7 @@ impl RateLimiter {
     }
 
     /// Checks and counts one request of `client`: in Redis when it answers, else locally.
-    pub async fn check(&self, client: ClientKey) -> Decision {
+    pub async fn check(&self, client: &ClientKey) -> Decision {
         let decision = match &self.redis {
             Some((redis, windows)) => match windows.check(redis, client, &self.policy).await {
                 Ok(decision) => decision,

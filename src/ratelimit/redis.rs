@@ -76,7 +76,7 @@ impl RedisWindows {
     pub async fn check(
         &self,
         redis: &RedisClient,
-        client: ClientKey,
+        client: &ClientKey,
         policy: &Policy,
     ) -> Result<Decision, RedisUnavailable> {
         let mut invocation = self.script.key(format!("ratelimit:v1:{client}"));

@@ -71,6 +71,8 @@ fn matches_if_none_match(headers: &HeaderMap, etag: &HeaderValue) -> bool {
                     ("RateLimit-Remaining" = u64), ("RateLimit-Reset" = u64), ("RateLimit-Policy" = String))),
         (status = 304, description = "Not modified: the client's cached copy (If-None-Match) is current"),
         (status = 400, description = "n missing, repeated, not a plain non-negative integer, or above MAX_N", body = crate::routes::openapi::ErrorBody),
+        (status = 401, description = "JWT authentication is enabled (AUTH_JWT_*) and the bearer token is missing or invalid",
+            body = crate::routes::openapi::ErrorBody, headers(("WWW-Authenticate" = String))),
         (status = 405, description = "Method other than GET or HEAD", body = crate::routes::openapi::ErrorBody),
         (status = 429, description = "Over a rate limit; see Retry-After", body = crate::routes::openapi::ErrorBody,
             headers(("Retry-After" = u64))),

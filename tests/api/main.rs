@@ -3,6 +3,7 @@
 mod helpers;
 
 mod api;
+mod auth;
 mod cache;
 mod config;
 mod hygiene;
