@@ -29,6 +29,20 @@ fn computation(c: &mut Criterion) {
     group.finish();
 }
 
+/// F(10^6) split into its two costs, to compare each with GMP's.
+fn parts_of_a_million(c: &mut Criterion) {
+    let mut group = c.benchmark_group("f_1e6_parts");
+    group.sample_size(10);
+    group.bench_function("fast_doubling", |b| {
+        b.iter(|| fib::fibonacci(black_box(1_000_000)))
+    });
+    let value = fib::fibonacci(1_000_000);
+    group.bench_function("to_decimal", |b| {
+        b.iter(|| black_box(&value).to_str_radix(10))
+    });
+    group.finish();
+}
+
 fn memory_hit(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
@@ -56,5 +70,11 @@ fn limiter(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, computation, memory_hit, limiter);
+criterion_group!(
+    benches,
+    computation,
+    parts_of_a_million,
+    memory_hit,
+    limiter
+);
 criterion_main!(benches);
