@@ -408,6 +408,56 @@ mod tests {
     }
 
     #[test]
+    fn jwks_keys_are_chosen_by_kid() {
+        use jsonwebtoken::jwk::{Jwk, JwkSet};
+        let mut keys = Vec::new();
+        let mut signers = Vec::new();
+        for (kid, private, algorithm) in [
+            ("ec-1", "ec-private.pem", Algorithm::ES256),
+            ("rsa-1", "rsa-private.pem", Algorithm::RS256),
+        ] {
+            let pem = std::fs::read(fixture(private)).unwrap();
+            let key = match algorithm {
+                Algorithm::ES256 => EncodingKey::from_ec_pem(&pem).unwrap(),
+                _ => EncodingKey::from_rsa_pem(&pem).unwrap(),
+            };
+            let mut jwk = Jwk::from_encoding_key(&key, algorithm).unwrap();
+            jwk.common.key_id = Some(kid.to_owned());
+            keys.push(jwk);
+            signers.push((kid, key, algorithm));
+        }
+        let path = std::env::temp_dir().join(format!("jwks-{}.json", std::process::id()));
+        std::fs::write(&path, serde_json::to_vec(&JwkSet { keys }).unwrap()).unwrap();
+        let auth = Authenticator::new(
+            KeySource {
+                jwks_file: Some(&path),
+                ..Default::default()
+            },
+            None,
+            None,
+        )
+        .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        for (kid, key, algorithm) in &signers {
+            let mut header = Header::new(*algorithm);
+            header.kid = Some((*kid).to_owned());
+            let token = encode(&header, &json!({"sub": kid, "exp": now() + 60}), key).unwrap();
+            assert_eq!(
+                auth.verify(Some(&bearer(&token))),
+                Ok((*kid).to_owned()),
+                "{kid}"
+            );
+            header.kid = Some("unknown".into());
+            let token = encode(&header, &json!({"sub": kid, "exp": now() + 60}), key).unwrap();
+            assert_eq!(
+                auth.verify(Some(&bearer(&token))),
+                Err(AuthError::Invalid),
+                "{kid} under an unknown kid"
+            );
+        }
+    }
+
+    #[test]
     fn bad_key_sources_are_refused() {
         let short = Authenticator::new(
             KeySource {
