@@ -186,6 +186,41 @@ async fn concurrent_misses_for_one_n_are_computed_once() {
     app.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_a_password_from_the_url_work() {
+    let Some(redis) = RedisServer::start_tls("s3cret-pass") else {
+        return;
+    };
+    let first = spawn_app(with_redis(&redis)).await;
+    first.fib("4321").await;
+    let mut conn = redis.conn();
+    eventually(Duration::from_secs(5), "written over TLS", || {
+        let exists: bool = conn.exists(redis_key(4321)).unwrap();
+        async move { exists }
+    })
+    .await;
+    let second = spawn_app(with_redis(&redis)).await;
+    second.fib("4321").await;
+    assert_eq!(
+        redis_hits(&second.scrape().await),
+        1.0,
+        "read back over TLS"
+    );
+    assert_eq!(second.scrape().await.get("redis_up", &[]), 1.0);
+    first.stop().await;
+    second.stop().await;
+
+    // The wrong password: the tier reports itself down and the service still answers.
+    let wrong = spawn_app(Config {
+        redis_url: Some(redis.url().replace("s3cret-pass", "wrong")),
+        ..with_redis(&redis)
+    })
+    .await;
+    assert_eq!(wrong.fib("11").await.status(), StatusCode::OK);
+    assert_eq!(wrong.scrape().await.get("redis_up", &[]), 0.0);
+    wrong.stop().await;
+}
+
 #[tokio::test]
 async fn the_service_starts_and_serves_with_redis_unreachable() {
     // A port nothing listens on.

@@ -152,6 +152,9 @@ impl Scrape {
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
+    /// Extra arguments (TLS, a password) and the URL that reaches the server with them.
+    args: Vec<String>,
+    url: String,
 }
 
 fn free_port() -> u16 {
@@ -179,21 +182,82 @@ impl RedisServer {
             eprintln!("\n*** SKIPPING: redis-server is not on PATH (install it, or set REQUIRE_REDIS=1 to fail instead) ***\n");
             return None;
         }
+        let port = free_port();
         let mut server = Self {
-            port: free_port(),
+            port,
             child: None,
+            args: vec!["--port".into(), port.to_string()],
+            url: format!("redis://127.0.0.1:{port}/0"),
         };
         server.launch();
         Some(server)
     }
 
+    /// A server that speaks only TLS (a throwaway self-signed certificate made with
+    /// `openssl`) and requires `password`; its URL is `rediss://:password@…#insecure`
+    /// (the fragment skips certificate verification: the certificate is our own).
+    pub fn start_tls(password: &str) -> Option<Self> {
+        let mut server = Self::start()?;
+        server.kill();
+        let dir = std::env::temp_dir().join(format!("redis-tls-{}", server.port));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        let made = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-days",
+                "1",
+            ])
+            .args([
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl runs");
+        assert!(made.success(), "openssl made a certificate");
+        let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+        server.args = vec![
+            "--port".into(),
+            "0".into(),
+            "--tls-port".into(),
+            server.port.to_string(),
+            "--tls-cert-file".into(),
+            path(&cert),
+            "--tls-key-file".into(),
+            path(&key),
+            "--tls-ca-cert-file".into(),
+            path(&cert),
+            "--tls-auth-clients".into(),
+            "no".into(),
+            "--requirepass".into(),
+            password.into(),
+        ];
+        server.url = format!("rediss://:{password}@127.0.0.1:{}/0#insecure", server.port);
+        server.launch();
+        Some(server)
+    }
+
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        self.url.clone()
     }
 
     fn launch(&mut self) {
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(&self.args)
+            .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
