@@ -103,6 +103,8 @@ impl Application {
             max_connections: app.config.max_connections,
             drain_deadline: app.config.request_timeout + Duration::from_secs(1),
         };
+        // Ready before the first accept, so no request can see the starting phase.
+        app.lifecycle.set(Phase::Serving);
         let mut servers = tokio::task::JoinSet::new();
         servers.spawn(server::serve(
             self.listener,
@@ -119,7 +121,6 @@ impl Application {
             ));
         }
         let background = spawn_background(&app, stopped(stop_rx.clone()));
-        app.lifecycle.set(Phase::Serving);
         tracing::info!(
             addr = %app.config.listen_addr,
             max_n = app.config.max_n,

@@ -22,6 +22,7 @@ use crate::{
     auth::AuthError,
     error::ApiError,
     ratelimit::{client, ClientKey, Decision},
+    shutdown::Phase,
     telemetry,
 };
 
@@ -99,6 +100,13 @@ pub async fn observe(State(app): State<Arc<App>>, mut req: Request, next: Next) 
     app.metrics.in_flight().increment(1.0);
     let mut response = next.run(req).instrument(span.clone()).await;
     add_security_headers(&mut response);
+    if app.lifecycle.phase() == Phase::Draining {
+        // Keep-alive clients would otherwise send their next request on a connection
+        // the drain is about to close; this tells them to open a new one elsewhere.
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     app.metrics.in_flight().decrement(1.0);
 
     if response.extensions().get::<Unmatched>().is_some() {

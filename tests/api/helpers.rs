@@ -322,3 +322,28 @@ where
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+/// A TCP server that accepts connections and never answers: as `REDIS_URL`, every cache
+/// miss waits exactly `REDIS_TIMEOUT_MS` there, which holds a request in flight for as
+/// long as a test needs, whatever the machine's speed.
+pub async fn black_hole() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    addr
+}
+
+/// A configuration whose cache misses stall in a black hole for `stall`.
+pub async fn stalling(stall: Duration) -> Config {
+    Config {
+        redis_url: Some(format!("redis://{}", black_hole().await)),
+        redis_timeout: stall,
+        rate_limits: None,
+        ..test_config()
+    }
+}

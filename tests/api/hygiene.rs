@@ -9,7 +9,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::helpers::{eventually, spawn_app, test_config};
+use crate::helpers::{eventually, spawn_app, stalling, test_config};
 
 /// Reads until the server closes the connection (or `limit` passes), returning what came.
 async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> Option<String> {
@@ -161,11 +161,10 @@ async fn past_the_connection_cap_new_connections_are_closed_at_once() {
 async fn over_max_in_flight_the_api_sheds_load_but_probes_answer() {
     let app = spawn_app(Config {
         max_in_flight: 1,
-        max_n: 1_000_000,
-        ..quick_timeouts()
+        ..stalling(Duration::from_millis(1500)).await
     })
     .await;
-    let slow = tokio::spawn(app.client.get(app.url("/fibonacci?n=999999")).send());
+    let slow = tokio::spawn(app.client.get(app.url("/fibonacci?n=999")).send());
     let state = app.state.clone();
     eventually(
         Duration::from_secs(5),
@@ -201,14 +200,14 @@ async fn over_max_in_flight_the_api_sheds_load_but_probes_answer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_past_its_deadline_gets_a_503() {
     let app = spawn_app(Config {
-        request_timeout: Duration::from_millis(20),
-        max_n: 1_000_000,
-        ..quick_timeouts()
+        request_timeout: Duration::from_millis(100),
+        ..stalling(Duration::from_secs(3)).await
     })
     .await;
-    let response = app.fib("1000000").await;
+    let response = app.fib("777").await;
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(response.headers().contains_key("retry-after"));
+    assert_eq!(app.get("/health").await.status(), StatusCode::OK);
     app.stop().await;
 }
 
