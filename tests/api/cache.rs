@@ -224,11 +224,7 @@ async fn tls_and_a_password_from_the_url_work() {
 #[tokio::test]
 async fn the_service_starts_and_serves_with_redis_unreachable() {
     // A port nothing listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::helpers::free_port();
     let app = spawn_app(Config {
         redis_url: Some(format!("redis://127.0.0.1:{port}")),
         ..test_config()

@@ -48,11 +48,7 @@ fn a_bad_setting_stops_start_up_with_one_line() {
 
 #[test]
 fn the_healthcheck_subcommand_fails_when_nothing_answers() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::helpers::free_port();
     let out = Command::new(env!("CARGO_BIN_EXE_fibonacci-api"))
         .args([
             "healthcheck",

@@ -157,7 +157,8 @@ pub struct RedisServer {
     url: String,
 }
 
-fn free_port() -> u16 {
+/// A port nothing listens on right now (for servers started outside this process).
+pub fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -85,11 +85,7 @@ struct Service {
 }
 
 async fn start_service(env: &[(&str, String)]) -> Service {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::helpers::free_port();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_fibonacci-api"));
     cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
