@@ -134,11 +134,6 @@ pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
 }
 
 impl Telemetry {
-    /// Whether spans are exported.
-    pub fn is_tracing(&self) -> bool {
-        self.provider.is_some()
-    }
-
     /// Flushes and stops the exporter; call after the HTTP drain so the last requests'
     /// spans are among those flushed.
     pub async fn shutdown(self) {
