@@ -54,9 +54,10 @@ pub enum Command {
     /// Probe a running instance (exit 0 when it answers 200); for container health checks,
     /// which have no shell or curl in a distroless image.
     Healthcheck {
-        /// URL to probe.
-        #[arg(long, default_value = "http://127.0.0.1:5000/livez")]
-        url: String,
+        /// URL to probe; by default `/livez` where this configuration listens
+        /// (`ADMIN_LISTEN_ADDR` if set, else `LISTEN_ADDR`; wildcards over loopback).
+        #[arg(long)]
+        url: Option<String>,
         /// Give up after this many milliseconds.
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
@@ -182,7 +183,7 @@ fn parse_int<T: std::str::FromStr + PartialOrd + std::fmt::Display>(
     Ok(parsed)
 }
 
-fn parse_addr(var: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
+pub(crate) fn parse_addr(var: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
     value
         .trim()
         .parse()
