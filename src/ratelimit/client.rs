@@ -58,9 +58,10 @@ fn is_trusted(ip: IpAddr, trusted: &[IpNet]) -> bool {
 }
 
 /// One `X-Forwarded-For` entry: a bare address (as cloud load balancers write it), also
-/// tolerating `[v6]`, `v4:port` and `[v6]:port`.
-fn parse_entry(entry: &str) -> Option<IpAddr> {
-    let entry = entry.trim();
+/// tolerating `[v6]`, `v4:port` and `[v6]:port`. Raw bytes: an entry that is not even
+/// text is simply not an address.
+fn parse_entry(entry: &[u8]) -> Option<IpAddr> {
+    let entry = std::str::from_utf8(entry.trim_ascii()).ok()?;
     if let Ok(ip) = entry.parse() {
         return Some(ip);
     }
@@ -74,6 +75,13 @@ fn parse_entry(entry: &str) -> Option<IpAddr> {
 }
 
 /// The client address of a request from `peer` carrying these `X-Forwarded-For` values.
+///
+/// The header lines are one comma-separated list, in order (RFC 9110 §5.3), read from
+/// the right as raw bytes: whatever a client wrote to the left of the address our proxy
+/// appended (non-UTF-8 bytes, junk, more lines) is never looked at, so it cannot change
+/// the key. Empty list elements are skipped, as the list syntax requires. An entry that
+/// is not an address where our proxy's word was expected means the hop is not one we
+/// understand: the peer itself is the client then.
 pub fn resolve<'a>(
     peer: IpAddr,
     forwarded_for: impl DoubleEndedIterator<Item = &'a HeaderValue>,
@@ -84,21 +92,18 @@ pub fn resolve<'a>(
         return peer;
     }
     let mut leftmost = None;
-    // Several headers are one list in order: read them all from the right.
-    for value in forwarded_for.rev() {
-        let Ok(text) = value.to_str() else {
+    let entries = forwarded_for
+        .rev()
+        .flat_map(|value| value.as_bytes().rsplit(|b| *b == b','))
+        .filter(|entry| !entry.trim_ascii().is_empty());
+    for entry in entries {
+        let Some(ip) = parse_entry(entry).map(canonical) else {
             return peer;
         };
-        for entry in text.rsplit(',') {
-            let Some(ip) = parse_entry(entry).map(canonical) else {
-                // Garbage where we expected our proxy's word: trust nothing further left.
-                return peer;
-            };
-            if !is_trusted(ip, trusted) {
-                return ip;
-            }
-            leftmost = Some(ip);
+        if !is_trusted(ip, trusted) {
+            return ip;
         }
+        leftmost = Some(ip);
     }
     // Every hop is ours: the request started inside; the farthest hop is the client.
     leftmost.unwrap_or(peer)
@@ -162,6 +167,18 @@ mod tests {
             ("10.0.0.2", &[""], "10.0.0.2", "empty header: the peer"),
             (
                 "10.0.0.2",
+                &["198.51.100.7,"],
+                "198.51.100.7",
+                "an empty trailing element is skipped",
+            ),
+            (
+                "10.0.0.2",
+                &["garbage, 198.51.100.7"],
+                "198.51.100.7",
+                "garbage left of the client does not matter",
+            ),
+            (
+                "10.0.0.2",
                 &["198.51.100.7:4431"],
                 "198.51.100.7",
                 "address with port",
@@ -193,6 +210,28 @@ mod tests {
                 .collect();
             assert_eq!(
                 resolve(ip(peer), values.iter(), &trusted),
+                ip(expected),
+                "{why}"
+            );
+        }
+    }
+
+    #[test]
+    fn bytes_left_of_the_client_are_never_read() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let cases: &[(&[&[u8]], &str, &str)] = &[
+            (&[b"\x80, 198.51.100.7"], "198.51.100.7", "non-UTF-8 on the left"),
+            (&[b"\x80", b"198.51.100.7, 10.0.0.3"], "198.51.100.7", "in an earlier line"),
+            (&[b"198.51.100.7 \x80"], "10.0.0.2", "junk in the client's own entry: the peer"),
+            (&[b"\xff"], "10.0.0.2", "nothing but junk: the peer"),
+        ];
+        for (lines, expected, why) in cases {
+            let values: Vec<HeaderValue> = lines
+                .iter()
+                .map(|l| HeaderValue::from_bytes(l).unwrap())
+                .collect();
+            assert_eq!(
+                resolve(ip("10.0.0.2"), values.iter(), &trusted),
                 ip(expected),
                 "{why}"
             );

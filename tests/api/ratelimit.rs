@@ -225,3 +225,59 @@ async fn rate_limits_off_means_no_limits_and_no_headers() {
     }
     app.stop().await;
 }
+
+/// A request through the trusted proxy at 127.0.0.5 carrying these raw
+/// `X-Forwarded-For` lines, as an appending proxy (nginx, Envoy, ALB) forwards them.
+async fn through_proxy(app: &TestApp, lines: &[&[u8]]) -> StatusCode {
+    let mut headers = reqwest::header::HeaderMap::new();
+    for line in lines {
+        headers.append(
+            "x-forwarded-for",
+            reqwest::header::HeaderValue::from_bytes(line).unwrap(),
+        );
+    }
+    client_from(Some(ip("127.0.0.5")))
+        .get(app.url("/fibonacci?n=7"))
+        .headers(headers)
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+#[tokio::test]
+async fn bytes_a_client_writes_left_of_its_address_do_not_reset_its_limit() {
+    let app = spawn_app(Config {
+        trusted_proxies: vec!["127.0.0.5/32".parse().unwrap()],
+        ..limited("2/minute")
+    })
+    .await;
+    for i in 1..=2 {
+        assert_eq!(
+            through_proxy(&app, &[b"198.51.100.7"]).await,
+            StatusCode::OK,
+            "request {i}"
+        );
+    }
+    let dodges: &[(&[&[u8]], &str)] = &[
+        (&[b"\x80, 198.51.100.7"], "a non-ASCII byte on the left"),
+        (&[b"\xff\xfe garbage \x80, 198.51.100.7"], "binary junk on the left"),
+        (&[b"\x80", b"198.51.100.7"], "junk in an earlier header line"),
+        (&[b"not-an-ip, 198.51.100.7"], "an unparsable entry on the left"),
+        (&[b", ,198.51.100.7"], "empty list elements"),
+        (&[b"9.9.9.9", b"1.2.3.4, 198.51.100.7"], "a forged earlier line"),
+    ];
+    for (lines, why) in dodges {
+        assert_eq!(
+            through_proxy(&app, lines).await,
+            StatusCode::TOO_MANY_REQUESTS,
+            "{why}: the limited client must stay limited"
+        );
+    }
+    assert_eq!(
+        through_proxy(&app, &[b"\x80, 198.51.100.8"]).await,
+        StatusCode::OK,
+        "another client behind the same proxy is keyed on its own address"
+    );
+    app.stop().await;
+}
