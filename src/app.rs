@@ -50,7 +50,13 @@ impl App {
         let store = FibonacciStore::new(config.cache_max_bytes, redis.clone(), &metrics)
             .with_deadline(config.request_timeout);
         let limiter = config.rate_limits.clone().map(|policy| {
-            RateLimiter::new(policy, config.rate_limit_max_keys, redis.clone(), &metrics)
+            RateLimiter::new(
+                policy,
+                config.rate_limit_ipv6_48_factor,
+                config.rate_limit_max_keys,
+                redis.clone(),
+                &metrics,
+            )
         });
         Ok(Arc::new(Self {
             store,

@@ -15,11 +15,15 @@ use ipnet::IpNet;
 
 /// The rate-limiting identity of a client: an IPv4 address, an IPv6 /64 (one
 /// subscriber's allocation: per-address keys would hand an IPv6 user 2^64 budgets), or
-/// with JWT authentication the token's verified subject.
+/// with JWT authentication the token's verified subject. An IPv6 /48 is the shared
+/// budget of all the /64s in it (what a hosting provider or tunnel broker hands out, so
+/// one holder cannot rotate through 65,536 fresh budgets).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ClientKey {
     V4(Ipv4Addr),
     V6Prefix(u64),
+    /// The top 48 bits of an IPv6 address, in the low bits.
+    V6Net48(u64),
     Subject(std::sync::Arc<str>),
 }
 
@@ -31,6 +35,23 @@ impl ClientKey {
             IpAddr::V6(v6) => Self::V6Prefix((u128::from(v6) >> 64) as u64),
         }
     }
+
+    /// The /48 an IPv6 /64 belongs to: the second budget its requests must fit.
+    pub fn net48(&self) -> Option<Self> {
+        match self {
+            Self::V6Prefix(prefix) => Some(Self::V6Net48(prefix >> 16)),
+            _ => None,
+        }
+    }
+
+    /// The part of the key that places it in a Redis Cluster slot (the `{…}` hash tag):
+    /// a /64 and its /48 share the /48's, so one script can touch both atomically.
+    pub fn slot_tag(&self) -> String {
+        match self {
+            Self::V6Prefix(prefix) => Self::V6Net48(prefix >> 16).to_string(),
+            other => other.to_string(),
+        }
+    }
 }
 
 impl fmt::Display for ClientKey {
@@ -39,6 +60,9 @@ impl fmt::Display for ClientKey {
             Self::V4(v4) => write!(f, "{v4}"),
             Self::V6Prefix(prefix) => {
                 write!(f, "{}/64", Ipv6Addr::from(u128::from(*prefix) << 64))
+            }
+            Self::V6Net48(prefix) => {
+                write!(f, "{}/48", Ipv6Addr::from(u128::from(*prefix) << 80))
             }
             Self::Subject(subject) => write!(f, "sub:{subject}"),
         }
@@ -220,9 +244,21 @@ mod tests {
     fn bytes_left_of_the_client_are_never_read() {
         let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
         let cases: &[(&[&[u8]], &str, &str)] = &[
-            (&[b"\x80, 198.51.100.7"], "198.51.100.7", "non-UTF-8 on the left"),
-            (&[b"\x80", b"198.51.100.7, 10.0.0.3"], "198.51.100.7", "in an earlier line"),
-            (&[b"198.51.100.7 \x80"], "10.0.0.2", "junk in the client's own entry: the peer"),
+            (
+                &[b"\x80, 198.51.100.7"],
+                "198.51.100.7",
+                "non-UTF-8 on the left",
+            ),
+            (
+                &[b"\x80", b"198.51.100.7, 10.0.0.3"],
+                "198.51.100.7",
+                "in an earlier line",
+            ),
+            (
+                &[b"198.51.100.7 \x80"],
+                "10.0.0.2",
+                "junk in the client's own entry: the peer",
+            ),
             (&[b"\xff"], "10.0.0.2", "nothing but junk: the peer"),
         ];
         for (lines, expected, why) in cases {
@@ -252,6 +288,14 @@ mod tests {
         assert_eq!(a, b, "same /64, same budget");
         assert_ne!(a, c, "neighbouring /64, own budget");
         assert_eq!(a.to_string(), "2001:db8:1:2::/64");
+        assert_eq!(a.net48(), c.net48(), "neighbouring /64s share their /48");
+        assert_eq!(a.net48().unwrap().to_string(), "2001:db8:1::/48");
+        assert_ne!(a.net48(), ClientKey::of(ip("2001:db8:2:2::1")).net48());
+        assert_eq!(
+            ClientKey::of(ip("192.0.2.1")).net48(),
+            None,
+            "IPv4 has no /48"
+        );
         assert_eq!(
             ClientKey::of(ip("::ffff:192.0.2.1")).to_string(),
             "192.0.2.1"
