@@ -125,11 +125,9 @@ fn wait_for_room(v: &View, w: &Window, need: u64) -> u64 {
     let (t, limit) = (w.period(), u64::from(w.limit));
     // Earliest elapsed time e with prev·(T−e) ≤ room·T, i.e. e ≥ T − ⌊room·T/prev⌋.
     let earliest = |prev: u64, room: u64| {
-        if prev == 0 {
-            0
-        } else {
-            t.saturating_sub(room * t / prev)
-        }
+        (room * t)
+            .checked_div(prev)
+            .map_or(0, |fits| t.saturating_sub(fits))
     };
     if v.cur + need <= limit {
         // Fits in this window, once enough of the previous one has slid out.
