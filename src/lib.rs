@@ -9,7 +9,7 @@
 //! - [`input`]: strict parsing of `n`; [`error`]: the one error type.
 //! - [`cache`]: memory → Redis → computation; [`fib`]: the computation itself.
 //! - [`ratelimit`]: per-client windows, in Redis or in process; [`auth`]: optional JWTs.
-//! - [`redis_client`]: the shared Redis connection and its circuit breaker.
+//! - [`redis_client`]: the shared Redis connection; [`breaker`]: its circuit breaker.
 //! - [`metrics`], [`telemetry`]: RED metrics, logs and traces.
 //! - [`shutdown`]: lifecycle phases and signals; [`healthcheck`]: the probe subcommand.
 //!
@@ -19,6 +19,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod breaker;
 pub mod cache;
 pub mod config;
 pub mod error;
@@ -106,6 +107,11 @@ impl Application {
         };
         // Ready before the first accept, so no request can see the starting phase.
         app.lifecycle.set(Phase::Serving);
+        let addr = self.listener.local_addr().ok();
+        let admin_addr = self
+            .admin_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok());
         let mut servers = tokio::task::JoinSet::new();
         servers.spawn(server::serve(
             self.listener,
@@ -122,8 +128,12 @@ impl Application {
             ));
         }
         let background = spawn_background(&app, stopped(stop_rx.clone()));
+        // The bound addresses (port 0 resolved), so whoever started us can find us; a
+        // target of its own lets a quiet RUST_LOG keep this one line.
         tracing::info!(
-            addr = %app.config.listen_addr,
+            target: "fibonacci_api::serving",
+            addr = addr.map(|a| a.to_string()),
+            admin_addr = admin_addr.map(|a| a.to_string()),
             max_n = app.config.max_n,
             redis = app.redis.is_some(),
             rate_limits = %app.config.rate_limits.as_ref().map_or("off".to_string(), |p| p.to_string()),

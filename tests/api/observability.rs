@@ -1,5 +1,7 @@
 //! Metrics as operators see them: exact counts after a known sequence, bounded labels.
 
+use std::time::Duration;
+
 use fibonacci_api::config::Config;
 
 use crate::helpers::{spawn_app, test_config};
@@ -180,4 +182,75 @@ async fn with_an_admin_listener_metrics_and_probes_are_served_only_there() {
         "the API is not on the admin port"
     );
     app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_and_its_end_are_logged_once_with_the_real_cause() {
+    let Some(mut redis) = crate::helpers::RedisServer::start() else {
+        return;
+    };
+    // The default log level: what an operator sees without turning anything up.
+    let service = crate::helpers::spawn_binary(&[("REDIS_URL", redis.url())]).await;
+    let client = reqwest::Client::new();
+    let fib = |n: u32| {
+        client
+            .get(format!("{}/fibonacci?n={n}", service.base()))
+            .send()
+    };
+    assert_eq!(fib(1).await.unwrap().status(), 200);
+    redis.kill();
+    for n in 2..22 {
+        assert_eq!(
+            fib(n).await.unwrap().status(),
+            200,
+            "served through the outage"
+        );
+    }
+    let events = |name: &str| -> Vec<serde_json::Value> {
+        service
+            .json_lines()
+            .into_iter()
+            .filter(|l| l["event"] == name)
+            .collect()
+    };
+    let down = events("redis_unavailable");
+    assert!(
+        !down.is_empty() && down.len() <= 3,
+        "the outage is logged, once per change of cause, not per request: {down:#?}"
+    );
+    assert!(down.iter().all(|l| l["level"] == "WARN"), "{down:#?}");
+    assert!(
+        down.iter().any(|l| l["cause"] == "connection refused"),
+        "a closed port is called what it is: {down:#?}"
+    );
+    redis.restart();
+    crate::helpers::eventually(Duration::from_secs(10), "the recovery line", || {
+        let back = !events("redis_available").is_empty();
+        async move { back }
+    })
+    .await;
+    let up = events("redis_available");
+    assert_eq!(up.len(), 1, "{up:#?}");
+    assert_eq!(up[0]["level"], "INFO");
+    let (status, _) = service.terminate();
+    assert!(status.success());
+}
+
+#[test]
+fn text_logs_written_to_a_pipe_have_no_colour_codes() {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fibonacci-api"))
+        .env_clear()
+        .env("LISTEN_ADDR", "127.0.0.1:0")
+        .env("LOG_FORMAT", "text")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while stdout.read_line(&mut line).unwrap() > 0 && !line.contains("serving") {}
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(line.contains("serving"), "no serving line: {line:?}");
+    assert!(!line.contains('\x1b'), "ANSI escapes in a pipe: {line:?}");
 }
