@@ -118,9 +118,11 @@ fn finish(router: Router<Arc<App>>, app: &Arc<App>, cors: Option<CorsLayer>) -> 
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(app.clone());
+    // Observation outside the panic catcher: a panic's 500 is counted, logged and
+    // given the security headers like any other response.
     let stack = ServiceBuilder::new()
-        .layer(CatchPanicLayer::custom(panic_response))
         .layer(from_fn_with_state(app.clone(), middleware::observe))
+        .layer(CatchPanicLayer::custom(panic_response))
         .option_layer(cors)
         .service(routed);
     Router::new().fallback_service(stack)
@@ -131,12 +133,19 @@ fn finish(router: Router<Arc<App>>, app: &Arc<App>, cors: Option<CorsLayer>) -> 
 /// here too unless `ADMIN_LISTEN_ADDR` gives them a port of their own: then the public
 /// port (the one an Ingress routes to) never exposes them.
 pub fn router(app: Arc<App>) -> Router {
+    router_with(app, Router::new())
+}
+
+/// The API router with `extra` routes beside the API, under the same middleware: the
+/// seam for tests that need a route of their own (one that panics, say).
+pub fn router_with(app: Arc<App>, extra: Router<Arc<App>>) -> Router {
     let api =
         get(fibonacci::fibonacci).route_layer(from_fn_with_state(app.clone(), middleware::admit));
     let mut router = Router::new()
         .route("/fibonacci", api)
         .route("/health", get(probes::health))
-        .route("/openapi.json", get(openapi::openapi_json));
+        .route("/openapi.json", get(openapi::openapi_json))
+        .merge(extra);
     if app.config.admin_listen_addr.is_none() {
         router = router.merge(admin_routes());
     }

@@ -102,8 +102,6 @@ pub struct Settings {
     pub rate_limit_max_keys: String,
     #[arg(long, env = "RATE_LIMIT_IPV6_48_FACTOR", default_value = defaults::RATE_LIMIT_IPV6_48_FACTOR)]
     pub rate_limit_ipv6_48_factor: String,
-    #[arg(long, env = "METRICS_ENABLED", default_value = "true")]
-    pub metrics_enabled: String,
     #[arg(long, env = "AUTH_JWT_HS256_SECRET", hide_env_values = true)]
     pub auth_jwt_hs256_secret: Option<String>,
     #[arg(long, env = "AUTH_JWT_PUBLIC_KEY_FILE")]
@@ -145,9 +143,6 @@ pub struct Config {
     pub rate_limit_max_keys: usize,
     /// Each IPv6 /48 shares this many times every window (0: no shared budget).
     pub rate_limit_ipv6_48_factor: u32,
-    /// Whether requests are counted (`/metrics` then serves only process and cache
-    /// metrics); off exists to measure what counting costs.
-    pub metrics_enabled: bool,
     /// JWT bearer authentication of `/fibonacci`; `None` leaves it open.
     pub auth: Option<Arc<Authenticator>>,
 }
@@ -318,20 +313,8 @@ impl Settings {
             })
             .collect::<Result<_, _>>()?;
         let auth = self.auth()?;
-        let metrics_enabled = match self.metrics_enabled.trim() {
-            "true" | "1" => true,
-            "false" | "0" => false,
-            _ => {
-                return Err(ConfigError::new(
-                    "METRICS_ENABLED",
-                    &self.metrics_enabled,
-                    "true or false",
-                ))
-            }
-        };
         Ok(Config {
             auth,
-            metrics_enabled,
             listen_addr: parse_addr("LISTEN_ADDR", &self.listen_addr)?,
             admin_listen_addr: match self.admin_listen_addr.as_deref().map(str::trim) {
                 None | Some("") => None,
@@ -407,7 +390,6 @@ impl Default for Config {
             max_in_flight: defaults::MAX_IN_FLIGHT.into(),
             rate_limit_max_keys: defaults::RATE_LIMIT_MAX_KEYS.into(),
             rate_limit_ipv6_48_factor: defaults::RATE_LIMIT_IPV6_48_FACTOR.into(),
-            metrics_enabled: "true".into(),
             auth_jwt_hs256_secret: None,
             auth_jwt_public_key_file: None,
             auth_jwt_jwks_file: None,

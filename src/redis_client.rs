@@ -173,8 +173,12 @@ impl RedisClient {
         loop {
             let mut conn = self.conn.clone();
             let ping = redis::cmd("PING");
-            // Failures are logged by the breaker's transitions, not per ping.
-            let _ = self.bounded(ping.query_async::<String>(&mut conn)).await;
+            // Failures are logged by the breaker's transitions, not per ping; a ping
+            // stuck until REDIS_TIMEOUT_MS must not hold up shutdown.
+            tokio::select! {
+                _ = &mut stop => return,
+                _ = self.bounded(ping.query_async::<String>(&mut conn)) => {}
+            }
             let period = if self.is_available() {
                 PING_HEALTHY
             } else {

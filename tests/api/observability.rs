@@ -254,3 +254,89 @@ fn text_logs_written_to_a_pipe_have_no_colour_codes() {
     assert!(line.contains("serving"), "no serving line: {line:?}");
     assert!(!line.contains('\x1b'), "ANSI escapes in a pipe: {line:?}");
 }
+
+#[tokio::test]
+async fn a_panicking_handler_is_counted_logged_and_answered_like_any_error() {
+    use axum::{body::Body, routing::get, Router};
+    use tower::ServiceExt;
+    let app = fibonacci_api::app::App::new(test_config()).unwrap();
+    let boom = Router::new().route(
+        "/boom",
+        get(|| async {
+            panic!("boom");
+            #[allow(unreachable_code)]
+            ""
+        }),
+    );
+    let router = fibonacci_api::app::router_with(app.clone(), boom);
+    let response = router
+        .oneshot(http::Request::get("/boom").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 500);
+    assert_eq!(
+        response.headers()["x-content-type-options"],
+        "nosniff",
+        "security headers on a panic's response too"
+    );
+    let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+        .await
+        .unwrap();
+    assert_eq!(
+        &body[..],
+        br#"{"error":"internal error"}"#,
+        "opaque to the client"
+    );
+    let scrape = crate::helpers::Scrape::parse(&app.metrics.render());
+    let errors: f64 = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == "http_requests_total" && s.labels.get("status") == Some("500"))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v) => v,
+            _ => 0.0,
+        })
+        .sum();
+    assert_eq!(errors, 1.0, "the availability SLI sees the panic");
+    assert_eq!(scrape.get("http_requests_in_flight", &[]), 0.0, "no leak");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_abandoned_by_their_clients_are_counted_as_499_and_leave_the_gauge() {
+    use tokio::io::AsyncWriteExt;
+    let app = spawn_app(crate::helpers::stalling(Duration::from_secs(60)).await).await;
+    let in_flight = || async { app.scrape().await.get("http_requests_in_flight", &[]) };
+    let mut clients = Vec::new();
+    for n in 0..20 {
+        let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+        let request = format!("GET /fibonacci?n={} HTTP/1.1\r\nHost: x\r\n\r\n", 100 + n);
+        stream.write_all(request.as_bytes()).await.unwrap();
+        clients.push(stream);
+    }
+    // 20 stalled on the black-holed Redis, plus the scrape asking.
+    crate::helpers::eventually(Duration::from_secs(10), "20 requests in flight", || async {
+        in_flight().await == 21.0
+    })
+    .await;
+    drop(clients);
+    crate::helpers::eventually(
+        Duration::from_secs(10),
+        "the gauge to come back",
+        || async { in_flight().await == 1.0 },
+    )
+    .await;
+    let scrape = app.scrape().await;
+    assert_eq!(
+        scrape.get(
+            "http_requests_total",
+            &[
+                ("method", "GET"),
+                ("route", "/fibonacci"),
+                ("status", "499")
+            ]
+        ),
+        20.0,
+        "each abandoned request counted once, as 499"
+    );
+    app.stop().await;
+}
