@@ -26,6 +26,9 @@ pub mod defaults {
     pub const REQUEST_TIMEOUT_MS: &str = "10000";
     pub const HEADER_READ_TIMEOUT_MS: &str = "5000";
     pub const MAX_CONNECTIONS: &str = "10000";
+    pub const MAX_CONNECTIONS_PER_ADDRESS: &str = "64";
+    pub const CONNECTION_RATE_PER_ADDRESS: &str = "64";
+    pub const WRITE_TIMEOUT_MS: &str = "10000";
     pub const MAX_IN_FLIGHT: &str = "1024";
     pub const RATE_LIMIT_MAX_KEYS: &str = "100000";
     pub const RATE_LIMIT_IPV6_48_FACTOR: &str = "8";
@@ -96,6 +99,12 @@ pub struct Settings {
     pub header_read_timeout_ms: String,
     #[arg(long, env = "MAX_CONNECTIONS", default_value = defaults::MAX_CONNECTIONS)]
     pub max_connections: String,
+    #[arg(long, env = "MAX_CONNECTIONS_PER_ADDRESS", default_value = defaults::MAX_CONNECTIONS_PER_ADDRESS)]
+    pub max_connections_per_address: String,
+    #[arg(long, env = "CONNECTION_RATE_PER_ADDRESS", default_value = defaults::CONNECTION_RATE_PER_ADDRESS)]
+    pub connection_rate_per_address: String,
+    #[arg(long, env = "WRITE_TIMEOUT_MS", default_value = defaults::WRITE_TIMEOUT_MS)]
+    pub write_timeout_ms: String,
     #[arg(long, env = "MAX_IN_FLIGHT", default_value = defaults::MAX_IN_FLIGHT)]
     pub max_in_flight: String,
     #[arg(long, env = "RATE_LIMIT_MAX_KEYS", default_value = defaults::RATE_LIMIT_MAX_KEYS)]
@@ -139,6 +148,12 @@ pub struct Config {
     pub request_timeout: Duration,
     pub header_read_timeout: Duration,
     pub max_connections: usize,
+    /// Connections one address may hold open (0: no cap); trusted proxies are exempt.
+    pub max_connections_per_address: u32,
+    /// New connections per second one address may open, in bursts of as many (0: off).
+    pub connection_rate_per_address: u32,
+    /// How long a response may wait on a client that does not read it.
+    pub write_timeout: Duration,
     pub max_in_flight: usize,
     pub rate_limit_max_keys: usize,
     /// Each IPv6 /48 shares this many times every window (0: no shared budget).
@@ -352,6 +367,24 @@ impl Settings {
                 3_600_000,
             )?),
             max_connections: parse_int("MAX_CONNECTIONS", &self.max_connections, 1, 1_000_000)?,
+            max_connections_per_address: parse_int(
+                "MAX_CONNECTIONS_PER_ADDRESS",
+                &self.max_connections_per_address,
+                0,
+                1_000_000,
+            )?,
+            connection_rate_per_address: parse_int(
+                "CONNECTION_RATE_PER_ADDRESS",
+                &self.connection_rate_per_address,
+                0,
+                1_000_000,
+            )?,
+            write_timeout: Duration::from_millis(parse_int(
+                "WRITE_TIMEOUT_MS",
+                &self.write_timeout_ms,
+                1,
+                3_600_000,
+            )?),
             max_in_flight: parse_int("MAX_IN_FLIGHT", &self.max_in_flight, 1, 1_000_000)?,
             rate_limit_max_keys: parse_int(
                 "RATE_LIMIT_MAX_KEYS",
@@ -387,6 +420,9 @@ impl Default for Config {
             request_timeout_ms: defaults::REQUEST_TIMEOUT_MS.into(),
             header_read_timeout_ms: defaults::HEADER_READ_TIMEOUT_MS.into(),
             max_connections: defaults::MAX_CONNECTIONS.into(),
+            max_connections_per_address: defaults::MAX_CONNECTIONS_PER_ADDRESS.into(),
+            connection_rate_per_address: defaults::CONNECTION_RATE_PER_ADDRESS.into(),
+            write_timeout_ms: defaults::WRITE_TIMEOUT_MS.into(),
             max_in_flight: defaults::MAX_IN_FLIGHT.into(),
             rate_limit_max_keys: defaults::RATE_LIMIT_MAX_KEYS.into(),
             rate_limit_ipv6_48_factor: defaults::RATE_LIMIT_IPV6_48_FACTOR.into(),

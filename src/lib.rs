@@ -102,8 +102,17 @@ impl Application {
         };
         let limits = server::Limits {
             header_read_timeout: app.config.header_read_timeout,
+            write_timeout: app.config.write_timeout,
             max_connections: app.config.max_connections,
             drain_deadline: app.config.request_timeout + Duration::from_secs(1),
+        };
+        let gate = || {
+            Arc::new(server::gate::Gate::new(
+                app.config.trusted_proxies.clone(),
+                app.config.max_connections_per_address,
+                app.config.connection_rate_per_address,
+                app.config.rate_limit_max_keys,
+            ))
         };
         // Ready before the first accept, so no request can see the starting phase.
         app.lifecycle.set(Phase::Serving);
@@ -117,6 +126,8 @@ impl Application {
             self.listener,
             app::router(app.clone()),
             limits,
+            gate(),
+            app.metrics.clone(),
             stopped(stop_rx.clone()),
         ));
         if let Some(admin) = self.admin_listener {
@@ -124,6 +135,8 @@ impl Application {
                 admin,
                 app::admin_router(app.clone()),
                 limits,
+                gate(),
+                app.metrics.clone(),
                 stopped(stop_rx.clone()),
             ));
         }

@@ -7,10 +7,16 @@
 //! - A header-read timeout cuts clients that never finish their request head (including
 //!   ones that send nothing at all).
 //! - A cap on open connections: past it, new connections are closed at once rather than
-//!   queued, so the process never runs out of file descriptors.
+//!   queued, so the process never runs out of file descriptors; and per client address a
+//!   cap and a rate ([`gate`]), so one address cannot take every slot.
+//! - A write deadline ([`io`]): a client that stops reading its responses is cut off;
+//!   at most `MAX_HEAD_BYTES` of pipelined requests are read ahead of the answers.
 //! - Oversized heads get hyper's 431 (headers) or 414 (URI), never a crash.
 //! - Shutdown stops accepting, lets in-flight requests finish within a deadline, and
 //!   closes idle keep-alive connections.
+
+pub mod gate;
+pub mod io;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -24,10 +30,14 @@ use hyper_util::{
 use tokio::{net::TcpListener, sync::Semaphore};
 use tower::ServiceExt;
 
+use crate::metrics::Metrics;
+
 /// The limits a listener enforces.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub header_read_timeout: Duration,
+    /// How long a response may wait on a client that does not read it.
+    pub write_timeout: Duration,
     pub max_connections: usize,
     /// How long in-flight requests get to finish once accepting stops.
     pub drain_deadline: Duration,
@@ -75,11 +85,16 @@ fn bind_socket(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// Largest request head: generous for real clients, far below memory trouble.
 const MAX_HEAD_BYTES: usize = 32 * 1024;
 
+/// How often the gate forgets the rate state of addresses at rest.
+const SWEEP_PERIOD: Duration = Duration::from_secs(1);
+
 /// Serves `router` on `listener` until `stop` resolves, then drains.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: Limits,
+    gate: Arc<gate::Gate>,
+    metrics: Arc<Metrics>,
     stop: impl std::future::Future<Output = ()>,
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
@@ -90,11 +105,16 @@ pub async fn serve(
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(MAX_HEAD_BYTES)
         .keep_alive(true);
+    let mut sweep = tokio::time::interval(SWEEP_PERIOD);
     tokio::pin!(stop);
     loop {
         let (stream, peer) = tokio::select! {
             biased;
             _ = &mut stop => break,
+            _ = sweep.tick() => {
+                gate.sweep();
+                continue;
+            }
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
                 Err(e) => {
@@ -105,9 +125,22 @@ pub async fn serve(
                 }
             },
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, max = limits.max_connections, "connection limit reached: closing new connection");
-            continue;
+        // Per address first: one address at its cap must not use up the global slots.
+        let admitted = gate.admit(peer.ip()).and_then(|ticket| {
+            permits
+                .clone()
+                .try_acquire_owned()
+                .map(|permit| (ticket, permit))
+                .map_err(|_| gate::Refusal::Full)
+        });
+        let (ticket, permit) = match admitted {
+            Ok(admitted) => admitted,
+            Err(refusal) => {
+                metrics.connection_refused(refusal.label());
+                // Debug, not warn: a flood of refusals would otherwise flood the logs.
+                tracing::debug!(%peer, reason = refusal.label(), "connection refused");
+                continue;
+            }
         };
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(router.clone().map_request(
@@ -116,12 +149,16 @@ pub async fn serve(
                 req
             },
         ));
-        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        let io = io::WriteDeadline::new(TokioIo::new(stream), limits.write_timeout);
+        let conn = graceful.watch(builder.serve_connection(io, service));
+        let open = metrics.connections_open().clone();
+        open.increment(1.0);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, %peer, "connection ended with an error");
             }
-            drop(permit);
+            open.decrement(1.0);
+            drop((ticket, permit));
         });
     }
     drop(listener);
