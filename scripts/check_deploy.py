@@ -46,6 +46,8 @@ CHART = ROOT / "helm" / "fibonacci-api"
 DASHBOARD = CHART / "dashboards" / "fibonacci-api.json"
 DASHBOARD_COPY = ROOT / "grafana" / "dashboards" / "fibonacci-api.json"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
+ALERT_TESTS = [ROOT / "deploy" / "prometheus" / "alerts_test.yaml",
+               ROOT / "deploy" / "prometheus" / "alerts_longterm_test.yaml"]
 VENV_BIN = Path(sys.executable).parent
 
 # Kubernetes versions whose schemas every rendered object must satisfy: the
@@ -638,9 +640,11 @@ def cmd_alerts_sync() -> None:
         fail(f"{ALERTS.relative_to(ROOT)} differs from the chart's PrometheusRule: run `scripts/check-deploy gen-alerts`")
     check_rule_groups({"kind": "rules", "metadata": {"name": str(ALERTS.relative_to(ROOT))}}, plain["groups"], "groups")
     alerts = sorted({r["alert"] for g in plain["groups"] for r in g["rules"] if "alert" in r})
-    tests = load_file(ALERTS.parent / "alerts_test.yaml")
-    tested = {a.get("alertname") for t in tests.get("tests", []) for a in t.get("alert_rule_test", [])
-              if a.get("exp_alerts")}
+    tested = set()
+    for f in ALERT_TESTS:
+        tests = load_file(f)
+        tested |= {a.get("alertname") for t in tests.get("tests", []) for a in t.get("alert_rule_test", [])
+                   if a.get("exp_alerts")}
     untested = set(alerts) - tested
     if untested:
         fail(f"alerts without a firing promtool test in alerts_test.yaml: {sorted(untested)}")
