@@ -38,9 +38,10 @@ canary analysis use the same expressions.
 {{- end }}
 
 {{/* The latency SLO threshold as an `le` matcher that matches both renderings of
-     a bucket boundary: the exporter writes le="1", Prometheus 3 stores le="1.0". */}}
+     a bucket boundary: the exporter writes le="1", Prometheus 3 stores le="1.0".
+     A raw (backtick) string, so the regex needs no PromQL escaping. */}}
 {{- define "fibonacci-api.sli.leMatcher" -}}
-{{- printf "le=~\"%s(\\\\.0)?\"" (regexQuoteMeta (toString .) | replace "\\" "\\\\") -}}
+{{- printf "le=~`%s(\\.0)?`" (regexQuoteMeta (toString .)) -}}
 {{- end }}
 
 {{/* Share of the selected requests slower than the threshold, over a window.
