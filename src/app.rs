@@ -50,7 +50,13 @@ impl App {
         let store = FibonacciStore::new(config.cache_max_bytes, redis.clone(), &metrics)
             .with_deadline(config.request_timeout);
         let limiter = config.rate_limits.clone().map(|policy| {
-            RateLimiter::new(policy, config.rate_limit_max_keys, redis.clone(), &metrics)
+            RateLimiter::new(
+                policy,
+                config.rate_limit_ipv6_48_factor,
+                config.rate_limit_max_keys,
+                redis.clone(),
+                &metrics,
+            )
         });
         Ok(Arc::new(Self {
             store,
@@ -121,15 +127,19 @@ fn finish(router: Router<Arc<App>>, app: &Arc<App>, cors: Option<CorsLayer>) -> 
 }
 
 /// The API router: `/fibonacci` behind admission (load shedding, the rate limit);
-/// probes, metrics and the OpenAPI document beside it, never limited.
+/// `/health` and the OpenAPI document beside it, never limited. Probes and metrics are
+/// here too unless `ADMIN_LISTEN_ADDR` gives them a port of their own: then the public
+/// port (the one an Ingress routes to) never exposes them.
 pub fn router(app: Arc<App>) -> Router {
     let api =
         get(fibonacci::fibonacci).route_layer(from_fn_with_state(app.clone(), middleware::admit));
-    let router = Router::new()
+    let mut router = Router::new()
         .route("/fibonacci", api)
         .route("/health", get(probes::health))
-        .route("/openapi.json", get(openapi::openapi_json))
-        .merge(admin_routes());
+        .route("/openapi.json", get(openapi::openapi_json));
+    if app.config.admin_listen_addr.is_none() {
+        router = router.merge(admin_routes());
+    }
     finish(router, &app, cors(&app.config.cors_allowed_origins))
 }
 

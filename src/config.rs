@@ -28,6 +28,7 @@ pub mod defaults {
     pub const MAX_CONNECTIONS: &str = "10000";
     pub const MAX_IN_FLIGHT: &str = "1024";
     pub const RATE_LIMIT_MAX_KEYS: &str = "100000";
+    pub const RATE_LIMIT_IPV6_48_FACTOR: &str = "8";
 }
 
 /// The largest `MAX_N` accepted: F(10^6) has 208,988 digits and is computed in well
@@ -54,9 +55,10 @@ pub enum Command {
     /// Probe a running instance (exit 0 when it answers 200); for container health checks,
     /// which have no shell or curl in a distroless image.
     Healthcheck {
-        /// URL to probe.
-        #[arg(long, default_value = "http://127.0.0.1:5000/livez")]
-        url: String,
+        /// URL to probe; by default `/livez` where this configuration listens
+        /// (`ADMIN_LISTEN_ADDR` if set, else `LISTEN_ADDR`; wildcards over loopback).
+        #[arg(long)]
+        url: Option<String>,
         /// Give up after this many milliseconds.
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
@@ -98,6 +100,8 @@ pub struct Settings {
     pub max_in_flight: String,
     #[arg(long, env = "RATE_LIMIT_MAX_KEYS", default_value = defaults::RATE_LIMIT_MAX_KEYS)]
     pub rate_limit_max_keys: String,
+    #[arg(long, env = "RATE_LIMIT_IPV6_48_FACTOR", default_value = defaults::RATE_LIMIT_IPV6_48_FACTOR)]
+    pub rate_limit_ipv6_48_factor: String,
     #[arg(long, env = "METRICS_ENABLED", default_value = "true")]
     pub metrics_enabled: String,
     #[arg(long, env = "AUTH_JWT_HS256_SECRET", hide_env_values = true)]
@@ -139,6 +143,8 @@ pub struct Config {
     pub max_connections: usize,
     pub max_in_flight: usize,
     pub rate_limit_max_keys: usize,
+    /// Each IPv6 /48 shares this many times every window (0: no shared budget).
+    pub rate_limit_ipv6_48_factor: u32,
     /// Whether requests are counted (`/metrics` then serves only process and cache
     /// metrics); off exists to measure what counting costs.
     pub metrics_enabled: bool,
@@ -182,7 +188,7 @@ fn parse_int<T: std::str::FromStr + PartialOrd + std::fmt::Display>(
     Ok(parsed)
 }
 
-fn parse_addr(var: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
+pub(crate) fn parse_addr(var: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
     value
         .trim()
         .parse()
@@ -370,6 +376,12 @@ impl Settings {
                 64,
                 100_000_000,
             )?,
+            rate_limit_ipv6_48_factor: parse_int(
+                "RATE_LIMIT_IPV6_48_FACTOR",
+                &self.rate_limit_ipv6_48_factor,
+                0,
+                100,
+            )?,
         })
     }
 }
@@ -394,6 +406,7 @@ impl Default for Config {
             max_connections: defaults::MAX_CONNECTIONS.into(),
             max_in_flight: defaults::MAX_IN_FLIGHT.into(),
             rate_limit_max_keys: defaults::RATE_LIMIT_MAX_KEYS.into(),
+            rate_limit_ipv6_48_factor: defaults::RATE_LIMIT_IPV6_48_FACTOR.into(),
             metrics_enabled: "true".into(),
             auth_jwt_hs256_secret: None,
             auth_jwt_public_key_file: None,

@@ -11,7 +11,7 @@
 //! - [`ratelimit`]: per-client windows, in Redis or in process; [`auth`]: optional JWTs.
 //! - [`redis_client`]: the shared Redis connection and its circuit breaker.
 //! - [`metrics`], [`telemetry`]: RED metrics, logs and traces.
-//! - [`shutdown`]: lifecycle phases and signals.
+//! - [`shutdown`]: lifecycle phases and signals; [`healthcheck`]: the probe subcommand.
 //!
 //! [`Application`] is the seam for `main` and the tests: build it (it binds), read its
 //! address, then run it until a shutdown future resolves.
@@ -23,6 +23,7 @@ pub mod cache;
 pub mod config;
 pub mod error;
 pub mod fib;
+pub mod healthcheck;
 pub mod input;
 pub mod metrics;
 pub mod middleware;
@@ -58,9 +59,9 @@ impl Application {
     /// Builds the state and binds the listeners (port 0 picks a free port).
     pub async fn build(config: Config) -> std::io::Result<Self> {
         let app = App::new(config).map_err(std::io::Error::other)?;
-        let listener = TcpListener::bind(app.config.listen_addr).await?;
+        let listener = server::bind(app.config.listen_addr)?;
         let admin_listener = match app.config.admin_listen_addr {
-            Some(addr) => Some(TcpListener::bind(addr).await?),
+            Some(addr) => Some(server::bind(addr)?),
             None => None,
         };
         Ok(Self {
@@ -176,40 +177,4 @@ fn spawn_background(
             let _ = task.await;
         }
     })
-}
-
-/// Probes `url` once: the `healthcheck` subcommand for images without a shell or curl.
-pub async fn healthcheck(url: &str, timeout: Duration) -> Result<(), String> {
-    let uri: http::Uri = url
-        .parse()
-        .map_err(|e| format!("invalid URL {url:?}: {e}"))?;
-    let host = uri.host().ok_or_else(|| format!("no host in {url:?}"))?;
-    let port = uri.port_u16().unwrap_or(80);
-    let path = uri.path_and_query().map_or("/", |p| p.as_str());
-    let probe = async {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect((host, port))
-            .await
-            .map_err(|e| e.to_string())?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-        stream
-            .write_all(request.as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut head = [0u8; 12];
-        stream
-            .read_exact(&mut head)
-            .await
-            .map_err(|e| e.to_string())?;
-        match &head[9..12] {
-            b"200" => Ok(()),
-            status => Err(format!(
-                "{url} answered {}",
-                String::from_utf8_lossy(status)
-            )),
-        }
-    };
-    tokio::time::timeout(timeout, probe)
-        .await
-        .map_err(|_| format!("{url} did not answer within {timeout:?}"))?
 }

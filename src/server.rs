@@ -33,6 +33,45 @@ pub struct Limits {
     pub drain_deadline: Duration,
 }
 
+/// Binds a listener. `[::]` is dual-stack whatever the host's `bindv6only` says, so one
+/// default serves IPv4-only, IPv6-only and dual-stack clusters; on a kernel with IPv6
+/// disabled it falls back to `0.0.0.0` on the same port, with a warning.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    match bind_socket(addr) {
+        Err(e) if is_wildcard_v6(addr) && ipv6_unavailable(&e) => {
+            let v4 = SocketAddr::from(([0, 0, 0, 0], addr.port()));
+            tracing::warn!(%addr, fallback = %v4, error = %e, "IPv6 is unavailable: listening on IPv4 only");
+            bind_socket(v4)
+        }
+        bound => bound,
+    }
+}
+
+fn is_wildcard_v6(addr: SocketAddr) -> bool {
+    matches!(addr.ip(), std::net::IpAddr::V6(ip) if ip.is_unspecified())
+}
+
+/// Whether binding failed because this kernel or namespace has no IPv6.
+fn ipv6_unavailable(e: &std::io::Error) -> bool {
+    const EAFNOSUPPORT: i32 = 97;
+    const EADDRNOTAVAIL: i32 = 99;
+    matches!(e.raw_os_error(), Some(EAFNOSUPPORT | EADDRNOTAVAIL))
+}
+
+fn bind_socket(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    // As std and tokio do: a restarted process can rebind while old sockets sit in TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
 /// Largest request head: generous for real clients, far below memory trouble.
 const MAX_HEAD_BYTES: usize = 32 * 1024;
 
@@ -91,5 +130,36 @@ pub async fn serve(
         _ = tokio::time::sleep(limits.drain_deadline) => {
             tracing::warn!(deadline = ?limits.drain_deadline, "drain deadline passed: closing remaining connections");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_missing_ipv6_stack_falls_back() {
+        let errno = std::io::Error::from_raw_os_error;
+        assert!(
+            ipv6_unavailable(&errno(97)),
+            "EAFNOSUPPORT: no IPv6 in this kernel"
+        );
+        assert!(
+            ipv6_unavailable(&errno(99)),
+            "EADDRNOTAVAIL: IPv6 disabled here"
+        );
+        assert!(!ipv6_unavailable(&errno(98)), "EADDRINUSE is a real error");
+        assert!(!ipv6_unavailable(&errno(13)), "EACCES is a real error");
+        assert!(is_wildcard_v6("[::]:5000".parse().unwrap()));
+        assert!(!is_wildcard_v6("[::1]:5000".parse().unwrap()));
+        assert!(!is_wildcard_v6("0.0.0.0:5000".parse().unwrap()));
+    }
+
+    #[tokio::test]
+    async fn a_port_in_use_is_an_error_not_a_fallback() {
+        let held = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = held.local_addr().unwrap().port();
+        let err = bind(SocketAddr::from(([127, 0, 0, 1], port))).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
     }
 }

@@ -226,3 +226,85 @@ async fn the_healthcheck_subcommand_passes_against_a_live_instance() {
     assert!(status.success());
     app.stop().await;
 }
+
+/// Runs `fibonacci-api healthcheck` (no URL) with only `env` set, as a container would.
+async fn healthcheck_with(env: &[(&str, String)]) -> bool {
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_fibonacci-api"))
+            .env_clear()
+            .envs(env)
+            .args(["healthcheck", "--timeout-ms", "2000"])
+            .status()
+            .unwrap()
+            .success()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_healthcheck_probes_where_the_configuration_listens() {
+    let app = spawn_app(test_config()).await;
+    let port = app.addr.port();
+    for listen in [format!("0.0.0.0:{port}"), format!("[::]:{port}")] {
+        assert!(
+            healthcheck_with(&[("LISTEN_ADDR", listen.clone())]).await,
+            "LISTEN_ADDR={listen}: the probe must follow the configured port"
+        );
+    }
+    let other = crate::helpers::free_port();
+    assert!(
+        !healthcheck_with(&[("LISTEN_ADDR", format!("0.0.0.0:{other}"))]).await,
+        "nothing listens on {other}: unhealthy"
+    );
+    app.stop().await;
+
+    let app = spawn_app(Config {
+        admin_listen_addr: Some("127.0.0.1:0".parse().unwrap()),
+        ..test_config()
+    })
+    .await;
+    let (public, admin) = (app.addr.port(), app.admin_addr.unwrap().port());
+    assert!(
+        healthcheck_with(&[
+            ("LISTEN_ADDR", format!("127.0.0.1:{public}")),
+            ("ADMIN_LISTEN_ADDR", format!("0.0.0.0:{admin}")),
+        ])
+        .await,
+        "with an admin listener the probe goes there"
+    );
+    assert!(
+        !healthcheck_with(&[
+            ("LISTEN_ADDR", format!("127.0.0.1:{public}")),
+            ("ADMIN_LISTEN_ADDR", format!("0.0.0.0:{other}")),
+        ])
+        .await,
+        "the admin port, not the public one, decides"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_wildcard_ipv6_listener_serves_ipv4_and_ipv6_clients() {
+    let app = spawn_app(Config {
+        listen_addr: "[::]:0".parse().unwrap(),
+        ..test_config()
+    })
+    .await;
+    let port = app.addr.port();
+    for host in ["127.0.0.1", "[::1]"] {
+        let status = app
+            .client
+            .get(format!("http://{host}:{port}/fibonacci?n=10"))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{host} could not connect to [::]:{port}: {e}"))
+            .status();
+        assert_eq!(status, StatusCode::OK, "{host}");
+    }
+    app.stop().await;
+}

@@ -144,31 +144,38 @@ async fn a_flood_of_404s_adds_no_series() {
 }
 
 #[tokio::test]
-async fn metrics_and_probes_are_also_on_the_admin_listener() {
+async fn with_an_admin_listener_metrics_and_probes_are_served_only_there() {
     let app = spawn_app(Config {
         admin_listen_addr: Some("127.0.0.1:0".parse().unwrap()),
         ..test_config()
     })
     .await;
     let admin = app.admin_addr.expect("admin bound");
+    let status = |url: String| {
+        let client = app.client.clone();
+        async move { client.get(url).send().await.unwrap().status() }
+    };
     for path in ["/metrics", "/livez", "/readyz"] {
-        let status = app
-            .client
-            .get(format!("http://{admin}{path}"))
-            .send()
-            .await
-            .unwrap()
-            .status();
-        assert_eq!(status, reqwest::StatusCode::OK, "admin {path}");
+        assert_eq!(
+            status(format!("http://{admin}{path}")).await,
+            reqwest::StatusCode::OK,
+            "admin {path}"
+        );
+        assert_eq!(
+            status(app.url(path)).await,
+            reqwest::StatusCode::NOT_FOUND,
+            "{path} must not be on the public port when an admin port exists (an Ingress would expose it)"
+        );
     }
-    let api_on_admin = app
-        .client
-        .get(format!("http://{admin}/fibonacci?n=1"))
-        .send()
-        .await
-        .unwrap();
+    for path in ["/fibonacci?n=1", "/health", "/openapi.json"] {
+        assert_eq!(
+            status(app.url(path)).await,
+            reqwest::StatusCode::OK,
+            "public {path}"
+        );
+    }
     assert_eq!(
-        api_on_admin.status(),
+        status(format!("http://{admin}/fibonacci?n=1")).await,
         reqwest::StatusCode::NOT_FOUND,
         "the API is not on the admin port"
     );
