@@ -1393,6 +1393,109 @@ def cmd_dockerfile() -> None:
          f"{len(stages)} stages, final {final.split()[0]}, USER {user[-1]}")
 
 
+TRACE_FLUSH_SECONDS = 10  # the OTLP exporter's default export timeout (OTEL_EXPORTER_OTLP_TIMEOUT)
+
+
+def duration_seconds(text: str) -> float:
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    parts = re.findall(r"([0-9.]+)(ms|s|m|h)", str(text))
+    need(parts and "".join(a + b for a, b in parts) == str(text), {"kind": "duration", "metadata": {"name": str(text)}},
+         "not a duration")
+    return sum(float(a) * units[b] for a, b in parts)
+
+
+def image_ref(ref: str) -> tuple[str, str]:
+    """(repository with registry, tag) of an image reference, Docker Hub names normalised."""
+    ref = ref.split("@")[0]
+    name, _, tag = ref.rpartition(":") if ":" in ref.split("/")[-1] else (ref, "", "latest")
+    if "/" not in name:
+        name = "docker.io/library/" + name
+    elif "." not in name.split("/")[0]:
+        name = "docker.io/" + name
+    return name, tag
+
+
+def cmd_images() -> None:
+    """Reproducible image and covered images: every base image pinned by
+    digest, no build-time timestamp, SOURCE_DATE_EPOCH from the commit;
+    compose's stop_grace_period above the service's worst-case shutdown;
+    Dependabot watching every image the chart, compose and CI run; Chart.yaml's
+    artifacthub.io/images naming what the chart deploys."""
+    D = {"kind": "Dockerfile", "metadata": {"name": "Dockerfile"}}
+    ins = dockerfile_instructions((ROOT / "Dockerfile").read_text())
+    stages = set()
+    for word, rest in ins:
+        if word == "FROM":
+            image = rest.split()[0]
+            if image not in stages and image != "scratch":
+                need(re.search(r":[^/@]+@sha256:[0-9a-f]{64}$", image), D,
+                     f"FROM {image}: pin tag@sha256:digest (the tag tells Dependabot the version line)")
+            if " AS " in rest.upper():
+                stages.add(rest.split()[-1])
+    for word, rest in ins:
+        need(not (word in ("ARG", "LABEL") and re.search(r"CREATED|image\.created", rest)), D,
+             f"{word} {rest[:60]}: a build-time timestamp makes every build different (BuildKit takes dates "
+             "from SOURCE_DATE_EPOCH)")
+    release = load_file(ROOT / ".github" / "workflows" / "release.yml")
+    build = next(st for st in release["jobs"]["image"]["steps"] if "build-push-action" in st.get("uses", ""))
+    need("SOURCE_DATE_EPOCH=" in build["with"]["build-args"] and "CREATED" not in build["with"]["build-args"], D,
+         "release.yml must pass SOURCE_DATE_EPOCH (the commit time), not a CREATED build time")
+    need("rewrite-timestamp=true" in build["with"]["outputs"], D, "release.yml: rewrite-timestamp=true for reproducible layers")
+
+    # compose: Docker must not kill the API before it has drained and flushed.
+    compose = load_file(ROOT / "compose.yaml")
+    api = compose["services"]["api"]
+    env = api.get("environment") or {}
+    drain = float(env.get("SHUTDOWN_DRAIN_SECONDS", 5))
+    deadline = float(env.get("REQUEST_TIMEOUT_MS", 10000)) / 1000
+    worst = drain + deadline + TRACE_FLUSH_SECONDS
+    grace = duration_seconds(api.get("stop_grace_period", "10s"))
+    need(grace > worst, {"kind": "compose", "metadata": {"name": "api"}},
+         f"stop_grace_period {grace:g}s does not exceed the worst-case shutdown {worst:g}s "
+         f"(drain {drain:g} + request deadline {deadline:g} + trace flush {TRACE_FLUSH_SECONDS})")
+
+    # Dependabot covers every image.
+    dep = load_file(ROOT / ".github" / "dependabot.yml")
+    ecosystems = {(u["package-ecosystem"], u["directory"].rstrip("/") or "/") for u in dep["updates"]}
+    covered: dict[tuple[str, str], str] = {}
+    for word, rest in ins:
+        if word == "FROM" and rest.split()[0] not in stages:
+            need(("docker", "/") in ecosystems, D, "Dependabot (docker, /) must watch the Dockerfile's base images")
+            covered[image_ref(rest.split()[0])] = "Dockerfile"
+    for name, svc in compose["services"].items():
+        if svc.get("image") and not svc.get("build"):
+            need(("docker-compose", "/") in ecosystems, D, "Dependabot (docker-compose, /) must watch compose.yaml")
+            covered[image_ref(svc["image"])] = "compose.yaml"
+    chart_dir = "/" + str(CHART.relative_to(ROOT))
+    objects, _ = render({"redis": {"enabled": True}})
+    deployed = {c["image"] for o in objects if o["kind"] in POD_KINDS for c in pod_spec_of(o)[0]["containers"]}
+    own = load_file(CHART / "values.yaml")["image"]["repository"]
+    for img in deployed:
+        if img.startswith(own):
+            continue  # our own image: release.yml and promote.yml pin it
+        need(("helm", chart_dir) in ecosystems, D, f"Dependabot (helm, {chart_dir}) must watch the chart's image {img}")
+        covered.setdefault(image_ref(img), "the chart")
+    ci = load_file(ROOT / ".github" / "workflows" / "ci.yml")
+    for job, spec in ci["jobs"].items():
+        for name, svc in (spec.get("services") or {}).items():
+            ref = image_ref(svc["image"])
+            need(ref in covered, {"kind": "ci.yml", "metadata": {"name": f"{job}.services.{name}"}},
+                 f"{svc['image']} is not an image Dependabot keeps current (it watches no workflow service "
+                 f"containers): use the same image as {', '.join(sorted({f'{r[0]}:{r[1]}' for r in covered if r[0] == ref[0]})) or 'compose or the chart'}")
+
+    # Chart.yaml names the images the chart deploys.
+    chart_meta = load_file(CHART / "Chart.yaml")
+    listed = {i["image"] for i in yaml.safe_load(chart_meta["annotations"]["artifacthub.io/images"])}
+    need(listed == deployed, {"kind": "Chart", "metadata": {"name": "Chart.yaml"}},
+         f"artifacthub.io/images {sorted(listed)} != the images the chart deploys {sorted(deployed)}")
+    chart_job = release["jobs"]["chart"]["steps"]
+    need(any("artifacthub.io/images" in st.get("run", "") for st in chart_job), D,
+         "release.yml rewrites the chart's image to the release digest: it must rewrite artifacthub.io/images too")
+    info(f"base images pinned by digest; no build timestamp; compose grace {grace:g}s > worst-case shutdown {worst:g}s; "
+         f"Dependabot watches {len(covered)} images (Dockerfile, compose, chart; CI's service image is one of them); "
+         "artifacthub.io/images = the chart's images")
+
+
 # --------------------------------------------------------------------------- PromQL
 
 
@@ -1858,24 +1961,36 @@ def cmd_config() -> None:
         objects, _ = render(values_of(label))
         pod_env = pod_environment(objects)
         port, admin = free_port(), free_port()
-        pod_env["LISTEN_ADDR"] = f"127.0.0.1:{port}"
+        # The chart's own addresses ([::], dual-stack) with free ports.
+        pod_env["LISTEN_ADDR"] = re.sub(r":[0-9]+$", f":{port}", pod_env["LISTEN_ADDR"])
         if "ADMIN_LISTEN_ADDR" in pod_env:
-            pod_env["ADMIN_LISTEN_ADDR"] = f"127.0.0.1:{admin}"
+            pod_env["ADMIN_LISTEN_ADDR"] = re.sub(r":[0-9]+$", f":{admin}", pod_env["ADMIN_LISTEN_ADDR"])
         env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")} | pod_env
         log = tmp / f"{label}.log"
         proc = start([str(binary)], log, env=env)
-        probe = f"http://127.0.0.1:{admin if 'ADMIN_LISTEN_ADDR' in pod_env else port}/livez"
-        runs.append((label, pod_env, log, proc, probe))
-    for label, pod_env, log, proc, probe in runs:
+        runs.append((label, pod_env, log, proc, (port, admin if "ADMIN_LISTEN_ADDR" in pod_env else None)))
+    for label, pod_env, log, proc, (port, admin) in runs:
         def alive():
             if proc.poll() is not None:
                 fail(f"{label}: the service exited with {proc.returncode} on the chart's configuration:\n    "
                      + "\n    ".join(log.read_text(errors="replace").splitlines()[-10:]))
-            return http(probe, timeout=1)[0] == 200
+            return http(f"http://127.0.0.1:{admin or port}/livez", timeout=1)[0] == 200
         poll(f"{label}: /livez", alive, 30)
+        # What kubelet probes, the Service and Prometheus reach, over IPv4 and
+        # IPv6 alike; with the admin port, the public one serves no admin route.
+        got, want = {}, {}
+        for host in ("127.0.0.1", "[::1]"):
+            got[f"{host} /health"], want[f"{host} /health"] = http(f"http://{host}:{port}/health")[0], 200
+            got[f"{host} /livez"], want[f"{host} /livez"] = http(f"http://{host}:{admin or port}/livez")[0], 200
+            got[f"{host} /metrics"], want[f"{host} /metrics"] = http(f"http://{host}:{admin or port}/metrics")[0], 200
+            if admin:
+                got[f"{host} public /metrics"], want[f"{host} public /metrics"] = http(f"http://{host}:{port}/metrics")[0], 404
+        if got != want:
+            fail(f"{label}: LISTEN_ADDR={pod_env['LISTEN_ADDR']} ADMIN_LISTEN_ADDR={pod_env.get('ADMIN_LISTEN_ADDR')}: "
+                 f"answers {got}, expected {want}")
     for _, _, _, proc, _ in runs:
         proc.send_signal(signal.SIGTERM)
-    for label, pod_env, log, proc, probe in runs:
+    for label, pod_env, log, proc, _ in runs:
         try:
             code = proc.wait(timeout=int(pod_env.get("SHUTDOWN_DRAIN_SECONDS", 5)) + 15)
         except subprocess.TimeoutExpired:
@@ -1883,14 +1998,141 @@ def cmd_config() -> None:
         if code != 0:
             fail(f"{label}: exit code {code} after SIGTERM (expected 0 after a graceful shutdown)")
         keys = sorted(k for k in pod_env if k not in ("POD_NAME", "POD_NAMESPACE", "NODE_NAME"))
-        info(f"{label:15s} started with {len(keys)} settings ({', '.join(keys)}), live, exited 0 on SIGTERM")
+        info(f"{label:15s} started with {len(keys)} settings ({', '.join(keys)}), answered IPv4 and IPv6 on "
+             f"{pod_env['LISTEN_ADDR']}{' (admin routes only on ' + pod_env['ADMIN_LISTEN_ADDR'] + ')' if 'ADMIN_LISTEN_ADDR' in pod_env else ''}, "
+             "exited 0 on SIGTERM")
+
+
+# --------------------------------------------------------------------------- container image
+
+# The image is the binary on distroless cc (glibc, CA bundle): 37 MB when this
+# budget was set. A budget, not a measurement: past it something heavy came in.
+IMAGE_SIZE_BUDGET_MB = 50
+IMAGE = "localhost/fibonacci-api:check-deploy"
+
+
+def image_tools() -> Path:
+    """The stand-in image scripts (podman against local base images): an
+    explicit override, the clone's sibling shared/, or the workplace's."""
+    for cand in (os.environ.get("FIBONACCI_IMAGE_TOOLS"), ROOT.parent / "shared" / "image", Path("/work/shared/image")):
+        if cand and (Path(cand) / "build-and-run.sh").is_file():
+            return Path(cand)
+    fail("no stand-in image scripts: set FIBONACCI_IMAGE_TOOLS, or put shared/image next to the repository")
+    return Path()
+
+
+def podman(tools: Path, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ, CONTAINERS_CONF=str(tools / "containers.conf"),
+               CONTAINERS_REGISTRIES_CONF=str(tools / "registries.conf"))
+    proc = subprocess.run(["podman", "--runtime", "runc", "--cgroup-manager=cgroupfs", *args],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+    if check and proc.returncode != 0:
+        fail(f"podman {' '.join(args[:3])}...: {proc.stderr.strip()[-1500:]}")
+    return proc
+
+
+def cmd_image() -> None:
+    """Build the real Dockerfile (podman, stand-in base images) and run the
+    image as a cluster would: read-only root filesystem, its own user, a
+    non-default dual-stack LISTEN_ADDR and an ADMIN_LISTEN_ADDR, its
+    HEALTHCHECK, SIGTERM; and keep it under the size budget with no build
+    timestamp in it."""
+    tools = image_tools()
+    I = {"kind": "image", "metadata": {"name": IMAGE}}
+    t0 = time.monotonic()
+    standins = subprocess.run([str(tools / "standins.sh")], capture_output=True, text=True)
+    if standins.returncode != 0:
+        fail(f"standins.sh:\n{(standins.stdout + standins.stderr)[-3000:]}")
+    t_standins = time.monotonic() - t0
+    epoch = subprocess.run(["git", "log", "-1", "--format=%ct"], capture_output=True, text=True, cwd=ROOT).stdout.strip() \
+        or "0"
+    build_args = ["--build-arg", f"SOURCE_DATE_EPOCH={epoch}", "--timestamp", epoch,
+                  "--build-arg", "VERSION=check", "--build-arg", "REVISION=check"]
+    # build-and-run.sh: the build, then its own smoke run (LISTEN_ADDR on a free
+    # 127.0.0.1 port, /health, HEALTHCHECK, SIGTERM).
+    t0 = time.monotonic()
+    proc = subprocess.run([str(tools / "build-and-run.sh"), str(ROOT), *build_args],
+                          env=dict(os.environ, IMAGE=IMAGE, SKIP_PROBE="1"), capture_output=True, text=True)
+    t_build = time.monotonic() - t0
+    results = proc.stdout[proc.stdout.find("== results =="):]
+    if proc.returncode != 0 or not re.search(r"exit after stop:\s+0\b", results):
+        fail(f"build-and-run.sh (rc {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
+    info(f"standins.sh {t_standins:.0f}s, build-and-run.sh {t_build:.0f}s: " + "; ".join(
+        line.strip() for line in results.splitlines()[1:] if line.split(":")[0].strip() in
+        ("image size", "image USER", "runs as (uid gid)", "read-only rootfs", "healthcheck by hand", "exit after stop")))
+
+    # Size budget.
+    size_mb = int(podman(tools, "image", "inspect", "--format", "{{.Size}}", IMAGE).stdout.strip()) / 1e6
+    need(size_mb <= IMAGE_SIZE_BUDGET_MB, I, f"{size_mb:.1f} MB exceeds the {IMAGE_SIZE_BUDGET_MB} MB budget")
+    # No build timestamp: the image says it was created at the commit, and a
+    # rebuild of the same commit is the same image.
+    meta = json.loads(podman(tools, "image", "inspect", IMAGE).stdout)[0]
+    created = meta.get("Created", "")
+    need(created.startswith(time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(int(epoch)))), I,
+         f"created {created}, not the commit time {epoch} (SOURCE_DATE_EPOCH)")
+    labels = (meta.get("Config") or {}).get("Labels") or {}
+    need("org.opencontainers.image.created" not in labels, I, "a build-time created label")
+    first_id = meta["Id"]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    stripped = Path(tempfile.mkstemp(prefix="Dockerfile.")[1])
+    atexit.register(stripped.unlink, True)
+    stripped.write_text(re.sub(r"@sha256:[0-9a-f]{64}", "", dockerfile))  # stand-ins exist by tag only
+    podman(tools, "build", "--pull=never", "--isolation=chroot", "--network=host", "--format", "docker",
+           "-f", str(stripped), "-t", IMAGE, *build_args, str(ROOT), timeout=1800)
+    second_id = podman(tools, "image", "inspect", "--format", "{{.Id}}", IMAGE).stdout.strip()
+    need(second_id == first_id, I, f"rebuilding the same commit gave image {second_id[:12]}, not {first_id[:12]}")
+
+    # Run it as a cluster would, on a non-default dual-stack address with an admin port.
+    port, admin = free_port(), free_port()
+    name = f"check-deploy-{os.getpid()}"
+    podman(tools, "rm", "-f", name, check=False)
+    atexit.register(lambda: podman(tools, "rm", "-f", "-t", "2", name, check=False))
+    podman(tools, "run", "-d", "--name", name, "--read-only", "--read-only-tmpfs=false", "--network=host",
+           "-e", f"LISTEN_ADDR=[::]:{port}", "-e", f"ADMIN_LISTEN_ADDR=[::]:{admin}",
+           "-e", "SHUTDOWN_DRAIN_SECONDS=1", "-e", "RUST_LOG=warn", IMAGE)
+
+    def running():
+        state = podman(tools, "inspect", "--format", "{{.State.Running}}", name).stdout.strip()
+        if state != "true":
+            logs = podman(tools, "logs", name, check=False)
+            fail(f"the container exited: {(logs.stdout + logs.stderr)[-1500:]}")
+        return http(f"http://127.0.0.1:{admin}/readyz", timeout=1)[0] == 200
+    poll("the container's /readyz on the admin port", running, 60)
+    seen = {}
+    for host in ("127.0.0.1", "[::1]"):
+        seen[f"{host} /health"] = http(f"http://{host}:{port}/health")[0]
+        seen[f"{host} /metrics"] = http(f"http://{host}:{port}/metrics")[0]
+    seen["admin /metrics"] = http(f"http://127.0.0.1:{admin}/metrics")[0]
+    expected = {"127.0.0.1 /health": 200, "[::1] /health": 200, "127.0.0.1 /metrics": 404, "[::1] /metrics": 404,
+                "admin /metrics": 200}
+    need(seen == expected, I, f"answers {seen}, expected {expected} (IPv4 and IPv6 on [::]; /metrics only on the admin port)")
+    pid = podman(tools, "inspect", "--format", "{{.State.Pid}}", name).stdout.strip()
+    uids = re.search(r"^Uid:\s+(\d+)", Path(f"/proc/{pid}/status").read_text(), re.M).group(1)
+    need(uids == "65532", I, f"runs as uid {uids}, not the image's 65532")
+    need(podman(tools, "inspect", "--format", "{{.HostConfig.ReadonlyRootfs}}", name).stdout.strip() == "true", I,
+         "root filesystem not read-only")
+    hc_cfg = meta.get("Healthcheck") or meta.get("HealthCheck") or (meta.get("Config") or {}).get("Healthcheck") or {}
+    test = [t for t in hc_cfg.get("Test", []) if t]
+    need(test[:1] == ["CMD"], I, f"HEALTHCHECK {test}: exec form expected")
+    hc = podman(tools, "exec", name, *test[1:], check=False)
+    need(hc.returncode == 0, I, f"HEALTHCHECK {' '.join(test[1:])} failed in the container: {hc.stdout}{hc.stderr}")
+    run_hc = podman(tools, "healthcheck", "run", name, check=False)
+    need(run_hc.returncode == 0, I, f"podman healthcheck run: {run_hc.stdout}{run_hc.stderr}")
+    t0 = time.monotonic()
+    podman(tools, "kill", "--signal", "TERM", name)
+    code = podman(tools, "wait", name, timeout=60).stdout.strip()
+    stopped = time.monotonic() - t0
+    need(code == "0", I, f"exit code {code} after SIGTERM (expected 0: drain, then exit)")
+    info(f"{size_mb:.1f} MB (budget {IMAGE_SIZE_BUDGET_MB}); created at the commit, rebuild identical ({first_id[:12]}); "
+         f"read-only, uid 65532, LISTEN_ADDR=[::]:{port} answers IPv4 and IPv6, /metrics only on ADMIN_LISTEN_ADDR, "
+         f"HEALTHCHECK healthy, SIGTERM -> exit 0 in {stopped:.1f}s")
 
 
 # --------------------------------------------------------------------------- main
 
 COMMANDS = {
     "chart": cmd_chart, "argocd": cmd_argocd, "alerts-sync": cmd_alerts_sync, "gen-alerts": cmd_gen_alerts,
-    "dashboard": cmd_dashboard, "sli-sync": cmd_sli_sync, "alert-routes": cmd_alert_routes, "crd-schemas": cmd_crd_schemas, "promql-scenarios": cmd_promql_scenarios, "dockerfile": cmd_dockerfile, "queries": cmd_queries, "config": cmd_config,
+    "dashboard": cmd_dashboard, "sli-sync": cmd_sli_sync, "image": cmd_image, "images": cmd_images, "alert-routes": cmd_alert_routes, "crd-schemas": cmd_crd_schemas, "promql-scenarios": cmd_promql_scenarios, "dockerfile": cmd_dockerfile, "queries": cmd_queries, "config": cmd_config,
 }
 
 if __name__ == "__main__":

@@ -144,13 +144,14 @@ from the workload template so every render runs it.
 {{- end }}
 {{- /* The app keeps serving SHUTDOWN_DRAIN_SECONDS after SIGTERM, then drains
        in-flight requests for up to REQUEST_TIMEOUT_MS; the kubelet must not
-       SIGKILL it before that, plus 5 s for trace flush and exit. */}}
+       SIGKILL it before that, plus 10 s to flush traces (the OTLP exporter's
+       default export timeout) and exit. */}}
 {{- $drain := int .Values.config.SHUTDOWN_DRAIN_SECONDS }}
 {{- $requestDeadline := div (add (int .Values.config.REQUEST_TIMEOUT_MS) 999) 1000 }}
 {{- $preStop := int .Values.lifecycle.preStopSleepSeconds }}
-{{- $needed := add $preStop $drain $requestDeadline 5 }}
+{{- $needed := add $preStop $drain $requestDeadline 10 }}
 {{- if lt (int .Values.terminationGracePeriodSeconds) (int $needed) }}
-{{- fail (printf "terminationGracePeriodSeconds=%d is too short: preStop sleep %ds + SHUTDOWN_DRAIN_SECONDS %ds + request deadline %ds + 5s flush needs at least %d" (int .Values.terminationGracePeriodSeconds) $preStop $drain $requestDeadline $needed) }}
+{{- fail (printf "terminationGracePeriodSeconds=%d is too short: preStop sleep %ds + SHUTDOWN_DRAIN_SECONDS %ds + request deadline %ds + 10s trace flush needs at least %d" (int .Values.terminationGracePeriodSeconds) $preStop $drain $requestDeadline $needed) }}
 {{- end }}
 {{- if and .Values.rollout.enabled .Values.rollout.analysis.enabled (not .Values.serviceMonitor.enabled) }}
 {{- fail "rollout.analysis needs serviceMonitor.enabled: the analysis query selects canary pods by the rollouts_pod_template_hash label that the ServiceMonitor attaches" }}
