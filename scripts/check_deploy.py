@@ -557,7 +557,8 @@ def check_failure_paths(label: str, values: dict, objects: list[dict], notes: st
         for g in pr["spec"]["groups"]:
             for r in g["rules"]:
                 if "alert" in r:
-                    need(r["labels"].get("environment") == merged["prometheusRule"]["environment"], pr,
+                    need(r["labels"].get("environment") and
+                         r["labels"].get("environment") == merged["prometheusRule"].get("environment"), pr,
                          f"alert {r['alert']}: environment label {r['labels'].get('environment')!r}, "
                          f"values say {merged['prometheusRule']['environment']!r}")
     check_notes(label, values, objects, notes)
@@ -610,6 +611,13 @@ def cmd_chart() -> None:
             need(o["metadata"].get("namespace"), o, "metadata.namespace must be set (GitOps diffs and `kubectl apply -f`)")
         check_references(objects)
         check_failure_paths(label, values, objects, notes)
+        if label == "default":
+            # `helm install` with defaults must scale both ways on a cluster
+            # without prometheus-adapter: no Pods metric the HPA cannot read.
+            for hpa in (o for o in objects if o["kind"] == "HorizontalPodAutoscaler"):
+                need(all(m["type"] == "Resource" for m in hpa["spec"]["metrics"]), hpa,
+                     "the default HPA reads a metric only prometheus-adapter serves: without it the HPA reports "
+                     "FailedGetPodsMetric and never scales down")
         total += len(objects)
         info(f"{label:15s} lint ok ({', '.join(K8S_VERSIONS)}); {len(objects)} objects, {n} validated "
              f"--strict for {len(K8S_VERSIONS)} Kubernetes versions, {len(objects) - n} CRD objects checked: {', '.join(kinds)}")
