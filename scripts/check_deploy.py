@@ -1618,10 +1618,25 @@ def _on_signal(signum, _frame):
     sys.exit(128 + signum)
 
 
+_PORTS_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free on every address, IPv4 and IPv6 (the service binds [::]),
+    and not handed out before in this run."""
+    while True:
+        try:
+            with socket.socket(socket.AF_INET6) as s:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                s.bind(("::", 0))
+                port = s.getsockname()[1]
+        except OSError:  # no IPv6 on this kernel
+            with socket.socket() as s:
+                s.bind(("0.0.0.0", 0))
+                port = s.getsockname()[1]
+        if port not in _PORTS_GIVEN:
+            _PORTS_GIVEN.add(port)
+            return port
 
 
 def http(url: str, method: str = "GET", timeout: float = 5.0) -> tuple[int, bytes]:
