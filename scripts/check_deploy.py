@@ -644,6 +644,8 @@ def cmd_chart() -> None:
             {"ingress": {"enabled": True, "paths": [{"path": "/fibonacci", "pathType": "ImplementationSpecific"}]}}, "pathType"),
         "canary measured before it has two scrapes and a rate window": (
             {"rollout": {"enabled": True, "analysis": {"initialDelay": "1m"}}, "serviceMonitor": {"enabled": True}}, "initialDelay"),
+        "an Ingress without TRUSTED_PROXIES (every client would be the controller)": (
+            {"ingress": {"enabled": True}}, "TRUSTED_PROXIES"),
         "an alert label that the rules set themselves": (
             {"prometheusRule": {"enabled": True, "alertLabels": {"environment": "prod"}}}, "environment"),
     }
