@@ -116,6 +116,7 @@ async fn traced_request_round_trip(
     let traced = client
         .get(format!("{}/fibonacci?n=321", service.base()))
         .header("traceparent", format!("00-{TRACE_ID}-{PARENT_ID}-01"))
+        .header("x-request-id", "req-42")
         .send()
         .await
         .unwrap();
@@ -160,6 +161,7 @@ async fn traced_request_round_trip(
         ("url.path", "/fibonacci"),
         ("http.response.status_code", "200"),
         ("client.address", "127.0.0.1"),
+        ("http.request.header.x-request-id", "req-42"),
     ] {
         assert_eq!(
             attribute(server, key).as_deref(),
