@@ -6,7 +6,11 @@
 //! `aud` and `iss` are checked when configured. The verified subject becomes the
 //! rate-limit key, so a caller's budget follows it across addresses.
 
-use std::{fmt, path::Path};
+use std::{
+    fmt,
+    path::Path,
+    sync::atomic::{AtomicU64, Ordering},
+};
 
 use http::HeaderValue;
 use jsonwebtoken::{
@@ -65,6 +69,8 @@ struct Key {
 /// Verifies bearer tokens against the configured key(s).
 pub struct Authenticator {
     keys: Vec<Key>,
+    /// Signatures checked so far: the costly part of authentication.
+    signature_checks: AtomicU64,
 }
 
 impl fmt::Debug for Authenticator {
@@ -188,7 +194,15 @@ impl Authenticator {
                 )
             }
         };
-        Ok(Self { keys })
+        Ok(Self {
+            keys,
+            signature_checks: AtomicU64::new(0),
+        })
+    }
+
+    /// How many token signatures this instance has checked.
+    pub fn signature_checks(&self) -> u64 {
+        self.signature_checks.load(Ordering::Relaxed)
     }
 
     /// The verified subject of the bearer token in `authorization`.
@@ -211,6 +225,7 @@ impl Authenticator {
         }
         .or_else(|| (self.keys.len() == 1).then(|| &self.keys[0]))
         .ok_or(AuthError::Invalid)?;
+        self.signature_checks.fetch_add(1, Ordering::Relaxed);
         let data =
             decode::<Claims>(token, &key.key, &key.validation).map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
