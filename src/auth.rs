@@ -281,10 +281,8 @@ impl Authenticator {
         let now = Instant::now();
         let token = bearer_token(authorization);
         let keys = self.keys.current();
-        if let (Ok(token), Some(keys)) = (&token, &keys) {
-            if let Some(subject) = self.verified.get(token, keys.generation, now) {
-                return Outcome::Subject(subject);
-            }
+        if let Some(subject) = self.verified_before(&token, &keys, now) {
+            return Outcome::Subject(subject);
         }
         if let Some((window, wait)) = self.throttled.get(address, now) {
             return Outcome::Throttled(Decision::Rejected {
@@ -313,12 +311,23 @@ impl Authenticator {
         let now = Instant::now();
         let token = bearer_token(authorization);
         let keys = self.keys.current();
-        if let (Ok(token), Some(keys)) = (&token, &keys) {
-            if let Some(subject) = self.verified.get(token, keys.generation, now) {
-                return Ok(subject);
-            }
+        match self.verified_before(&token, &keys, now) {
+            Some(subject) => Ok(subject),
+            None => self.verify_token(token, keys, now).await,
         }
-        self.verify_token(token, keys, now).await
+    }
+
+    /// The subject, if this token was verified a moment ago under these keys.
+    fn verified_before(
+        &self,
+        token: &Result<&str, AuthError>,
+        keys: &Option<Arc<KeySet>>,
+        now: Instant,
+    ) -> Option<Arc<str>> {
+        match (token, keys) {
+            (Ok(token), Some(keys)) => self.verified.get(token, keys.generation, now),
+            _ => None,
+        }
     }
 
     async fn verify_token(
