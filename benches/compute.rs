@@ -56,7 +56,11 @@ fn memory_hit(c: &mut Criterion) {
 }
 
 fn limiter(c: &mut Criterion) {
-    let limiter = LocalLimiter::new(Policy::parse("30/minute,50/hour,200/day").unwrap(), 100_000);
+    let limiter = LocalLimiter::new(
+        Policy::parse("30/minute,50/hour,200/day").unwrap(),
+        None,
+        100_000,
+    );
     let now = 1_800_000_000_000u64;
     let keys: Vec<ClientKey> = (0..10_000u32)
         .map(|i| ClientKey::of(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i))))

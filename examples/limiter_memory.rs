@@ -32,7 +32,7 @@ fn main() {
     let policy = Policy::parse("30/minute,50/hour,200/day").unwrap();
     let keys = 1_000_000u32;
     let before = rss_bytes();
-    let unbounded = LocalLimiter::new(policy.clone(), keys as usize);
+    let unbounded = LocalLimiter::new(policy.clone(), None, keys as usize);
     let took = feed(&unbounded, keys);
     let after = rss_bytes();
     println!(
@@ -44,7 +44,7 @@ fn main() {
     );
     drop(unbounded);
 
-    let capped = LocalLimiter::new(policy, 100_000);
+    let capped = LocalLimiter::new(policy, None, 100_000);
     let before = rss_bytes();
     let took = feed(&capped, keys);
     println!(

@@ -46,6 +46,8 @@ CHART = ROOT / "helm" / "fibonacci-api"
 DASHBOARD = CHART / "dashboards" / "fibonacci-api.json"
 DASHBOARD_COPY = ROOT / "grafana" / "dashboards" / "fibonacci-api.json"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
+ALERT_TESTS = [ROOT / "deploy" / "prometheus" / "alerts_test.yaml",
+               ROOT / "deploy" / "prometheus" / "alerts_longterm_test.yaml"]
 VENV_BIN = Path(sys.executable).parent
 
 # Kubernetes versions whose schemas every rendered object must satisfy: the
@@ -451,6 +453,117 @@ def check_references(objects: list[dict]) -> None:
              f"terminationGracePeriodSeconds {grace} < preStop {pre} + drain {drain} + request deadline {deadline}")
 
 
+ADMIN_PATHS = ("/metrics", "/livez", "/readyz")
+
+
+def ingress_routes(path: str, path_type: str, target: str) -> bool:
+    """Whether an Ingress path of this type matches a request path (Kubernetes
+    semantics: Prefix matches whole path elements)."""
+    if path_type == "Exact":
+        return target == path
+    base = path.rstrip("/")
+    return base == "" or target == base or target.startswith(base + "/")
+
+
+def notes_commands(notes: str) -> list[str]:
+    return [line.split("#")[0].strip().rstrip("&").strip() for line in notes.splitlines()
+            if re.match(r"\s+(kubectl|helm|curl) ", line)]
+
+
+def check_notes(label: str, values: dict, objects: list[dict], notes: str) -> None:
+    """Every command NOTES.txt prints must work in the mode the chart was
+    installed in: the objects it names exist, in the release's namespace."""
+    N = {"kind": "NOTES.txt", "metadata": {"name": label}}
+    names = {(o["kind"], o["metadata"]["name"]) for o in objects}
+    namespace = next(o["metadata"]["namespace"] for o in objects if o["kind"] == "Service")
+    merged = deep_merge(load_file(CHART / "values.yaml"), values)
+    short = {"svc": "Service", "deployment": "Deployment", "hpa": "HorizontalPodAutoscaler", "pod": "Pod"}
+    for cmd in notes_commands(notes):
+        words = cmd.split()
+        if "-n" in words:
+            need(words[words.index("-n") + 1] == namespace, N, f"{cmd!r}: not the release's namespace {namespace}")
+        if words[0] == "helm":
+            need(words[1] == "test" and merged["tests"]["enabled"] and not merged["argocd"]["managed"], N,
+                 f"{cmd!r}: no Helm release to test (tests disabled, or deployed by Argo CD)")
+            continue
+        if words[0] == "curl":
+            url = urllib.parse.urlparse(words[-1].strip("'\""))
+            if url.hostname not in ("127.0.0.1", "localhost"):
+                routed = [o for o in objects if o["kind"] == "Ingress"
+                          for r in o["spec"]["rules"] if r.get("host") == url.hostname
+                          for pth in r["http"]["paths"] if ingress_routes(pth["path"], pth["pathType"], url.path)]
+                need(routed, N, f"{cmd!r}: no Ingress routes {url.hostname}{url.path}")
+            continue
+        if words[1:3] == ["argo", "rollouts"]:
+            need(("Rollout", words[-3] if words[-2] == "-n" else words[-1]) in names, N,
+                 f"{cmd!r}: no Rollout of that name (the Argo Rollouts plugin needs rollout.enabled)")
+            continue
+        for w in words:
+            m = re.fullmatch(r"([a-z.]+)/([a-z0-9-]+)", w)
+            if m:
+                need(m.group(1) in short, N, f"{cmd!r}: kubectl has no status viewer or short name {m.group(1)!r}")
+                need((short[m.group(1)], m.group(2)) in names, N, f"{cmd!r}: {short[m.group(1)]} {m.group(2)} is not rendered")
+                if m.group(1) == "pod":
+                    hook = dig(next(o for o in objects if o["kind"] == "Pod" and o["metadata"]["name"] == m.group(2)),
+                               "metadata", "annotations", "argocd.argoproj.io/hook")
+                    need(hook == "PostSync", N, f"{cmd!r}: that pod only exists when Argo CD runs it as a PostSync hook")
+        if "port-forward" in words:
+            port = int(words[-1].split(":")[1])
+            svc = next(o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == words[-2].split("/")[1])
+            need(port in {p["port"] for p in svc["spec"]["ports"]}, N, f"{cmd!r}: the Service has no port {port}")
+        if "hpa" in words:
+            need(("HorizontalPodAutoscaler", words[words.index("hpa") + 1]) in names, N, f"{cmd!r}: no HPA rendered")
+
+
+def check_failure_paths(label: str, values: dict, objects: list[dict], notes: str) -> None:
+    """Issue 13's render-time guarantees, on every values file."""
+    merged = deep_merge(load_file(CHART / "values.yaml"), values)
+    by_kind: dict[str, list[dict]] = {}
+    for o in objects:
+        by_kind.setdefault(o["kind"], []).append(o)
+    # /metrics and the probes never reach the internet.
+    for ing in by_kind.get("Ingress", []):
+        for rule in ing["spec"]["rules"]:
+            for pth in rule["http"]["paths"]:
+                for admin_path in ADMIN_PATHS:
+                    need(not ingress_routes(pth["path"], pth["pathType"], admin_path), ing,
+                         f"{pth['path']} ({pth['pathType']}) routes {admin_path} from the internet")
+                need(dig(pth, "backend", "service", "port", "name") == "http", ing, "routes to another port than the API's")
+    # Prometheus can scrape what the ServiceMonitor scrapes.
+    for sm in by_kind.get("ServiceMonitor", []):
+        for np in by_kind.get("NetworkPolicy", []):
+            if dig(np, "spec", "podSelector", "matchLabels", "app.kubernetes.io/component") != "api":
+                continue
+            for ep in sm["spec"]["endpoints"]:
+                admitted = [r for r in np["spec"].get("ingress", [])
+                            if any(pp.get("port") == ep["port"] for pp in r.get("ports", []))
+                            and (not r.get("from") or all(peer in r["from"] for peer in merged["networkPolicy"]["metricsFrom"])
+                                 and merged["networkPolicy"]["metricsFrom"])]
+                need(admitted, np, f"no ingress rule admits Prometheus (networkPolicy.metricsFrom) on port {ep['port']}, "
+                                   "which the ServiceMonitor scrapes")
+    # The requests-per-second metric only where the values say an adapter runs.
+    for hpa in by_kind.get("HorizontalPodAutoscaler", []):
+        pods_metrics = [m for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+        need(bool(pods_metrics) == bool(merged["autoscaling"]["requestsPerSecond"]["enabled"]), hpa,
+             "Pods metric present though autoscaling.requestsPerSecond is off, or the reverse")
+    # Dual-stack listeners.
+    for cm in by_kind.get("ConfigMap", []):
+        for key in ("LISTEN_ADDR", "ADMIN_LISTEN_ADDR"):
+            if key in cm.get("data", {}):
+                need(cm["data"][key].startswith("[::]:"), cm, f"{key}={cm['data'][key]}: listen on [::] (dual-stack), "
+                                                              "or IPv6-only clusters cannot probe or reach the pods")
+    # Every alert says which environment it comes from.
+    for pr in by_kind.get("PrometheusRule", []):
+        for g in pr["spec"]["groups"]:
+            for r in g["rules"]:
+                if "alert" in r:
+                    need(r["labels"].get("environment") and
+                         r["labels"].get("environment") == merged["prometheusRule"].get("environment"), pr,
+                         f"alert {r['alert']}: environment label {r['labels'].get('environment')!r}, "
+                         f"values say {merged['prometheusRule']['environment']!r}")
+    check_notes(label, values, objects, notes)
+
+
 def schema_coverage(schema: dict, values: dict, path: str = "") -> list[str]:
     """Every value must be declared in values.schema.json: objects with
     properties must forbid unknown keys; objects without properties are
@@ -497,31 +610,96 @@ def cmd_chart() -> None:
                 check_restricted(o)
             need(o["metadata"].get("namespace"), o, "metadata.namespace must be set (GitOps diffs and `kubectl apply -f`)")
         check_references(objects)
+        check_failure_paths(label, values, objects, notes)
+        if label == "default":
+            # `helm install` with defaults must scale both ways on a cluster
+            # without prometheus-adapter: no Pods metric the HPA cannot read.
+            for hpa in (o for o in objects if o["kind"] == "HorizontalPodAutoscaler"):
+                need(all(m["type"] == "Resource" for m in hpa["spec"]["metrics"]), hpa,
+                     "the default HPA reads a metric only prometheus-adapter serves: without it the HPA reports "
+                     "FailedGetPodsMetric and never scales down")
         total += len(objects)
         info(f"{label:15s} lint ok ({', '.join(K8S_VERSIONS)}); {len(objects)} objects, {n} validated "
              f"--strict for {len(K8S_VERSIONS)} Kubernetes versions, {len(objects) - n} CRD objects checked: {', '.join(kinds)}")
 
-    # The values that must make rendering fail, each with the reason it must.
+    # The values that must make rendering fail, each with the reason it must
+    # and a word the error message must contain (so it fails for that reason).
+    restricted = {"ingressFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}],
+                  "metricsFrom": []}
     must_fail = {
-        "unknown key (schema rejects typos)": {"replicaCont": 3},
-        "weakened security context": {"securityContext": {"allowPrivilegeEscalation": True}},
-        "grace period shorter than the drain": {"terminationGracePeriodSeconds": 10},
-        "preStop sleep not covered by the grace period": {"lifecycle": {"preStopSleepSeconds": 15}},
-        "in-cluster and external Redis together": {"redis": {"enabled": True}, "externalRedis": {"url": "redis://r:6379"}},
-        "latency SLO threshold that is not a bucket": {"prometheusRule": {"slo": {"latencyThreshold": "0.2"}}},
-        "canary analysis without the ServiceMonitor": {"rollout": {"enabled": True}},
+        "unknown key (schema rejects typos)": ({"replicaCont": 3}, "replicaCont"),
+        "weakened security context": ({"securityContext": {"allowPrivilegeEscalation": True}}, "allowPrivilegeEscalation"),
+        "grace period shorter than the drain": ({"terminationGracePeriodSeconds": 10}, "terminationGracePeriodSeconds"),
+        "preStop sleep not covered by the grace period": ({"lifecycle": {"preStopSleepSeconds": 15}}, "terminationGracePeriodSeconds"),
+        "in-cluster and external Redis together": ({"redis": {"enabled": True}, "externalRedis": {"url": "redis://r:6379"}}, "exclusive"),
+        "latency SLO threshold that is not a bucket": ({"prometheusRule": {"slo": {"latencyThreshold": "0.2"}}}, "latencyThreshold"),
+        "canary analysis without the ServiceMonitor": ({"rollout": {"enabled": True}}, "serviceMonitor.enabled"),
+        "NetworkPolicy that blocks the scrape": (
+            {"serviceMonitor": {"enabled": True}, "networkPolicy": restricted}, "metricsFrom"),
+        "Ingress routing / (and so /metrics) to the internet": (
+            {"ingress": {"enabled": True, "paths": [{"path": "/", "pathType": "Prefix"}]}}, "/metrics"),
+        "Ingress routing /metrics": (
+            {"ingress": {"enabled": True, "paths": [{"path": "/metrics", "pathType": "Exact"}]}}, "/metrics"),
+        "Ingress path type that could route anything": (
+            {"ingress": {"enabled": True, "paths": [{"path": "/fibonacci", "pathType": "ImplementationSpecific"}]}}, "pathType"),
+        "canary measured before it has two scrapes and a rate window": (
+            {"rollout": {"enabled": True, "analysis": {"initialDelay": "1m"}}, "serviceMonitor": {"enabled": True}}, "initialDelay"),
+        "an alert label that the rules set themselves": (
+            {"prometheusRule": {"enabled": True, "alertLabels": {"environment": "prod"}}}, "environment"),
     }
-    for why, values in must_fail.items():
+    for why, (values, word) in must_fail.items():
         try:
             render(values)
         except CheckFailed:
             raise
-        except Exception:  # noqa: BLE001 - HelmRenderError / HelmValuesError
+        except Exception as e:  # noqa: BLE001 - HelmRenderError / HelmValuesError
+            need(word in str(e), {"kind": "values", "metadata": {"name": why}},
+                 f"rendering failed, but the message does not name {word!r}: {e}")
             continue
         fail(f"rendering should fail for {why}: {values}")
     info(f"{len(must_fail)} invalid values sets rejected: {', '.join(must_fail)}")
     with h.Chart.load(str(CHART)) as c:
         need(c.metadata.get("kubeVersion"), {"kind": "Chart", "metadata": {"name": "fibonacci-api"}}, "kubeVersion unset")
+
+
+SEMVER = re.compile(r"^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)(-[0-9A-Za-z.-]+)?$")
+
+
+def application_chart(app: dict, proj: dict) -> tuple[Path, dict, str]:
+    """The chart an Application deploys, as (local chart dir, merged values,
+    description). A chart from the OCI registry is stood in for by this
+    repository's chart (the release of that version is built from it); its
+    valueFiles may come from another source by `$ref/path`."""
+    spec = app["spec"]
+    sources = spec.get("sources") or [spec["source"]]
+    for src in sources:
+        need(src["repoURL"] in proj["spec"]["sourceRepos"], app, f"repoURL {src['repoURL']} not in the project's sourceRepos")
+    refs = {s["ref"]: s for s in sources if s.get("ref")}
+    charts = [s for s in sources if s.get("chart") or s.get("path")]
+    need(len(charts) == 1, app, "exactly one source must be the chart (path or chart)")
+    src = charts[0]
+    if src.get("chart"):
+        chart_meta = load_file(CHART / "Chart.yaml")
+        need(src["chart"] == chart_meta["name"], app, f"chart {src['chart']} is not this repository's {chart_meta['name']}")
+        need(SEMVER.match(str(src["targetRevision"])), app,
+             f"chart targetRevision {src['targetRevision']!r} must be one released version, not a range or a branch")
+        chart, where = CHART, f"oci {src['repoURL']}/{src['chart']}:{src['targetRevision']}"
+    else:
+        chart, where = ROOT / src["path"], f"{src['path']}@{src['targetRevision']}"
+        need((chart / "Chart.yaml").is_file(), app, f"chart path {src['path']} has no Chart.yaml")
+    values = {}
+    for vf in dig(src, "helm", "valueFiles", default=[]) or []:
+        if vf.startswith("$"):
+            ref, _, rel = vf[1:].partition("/")
+            need(ref in refs, app, f"valueFile {vf}: no source with ref {ref}")
+            need(refs[ref]["repoURL"] == proj["spec"]["sourceRepos"][0], app, f"valueFile {vf}: ref {ref} is not this repository")
+            p = ROOT / rel
+        else:
+            need(not src.get("chart"), app, f"valueFile {vf}: a chart from a registry has only its own values.yaml")
+            p = chart / vf
+        need(p.is_file(), app, f"valueFile {vf} does not exist ({p.relative_to(ROOT)})")
+        values = deep_merge(values, load_file(p))
+    return chart, values, where
 
 
 def cmd_argocd() -> None:
@@ -541,8 +719,6 @@ def cmd_argocd() -> None:
         spec = app["spec"]
         proj = projects.get(spec["project"])
         need(proj, app, f"project {spec['project']} is not defined in argocd/")
-        src = spec["source"]
-        need(src["repoURL"] in proj["spec"]["sourceRepos"], app, "repoURL not in the project's sourceRepos")
         dest = spec["destination"]
         need(any(d.get("namespace") in (dest["namespace"], "*") and
                  (d.get("server") == dest.get("server") or d.get("name") == dest.get("name"))
@@ -558,14 +734,16 @@ def cmd_argocd() -> None:
              "ignoreDifferences must cover /spec/replicas of Deployment and Rollout (the HPA owns it)")
         need("RespectIgnoreDifferences=true" in (sp.get("syncOptions") or []), app,
              "RespectIgnoreDifferences=true required, or a sync still resets the HPA's replicas")
-        chart = ROOT / src["path"]
-        need((chart / "Chart.yaml").is_file(), app, f"chart path {src['path']} has no Chart.yaml")
-        values = {}
-        for vf in dig(src, "helm", "valueFiles", default=[]) or []:
-            p = chart / vf
-            need(p.is_file(), app, f"valueFile {vf} does not exist in {src['path']}")
-            values = deep_merge(values, load_file(p))
-        release = dig(src, "helm", "releaseName") or app["metadata"]["name"]
+        chart, values, where = application_chart(app, proj)
+        if app["metadata"].get("labels", {}).get("environment") == "production":
+            # Production never follows a branch: a chart change reaches it only
+            # as a released, signed version that the promotion pull request pins.
+            src = next(s for s in (spec.get("sources") or [spec.get("source")]) if s.get("chart") or s.get("path"))
+            need(src.get("chart") and SEMVER.match(str(src["targetRevision"])), app,
+                 f"production deploys the chart from {where}: pin a released chart version (OCI) instead of a branch")
+        need(dig(values, "argocd", "managed") is True, app, "its values must set argocd.managed: true")
+        release = next((dig(s, "helm", "releaseName") for s in (spec.get("sources") or [spec.get("source")])
+                        if dig(s, "helm", "releaseName")), None) or app["metadata"]["name"]
         objects, _ = render(values, release=release, namespace=dest["namespace"], chart=chart)
         kubernetes_validate(objects, app["metadata"]["name"])
         for o in objects:
@@ -581,9 +759,36 @@ def cmd_argocd() -> None:
                  f"kind not in AppProject {proj['metadata']['name']}'s namespaceResourceWhitelist: ArgoCD would refuse to sync it")
             need(o["metadata"]["namespace"] == dest["namespace"], o, "renders into another namespace than the destination")
         envs.add(dest["namespace"])
-        info(f"{app['metadata']['name']}: {src['path']} + {dig(src, 'helm', 'valueFiles')} -> "
-             f"{len(objects)} objects in {dest['namespace']}, rendered and validated")
+        info(f"{app['metadata']['name']}: {where} -> {len(objects)} objects in {dest['namespace']}, rendered and validated")
     need(len(envs) == len(apps), {"kind": "argocd", "metadata": {"name": "-"}}, "two Applications share a namespace")
+    check_promotion_workflow()
+
+
+def check_promotion_workflow() -> None:
+    """promote.yml moves production's chart version and image together, after
+    verifying both signatures, in one pull request."""
+    W = {"kind": "workflow", "metadata": {"name": "promote.yml"}}
+    wf = load_file(ROOT / ".github" / "workflows" / "promote.yml")
+    steps = wf["jobs"]["promote"]["steps"]
+    runs = "\n".join(s.get("run", "") for s in steps)
+    app_path = wf["env"].get("PRODUCTION_APP")
+    need(app_path and (ROOT / app_path).is_file(), W, "env.PRODUCTION_APP must name production's Application file")
+    bump = next((s for s in steps if "$PRODUCTION_APP" in s.get("run", "")), None)
+    need(bump and "$PRODUCTION_VALUES" in bump["run"], W,
+         "one step must set the image (values-production.yaml) and the chart version (the Application) together")
+    need(re.search(r'select\(\.chart == "fibonacci-api"\) \| \.targetRevision\) = strenv\(VERSION\)', bump["run"]), W,
+         "the chart source's targetRevision must be set to the promoted version")
+    need(re.search(r"\.image\.digest = strenv\(DIGEST\)", bump["run"]), W, "the image digest must be pinned")
+    pr = next(s for s in steps if "create-pull-request" in s.get("uses", ""))
+    need("PRODUCTION_APP" in pr["with"]["add-paths"] and "PRODUCTION_VALUES" in pr["with"]["add-paths"], W,
+         "the pull request must carry both files")
+    need(runs.count("cosign verify") >= 2 and "${CHART}:${VERSION}" in runs, W,
+         "the image's and the chart's signatures must both be verified")
+    # The Application the bump edits has exactly one chart source for the select() to hit.
+    app = load_file(ROOT / app_path)
+    hits = [s for s in app["spec"].get("sources", []) if s.get("chart") == "fibonacci-api"]
+    need(len(hits) == 1, W, f"{app_path} must have exactly one source with chart fibonacci-api, has {len(hits)}")
+    info(f"promote.yml verifies image and chart signatures and bumps {app_path}'s chart version with the image digest")
 
 
 def deep_merge(a: dict, b: dict) -> dict:
@@ -591,6 +796,67 @@ def deep_merge(a: dict, b: dict) -> dict:
     for k, v in b.items():
         out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+NODE_VALIDATOR = r"""
+import * as argocd from "@kubernetes-models/argo-cd/argoproj.io/v1alpha1";
+import * as rollouts from "@kubernetes-models/argo-rollouts/argoproj.io/v1alpha1";
+import * as promop from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1";
+import { readFileSync } from "node:fs";
+const models = {
+  "argoproj.io/v1alpha1": { ...rollouts, ...argocd },
+  "monitoring.coreos.com/v1": promop,
+};
+const docs = JSON.parse(readFileSync(0, "utf8"));
+let bad = 0;
+for (const [where, obj] of docs) {
+  const Model = (models[obj.apiVersion] || {})[obj.kind];
+  if (!Model) { console.log(`NO MODEL ${where}: ${obj.apiVersion} ${obj.kind}`); bad++; continue; }
+  try { new Model(obj).validate(); console.log(`ok ${where}`); }
+  catch (e) { console.log(`INVALID ${where}: ${e.message}`); bad++; }
+}
+process.exit(bad ? 1 : 0);
+"""
+NPM_MODELS = ["@kubernetes-models/argo-cd@4.0.0", "@kubernetes-models/argo-rollouts@2.0.0",
+              "@kubernetes-models/prometheus-operator@6.0.0"]
+
+
+def node_validate(docs: list[tuple[str, dict]]) -> subprocess.CompletedProcess:
+    prefix = Path(os.environ.get("CHECK_DEPLOY_NPM", ROOT / ".cache" / "npm-deploy"))
+    script = prefix / "validate-crs.mjs"
+    script.write_text(NODE_VALIDATOR)
+    return subprocess.run(["node", str(script)], input=json.dumps(docs), capture_output=True, text=True)
+
+
+def cmd_crd_schemas() -> None:
+    """Every custom resource the chart and argocd/ ship, validated against its
+    CRD's schema (@kubernetes-models/{argo-cd,argo-rollouts,prometheus-operator})."""
+    docs = []
+    for f in sorted((ROOT / "argocd").glob("*.yaml")):
+        for d in load_all(f.read_text(), str(f.relative_to(ROOT))):
+            docs.append((f"{f.relative_to(ROOT)} {d['kind']}/{d['metadata']['name']}", d))
+    for label in VALUES_FILES:
+        objects, _ = render(values_of(label))
+        for o in objects:
+            if (group_of(o), o["kind"]) in CRD_KINDS:
+                docs.append((f"{label} {o['kind']}/{o['metadata']['name']}", strip_source(o)))
+    proc = node_validate(docs)
+    if proc.returncode != 0:
+        fail("custom resources that their CRD schema rejects:\n    " + "\n    ".join(
+            line for line in (proc.stdout + proc.stderr).splitlines() if not line.startswith("ok ")))
+    # The validator must be able to say no: a broken Application and Rollout.
+    app = next(d for w, d in docs if d["kind"] == "Application")
+    broken = json.loads(json.dumps(app))
+    (broken["spec"].get("sources") or [broken["spec"].get("source")])[0]["targetRevision"] = {"not": "a string"}
+    ro = next(d for w, d in docs if d["kind"] == "Rollout")
+    broken_ro = json.loads(json.dumps(ro))
+    broken_ro["spec"]["strategy"]["canary"]["steps"] = [{"setWeight": "ten"}]
+    for what, obj in (("Application with an object as targetRevision", broken), ("Rollout with setWeight 'ten'", broken_ro)):
+        if node_validate([(what, obj)]).returncode == 0:
+            fail(f"the schema validation accepted a {what}: it checks nothing")
+    kinds = sorted({d["kind"] for _, d in docs})
+    info(f"{len(docs)} custom resources valid against their CRD schemas ({', '.join(kinds)}); "
+         "broken ones are rejected")
 
 
 # --------------------------------------------------------------------------- alerts
@@ -638,9 +904,11 @@ def cmd_alerts_sync() -> None:
         fail(f"{ALERTS.relative_to(ROOT)} differs from the chart's PrometheusRule: run `scripts/check-deploy gen-alerts`")
     check_rule_groups({"kind": "rules", "metadata": {"name": str(ALERTS.relative_to(ROOT))}}, plain["groups"], "groups")
     alerts = sorted({r["alert"] for g in plain["groups"] for r in g["rules"] if "alert" in r})
-    tests = load_file(ALERTS.parent / "alerts_test.yaml")
-    tested = {a.get("alertname") for t in tests.get("tests", []) for a in t.get("alert_rule_test", [])
-              if a.get("exp_alerts")}
+    tested = set()
+    for f in ALERT_TESTS:
+        tests = load_file(f)
+        tested |= {a.get("alertname") for t in tests.get("tests", []) for a in t.get("alert_rule_test", [])
+                   if a.get("exp_alerts")}
     untested = set(alerts) - tested
     if untested:
         fail(f"alerts without a firing promtool test in alerts_test.yaml: {sorted(untested)}")
@@ -652,6 +920,37 @@ def cmd_alerts_sync() -> None:
     if missing:
         fail(f"alerts without a runbook section (a heading named after the alert): {missing}")
     info(f"identical to the chart; {len(alerts)} alerts, each with a firing unit test and a runbook section")
+
+
+ALERTMANAGER = ROOT / "deploy" / "alertmanager" / "alertmanager.yaml"
+# Who each environment's alerts must reach, by severity, in the example route.
+EXPECTED_RECEIVERS = {("production", "critical"): "pager", ("production", "warning"): "tickets",
+                      ("staging", "critical"): "chat", ("staging", "warning"): "chat"}
+
+
+def cmd_alert_routes() -> None:
+    """deploy/alertmanager/alertmanager.yaml is valid (amtool check-config) and
+    routes every alert the chart renders for production and staging where it
+    promises: production critical pages, staging never does."""
+    A = {"kind": "alertmanager", "metadata": {"name": str(ALERTMANAGER.relative_to(ROOT))}}
+    proc = subprocess.run(["amtool", "check-config", str(ALERTMANAGER)], capture_output=True, text=True)
+    need(proc.returncode == 0, A, f"amtool check-config:\n{proc.stdout}{proc.stderr}")
+    routed = 0
+    for label in ("production", "staging"):
+        objects, _ = render(values_of(label))
+        rules = [r for o in objects if o["kind"] == "PrometheusRule" for g in o["spec"]["groups"]
+                 for r in g["rules"] if "alert" in r]
+        need(rules, A, f"{label}: no alerts rendered")
+        for r in rules:
+            labels = dict(r["labels"], alertname=r["alert"], namespace="fibonacci-api", job="fibonacci-api")
+            proc = subprocess.run(["amtool", "config", "routes", "test", f"--config.file={ALERTMANAGER}"]
+                                  + [f"{k}={v}" for k, v in sorted(labels.items())], capture_output=True, text=True)
+            got = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr
+            want = EXPECTED_RECEIVERS[(labels["environment"], labels["severity"])]
+            need(got == want, A, f"{label} alert {r['alert']} {r['labels']} reaches {got!r}, expected {want!r}")
+            routed += 1
+    info(f"amtool: config valid; {routed} rendered alerts routed as promised "
+         "(production critical -> pager, warning -> tickets; staging -> chat, never the pager)")
 
 
 # --------------------------------------------------------------------------- dashboard
@@ -699,7 +998,275 @@ def cmd_dashboard() -> None:
             unknown = {u for u in used if not u.startswith("__") and u not in variables}
             need(not unknown, {"kind": "panel", "metadata": {"name": p["title"]}}, f"undefined variables {unknown}")
     need(d.get("uid") and d.get("title"), {"kind": "dashboard", "metadata": {"name": "-"}}, "uid and title required")
+    check_dashboard_failure_paths(d)
     info(f"{len(ids)} panels, {exprs} queries; copies identical; datasource only through ${{datasource}}")
+
+
+SLO_VARIABLES = {"availability_target": "availabilityTarget", "latency_target": "latencyTarget",
+                 "latency_threshold": "latencyThreshold"}
+
+
+def check_dashboard_failure_paths(d: dict) -> None:
+    """What makes a dashboard lie during an incident (issue 13): blended
+    environments, range counts drawn as time series, pods that never show up,
+    SLO numbers that are not the chart's."""
+    D = {"kind": "dashboard", "metadata": {"name": DASHBOARD.name}}
+    variables = {v["name"]: v for v in d["templating"]["list"]}
+    for name in ("namespace", "job"):
+        v = variables.get(name) or {}
+        need(v.get("type") == "query" and v.get("includeAll") is False and v.get("multi") is False, D,
+             f"variable ${name} must be single-select without All: the headline numbers would blend staging and production")
+    slo = load_file(CHART / "values.yaml")["prometheusRule"]["slo"]
+    for var, key in SLO_VARIABLES.items():
+        v = variables.get(var)
+        need(v is not None, D, f"variable ${var} (prometheusRule.slo.{key}) missing: SLO numbers must not be hard-coded")
+        need(str(v.get("query")) == str(slo[key]), D,
+             f"variable ${var} defaults to {v.get('query')!r} but the chart's prometheusRule.slo.{key} is {slo[key]!r}")
+    exprs = [(f"panel {p['title']!r}", p, t["expr"]) for p in dashboard_panels(d) for t in p.get("targets", [])]
+    exprs += [(f"annotation {a['name']!r}", a, a["expr"]) for a in d["annotations"]["list"] if a.get("expr")]
+    for where, owner, e in exprs:
+        need(not re.search(r'(namespace|job)=~"\$\{?(namespace|job)', e), D,
+             f"{where}: select the single namespace/job with =, not =~: {e}")
+        # A quantile shown for itself (p50, p99) is not an SLO number.
+        bare = re.sub(r"histogram_quantile\(\s*[0-9.]+\s*,", "histogram_quantile(", e)
+        for var, key in SLO_VARIABLES.items():
+            literal = str(slo[key])
+            need(not re.search(rf"(?<![0-9.]){re.escape(literal)}(?![0-9])", bare), D,
+                 f"{where}: hard-coded SLO number {literal}: use ${var}")
+        if owner.get("type") == "timeseries":
+            need("$__range" not in e, D,
+                 f"{where}: a time series over [$__range] draws the whole range's total at every point: use $__rate_interval")
+    for a in d["annotations"]["list"]:
+        need("changes(" not in a.get("expr", ""), D,
+             f"annotation {a['name']!r}: changes() on per-pod series never sees a new pod (its series starts with it)")
+
+
+# The SLIs, written once here as the chart writes them once (_rules.tpl
+# "fibonacci-api.sli.*"): every place that computes them must be this
+# expression, so the alerts, the dashboard and the canary cannot drift apart.
+def sli_error_ratio(sel: str, by: str, window: str, status: str = "5..") -> str:
+    agg = f"sum by ({by})" if by else "sum"
+    return (f'({agg} (rate(http_requests_total{{{sel}, status=~"{status}"}}[{window}]))'
+            f' or 0 * {agg} (rate(http_requests_total{{{sel}}}[{window}])))'
+            f' / {agg} (rate(http_requests_total{{{sel}}}[{window}]))')
+
+
+def sli_slow_ratio(sel: str, by: str, window: str, le_regex: str) -> str:
+    agg = f"sum by ({by})" if by else "sum"
+    return (f"1 - (({agg} (rate(http_request_duration_seconds_bucket{{{sel}, le=~`{le_regex}(\\.0)?`}}[{window}]))"
+            f" or 0 * {agg} (rate(http_request_duration_seconds_count{{{sel}}}[{window}])))"
+            f" / {agg} (rate(http_request_duration_seconds_count{{{sel}}}[{window}])))")
+
+
+def promql_norm(q: str) -> str:
+    return re.sub(r"\s+", "", q)
+
+
+def cmd_sli_sync() -> None:
+    """The error and slow ratios in the recording rules, the dashboard and the
+    canary analysis are the one definition above."""
+    checked = []
+
+    def same(where: str, got: str, want: str) -> None:
+        if promql_norm(got) != promql_norm(want):
+            fail(f"{where} is not the SLI expression of the chart's rules:\n    got:  {' '.join(got.split())}"
+                 f"\n    want: {want}")
+        checked.append(where)
+    rel = {"namespace": "fibonacci-api", "job": "fibonacci-api"}
+    values = deep_merge(load_file(CHART / "values.yaml"), ALERTS_VALUES)
+    threshold = str(values["prometheusRule"]["slo"]["latencyThreshold"])
+    sel = f'namespace="{rel["namespace"]}", job="{rel["job"]}", route="/fibonacci"'
+    records = {r["record"]: r["expr"] for g in chart_rule_groups() for r in g["rules"] if "record" in r}
+    windows = sorted({m.group(1) for k in records for m in [re.search(r"ratio_rate(\w+)$", k)] if m})
+    need({"5m", "30m", "1h", "6h", "3d"} <= set(windows), {"kind": "rules", "metadata": {"name": "recording"}},
+         f"recording rules for the burn-rate windows 5m, 30m, 1h, 6h, 3d: have {windows}")
+    for w in windows:
+        same(f"recording rule fibonacci_api:request_errors:ratio_rate{w}",
+             records[f"fibonacci_api:request_errors:ratio_rate{w}"], sli_error_ratio(sel, "namespace, job", w))
+        same(f"recording rule fibonacci_api:request_slow:ratio_rate{w}",
+             records[f"fibonacci_api:request_slow:ratio_rate{w}"],
+             sli_slow_ratio(sel, "namespace, job", w, re.escape(threshold)))
+    d = json.loads(DASHBOARD.read_text())
+    panels = {p["title"]: p for p in dashboard_panels(d)}
+    dsel = 'namespace="$namespace", job="$job"'
+    dfib = dsel + ', route="/fibonacci"'
+    expected = {
+        ("Error ratio (5xx)", "A"): sli_error_ratio(dfib, "", "$__rate_interval"),
+        ("Availability (range)", "A"): f"1 - ({sli_error_ratio(dfib, '', '$__range')})",
+        ("Error ratio by route", "A"): sli_error_ratio(dsel, "route", "$__rate_interval"),
+        ("Error ratio by route", "B"): sli_error_ratio(dsel, "route", "$__rate_interval", status="4.."),
+        ("Requests within the latency threshold (latency SLI)", "A"):
+            f"1 - ({sli_slow_ratio(dfib, '', '$__rate_interval', '${latency_threshold:regex}')})",
+    }
+    for (title, ref), want in expected.items():
+        need(title in panels, {"kind": "dashboard", "metadata": {"name": title}}, "panel missing")
+        t = next(t for t in panels[title]["targets"] if t["refId"] == ref)
+        same(f"dashboard panel {title!r} {ref}", t["expr"], want)
+    objects, _ = render(values_of("all-features"))
+    for o in objects:
+        if o["kind"] == "AnalysisTemplate":
+            for m in o["spec"]["metrics"]:
+                csel = (f'namespace="{o["metadata"]["namespace"]}", job="fibonacci-api", route="/fibonacci", '
+                        'rollouts_pod_template_hash="{{args.canary-hash}}"')
+                window = values_of("all-features").get("rollout", {}).get("analysis", {}).get("rateWindow") \
+                    or load_file(CHART / "values.yaml")["rollout"]["analysis"]["rateWindow"]
+                same(f"AnalysisTemplate {o['metadata']['name']} metric {m['name']}",
+                     m["provider"]["prometheus"]["query"], f"({sli_error_ratio(csel, '', window)}) or on() vector(NaN)")
+    need(any(c.startswith("AnalysisTemplate") for c in checked), {"kind": "AnalysisTemplate", "metadata": {"name": "-"}},
+         "no AnalysisTemplate rendered with all-features values")
+    info(f"{len(checked)} SLI expressions are the chart's one definition: " + "; ".join(checked))
+
+
+def argo_outcome(metric: dict, value: float) -> str:
+    """How Argo Rollouts judges one measurement: its successCondition and
+    failureCondition (expr-lang; the chart uses only !, &&, isNaN, <=, >)
+    evaluated on result = [value]."""
+    def ev(cond: str) -> bool:
+        py = cond.replace("&&", " and ").replace("||", " or ").replace("!isNaN", "not isNaN")
+        need(re.fullmatch(r"[\sA-Za-z0-9_.\[\]()<>=]*", py), {"kind": "AnalysisTemplate", "metadata": {"name": "-"}},
+             f"condition {cond!r} uses more than this check understands")
+        return bool(eval(py, {"__builtins__": {}}, {"isNaN": lambda x: x != x, "result": [value]}))  # noqa: S307
+    if metric.get("failureCondition") and ev(metric["failureCondition"]):
+        return "Failed"
+    if metric.get("successCondition") and ev(metric["successCondition"]):
+        return "Successful"
+    return "Inconclusive"
+
+
+def run_promtool_tests(tmp: Path, name: str, rule_files: list[str], tests: list[dict]) -> None:
+    doc = {"rule_files": rule_files, "evaluation_interval": "15s",
+           "group_eval_order": ["fibonacci-api.slo.rules", "fibonacci-api.alerts"] if rule_files else [],
+           "tests": tests}
+    path = tmp / f"{name}_test.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False, width=1000))
+    proc = subprocess.run(["promtool", "test", "rules", str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        fail(f"promtool test rules {name}:\n{proc.stdout[-4000:]}{proc.stderr[-2000:]}")
+
+
+def series(name: str, labels: dict, values: str) -> dict:
+    return {"series": name + "{" + ", ".join(f'{k}="{v}"' for k, v in labels.items()) + "}", "values": values}
+
+
+def cmd_promql_scenarios() -> None:
+    """Scenario tests, with promtool, of queries the chart renders from values:
+    the latency SLI for an integer threshold in both renderings of its bucket
+    (le="1" from the exporter, le="1.0" as Prometheus 3 stores it), the canary
+    analysis (all-5xx canary, healthy canary, no canary traffic) judged by its
+    own success and failure conditions, and the dashboard's SLI stats and pod
+    annotation during an outage."""
+    tmp = Path(tempfile.mkdtemp(prefix="check-deploy-promql-"))
+    atexit.register(shutil.rmtree, tmp, True)
+    rel = {"namespace": "fibonacci-api", "job": "fibonacci-api"}
+
+    # 1. latency threshold "1": both bucket renderings.
+    objects, _ = render(deep_merge(ALERTS_VALUES, {"prometheusRule": {"slo": {"latencyThreshold": "1"}}}))
+    groups = next(o for o in objects if o["kind"] == "PrometheusRule")["spec"]["groups"]
+    (tmp / "rules-le1.yaml").write_text(yaml.safe_dump({"groups": groups}, sort_keys=False, width=1000))
+    tests = []
+    for le in ("1", "1.0"):
+        for slow, pages in ((300, True), (2, False)):
+            base = rel | {"pod": "fibonacci-api-7d9f8b6c5-x2x4k", "method": "GET", "route": "/fibonacci", "status": "200"}
+            tests.append({
+                "name": f'le="{le}": {slow / 10:g}% slower than 1 s {"pages" if pages else "stays silent"}',
+                "interval": "15s",
+                "input_series": [
+                    series("http_request_duration_seconds_bucket", base | {"le": "0.5"}, f"1000+{(1000 - slow) // 2}x80"),
+                    series("http_request_duration_seconds_bucket", base | {"le": le}, f"1000+{1000 - slow}x80"),
+                    series("http_request_duration_seconds_bucket", base | {"le": "+Inf"}, "1000+1000x80"),
+                    series("http_request_duration_seconds_count", base, "1000+1000x80"),
+                ],
+                "promql_expr_test": [
+                    {"expr": "round(fibonacci_api:request_slow:ratio_rate5m, 0.0001)", "eval_time": "10m",
+                     "exp_samples": [{"labels": '{job="fibonacci-api", namespace="fibonacci-api"}', "value": slow / 1000}]},
+                    {"expr": 'count(ALERTS{alertname="FibonacciApiLatencyBurnRate", alertstate="firing", severity="critical"})',
+                     "eval_time": "15m", "exp_samples": [{"labels": "{}", "value": 2}] if pages else []},
+                ]})
+    run_promtool_tests(tmp, "latency-threshold", ["rules-le1.yaml"], tests)
+    info('latency SLI with latencyThreshold "1": le="1" and le="1.0" buckets give the same ratio; '
+         "30% slow pages, 0.2% slow stays silent, in both renderings")
+
+    # 2. the canary analysis, judged by its own conditions.
+    objects, _ = render(values_of("all-features"))
+    at = next(o for o in objects if o["kind"] == "AnalysisTemplate")
+    metric = at["spec"]["metrics"][0]
+    canary, stable = "5f7d9c8b6", "6c4b7f9d2"
+    query = re.sub(r"\{\{\s*args\.canary-hash\s*\}\}", canary, metric["provider"]["prometheus"]["query"])
+    delay = metric.get("initialDelay")
+    need(delay, at, "initialDelay missing: the first measurement would run before the canary has been scraped")
+
+    def pod(hash_, status, values, n=0):
+        return series("http_requests_total", rel | {"pod": f"fibonacci-api-{hash_}-p{n}xyz", "route": "/fibonacci",
+                                                     "method": "GET", "status": status,
+                                                     "rollouts_pod_template_hash": hash_}, values)
+    stable_pods = [pod(stable, "200", "50000+300x40", 1), pod(stable, "500", "12+0x40", 1)]
+    scenarios = [
+        ("a canary answering only 5xx", [pod(canary, "500", "0+75x40")], 1.0, "Failed"),
+        ("a healthy canary (0.2% 5xx)", [pod(canary, "200", "0+998x40"), pod(canary, "500", "0+2x40")], 0.002, "Successful"),
+        ("a canary without traffic yet", [], float("nan"), "Inconclusive"),
+    ]
+    tests = []
+    for what, canary_series, value, outcome in scenarios:
+        got = argo_outcome(metric, value)
+        need(got == outcome, at, f"{what}: the conditions judge {value} {got}, expected {outcome}")
+        is_nan = value != value
+        tests.append({
+            "name": f"canary analysis: {what} measures {value} ({outcome})",
+            "interval": "15s",
+            "input_series": stable_pods + canary_series,
+            "promql_expr_test": [{
+                # promtool cannot expect NaN: x != bool x is 1 exactly for NaN.
+                "expr": f"({query}) != bool ({query})" if is_nan else f"round({query}, 0.0001)",
+                "eval_time": delay,
+                "exp_samples": [{"labels": "{}", "value": 1 if is_nan else value}]}]})
+    tests.append({
+        "name": "canary analysis: before two scrapes of the canary the measurement is NaN (why initialDelay)",
+        "interval": "15s",
+        "input_series": stable_pods + [series("http_requests_total", rel | {
+            "pod": f"fibonacci-api-{canary}-p0xyz", "route": "/fibonacci", "method": "GET", "status": "200",
+            "rollouts_pod_template_hash": canary}, "_x4 0+998x36")],
+        "promql_expr_test": [{"expr": f"({query}) != bool ({query})", "eval_time": "1m",
+                              "exp_samples": [{"labels": "{}", "value": 1}]}]})
+    run_promtool_tests(tmp, "canary-analysis", [], tests)
+    limit = metric.get("failureLimit", 0)
+    info(f"canary analysis ({metric['name']}, initialDelay {delay}): only-5xx canary measures 1 -> Failed, "
+         f"aborted at the {limit + 1}. failed measurement; healthy 0.002 -> Successful; no traffic NaN -> Inconclusive")
+
+    # 3. the dashboard during a total outage.
+    d = json.loads(DASHBOARD.read_text())
+    values = dashboard_variable_values(d)
+    panels = {p["title"]: p for p in dashboard_panels(d)}
+
+    def dq(title, ref="A"):
+        return grafana_expr(next(t for t in panels[title]["targets"] if t["refId"] == ref)["expr"], values)
+    ann = next(a for a in d["annotations"]["list"] if a.get("expr"))
+    base = rel | {"method": "GET", "route": "/fibonacci"}
+    outage = [series("http_requests_total", base | {"pod": "fibonacci-api-7d9f8b6c5-x2x4k", "status": "500"}, "0+60x40"),
+              series("http_request_duration_seconds_bucket", base | {"pod": "a", "status": "500", "le": "0.1"}, "0x40"),
+              series("http_request_duration_seconds_bucket", base | {"pod": "a", "status": "500", "le": "+Inf"}, "0+60x40"),
+              series("http_request_duration_seconds_count", base | {"pod": "a", "status": "500"}, "0+60x40"),
+              series("kube_pod_created", {"namespace": "fibonacci-api", "pod": "fibonacci-api-7d9f8b6c5-x2x4k"}, "0x40"),
+              # a pod created at 5m (its series starts then, with its creation time)
+              series("kube_pod_created", {"namespace": "fibonacci-api", "pod": "fibonacci-api-7d9f8b6c5-q8wzt"}, "_x19 300x20"),
+              series("kube_pod_created", {"namespace": "fibonacci-api", "pod": "fibonacci-api-redis-6b5d4c8f7-r2d2x"}, "_x19 300x20")]
+    tests = [{
+        "name": "dashboard during a total outage (every answer 5xx, every answer slow) and a new pod",
+        "interval": "15s",
+        "input_series": outage,
+        "promql_expr_test": [
+            {"expr": dq("Error ratio (5xx)"), "eval_time": "6m", "exp_samples": [{"labels": "{}", "value": 1}]},
+            {"expr": dq("Availability (range)"), "eval_time": "6m", "exp_samples": [{"labels": "{}", "value": 0}]},
+            {"expr": dq("Error ratio by route"), "eval_time": "6m",
+             "exp_samples": [{"labels": '{route="/fibonacci"}', "value": 1}]},
+            {"expr": dq("Requests within the latency threshold (latency SLI)"), "eval_time": "6m",
+             "exp_samples": [{"labels": "{}", "value": 0}]},
+            {"expr": grafana_expr(ann["expr"], values), "eval_time": "6m",
+             "exp_samples": [{"labels": '{pod="fibonacci-api-7d9f8b6c5-q8wzt"}', "value": 1}]},
+            {"expr": grafana_expr(ann["expr"], values), "eval_time": "9m", "exp_samples": []},
+        ]}]
+    run_promtool_tests(tmp, "dashboard", [], tests)
+    info("dashboard during a total outage: 5xx ratio 100%, availability 0, latency SLI 0; "
+         f"annotation {ann['name']!r} shows the pod created at 5 m, and not the Redis pod")
 
 
 # --------------------------------------------------------------------------- Dockerfile
@@ -834,6 +1401,109 @@ def cmd_dockerfile() -> None:
          f"{len(stages)} stages, final {final.split()[0]}, USER {user[-1]}")
 
 
+TRACE_FLUSH_SECONDS = 10  # the OTLP exporter's default export timeout (OTEL_EXPORTER_OTLP_TIMEOUT)
+
+
+def duration_seconds(text: str) -> float:
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    parts = re.findall(r"([0-9.]+)(ms|s|m|h)", str(text))
+    need(parts and "".join(a + b for a, b in parts) == str(text), {"kind": "duration", "metadata": {"name": str(text)}},
+         "not a duration")
+    return sum(float(a) * units[b] for a, b in parts)
+
+
+def image_ref(ref: str) -> tuple[str, str]:
+    """(repository with registry, tag) of an image reference, Docker Hub names normalised."""
+    ref = ref.split("@")[0]
+    name, _, tag = ref.rpartition(":") if ":" in ref.split("/")[-1] else (ref, "", "latest")
+    if "/" not in name:
+        name = "docker.io/library/" + name
+    elif "." not in name.split("/")[0]:
+        name = "docker.io/" + name
+    return name, tag
+
+
+def cmd_images() -> None:
+    """Reproducible image and covered images: every base image pinned by
+    digest, no build-time timestamp, SOURCE_DATE_EPOCH from the commit;
+    compose's stop_grace_period above the service's worst-case shutdown;
+    Dependabot watching every image the chart, compose and CI run; Chart.yaml's
+    artifacthub.io/images naming what the chart deploys."""
+    D = {"kind": "Dockerfile", "metadata": {"name": "Dockerfile"}}
+    ins = dockerfile_instructions((ROOT / "Dockerfile").read_text())
+    stages = set()
+    for word, rest in ins:
+        if word == "FROM":
+            image = rest.split()[0]
+            if image not in stages and image != "scratch":
+                need(re.search(r":[^/@]+@sha256:[0-9a-f]{64}$", image), D,
+                     f"FROM {image}: pin tag@sha256:digest (the tag tells Dependabot the version line)")
+            if " AS " in rest.upper():
+                stages.add(rest.split()[-1])
+    for word, rest in ins:
+        need(not (word in ("ARG", "LABEL") and re.search(r"CREATED|image\.created", rest)), D,
+             f"{word} {rest[:60]}: a build-time timestamp makes every build different (BuildKit takes dates "
+             "from SOURCE_DATE_EPOCH)")
+    release = load_file(ROOT / ".github" / "workflows" / "release.yml")
+    build = next(st for st in release["jobs"]["image"]["steps"] if "build-push-action" in st.get("uses", ""))
+    need("SOURCE_DATE_EPOCH=" in build["with"]["build-args"] and "CREATED" not in build["with"]["build-args"], D,
+         "release.yml must pass SOURCE_DATE_EPOCH (the commit time), not a CREATED build time")
+    need("rewrite-timestamp=true" in build["with"]["outputs"], D, "release.yml: rewrite-timestamp=true for reproducible layers")
+
+    # compose: Docker must not kill the API before it has drained and flushed.
+    compose = load_file(ROOT / "compose.yaml")
+    api = compose["services"]["api"]
+    env = api.get("environment") or {}
+    drain = float(env.get("SHUTDOWN_DRAIN_SECONDS", 5))
+    deadline = float(env.get("REQUEST_TIMEOUT_MS", 10000)) / 1000
+    worst = drain + deadline + TRACE_FLUSH_SECONDS
+    grace = duration_seconds(api.get("stop_grace_period", "10s"))
+    need(grace > worst, {"kind": "compose", "metadata": {"name": "api"}},
+         f"stop_grace_period {grace:g}s does not exceed the worst-case shutdown {worst:g}s "
+         f"(drain {drain:g} + request deadline {deadline:g} + trace flush {TRACE_FLUSH_SECONDS})")
+
+    # Dependabot covers every image.
+    dep = load_file(ROOT / ".github" / "dependabot.yml")
+    ecosystems = {(u["package-ecosystem"], u["directory"].rstrip("/") or "/") for u in dep["updates"]}
+    covered: dict[tuple[str, str], str] = {}
+    for word, rest in ins:
+        if word == "FROM" and rest.split()[0] not in stages:
+            need(("docker", "/") in ecosystems, D, "Dependabot (docker, /) must watch the Dockerfile's base images")
+            covered[image_ref(rest.split()[0])] = "Dockerfile"
+    for name, svc in compose["services"].items():
+        if svc.get("image") and not svc.get("build"):
+            need(("docker-compose", "/") in ecosystems, D, "Dependabot (docker-compose, /) must watch compose.yaml")
+            covered[image_ref(svc["image"])] = "compose.yaml"
+    chart_dir = "/" + str(CHART.relative_to(ROOT))
+    objects, _ = render({"redis": {"enabled": True}})
+    deployed = {c["image"] for o in objects if o["kind"] in POD_KINDS for c in pod_spec_of(o)[0]["containers"]}
+    own = load_file(CHART / "values.yaml")["image"]["repository"]
+    for img in deployed:
+        if img.startswith(own):
+            continue  # our own image: release.yml and promote.yml pin it
+        need(("helm", chart_dir) in ecosystems, D, f"Dependabot (helm, {chart_dir}) must watch the chart's image {img}")
+        covered.setdefault(image_ref(img), "the chart")
+    ci = load_file(ROOT / ".github" / "workflows" / "ci.yml")
+    for job, spec in ci["jobs"].items():
+        for name, svc in (spec.get("services") or {}).items():
+            ref = image_ref(svc["image"])
+            need(ref in covered, {"kind": "ci.yml", "metadata": {"name": f"{job}.services.{name}"}},
+                 f"{svc['image']} is not an image Dependabot keeps current (it watches no workflow service "
+                 f"containers): use the same image as {', '.join(sorted({f'{r[0]}:{r[1]}' for r in covered if r[0] == ref[0]})) or 'compose or the chart'}")
+
+    # Chart.yaml names the images the chart deploys.
+    chart_meta = load_file(CHART / "Chart.yaml")
+    listed = {i["image"] for i in yaml.safe_load(chart_meta["annotations"]["artifacthub.io/images"])}
+    need(listed == deployed, {"kind": "Chart", "metadata": {"name": "Chart.yaml"}},
+         f"artifacthub.io/images {sorted(listed)} != the images the chart deploys {sorted(deployed)}")
+    chart_job = release["jobs"]["chart"]["steps"]
+    need(any("artifacthub.io/images" in st.get("run", "") for st in chart_job), D,
+         "release.yml rewrites the chart's image to the release digest: it must rewrite artifacthub.io/images too")
+    info(f"base images pinned by digest; no build timestamp; compose grace {grace:g}s > worst-case shutdown {worst:g}s; "
+         f"Dependabot watches {len(covered)} images (Dockerfile, compose, chart; CI's service image is one of them); "
+         "artifacthub.io/images = the chart's images")
+
+
 # --------------------------------------------------------------------------- PromQL
 
 
@@ -948,10 +1618,25 @@ def _on_signal(signum, _frame):
     sys.exit(128 + signum)
 
 
+_PORTS_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free on every address, IPv4 and IPv6 (the service binds [::]),
+    and not handed out before in this run."""
+    while True:
+        try:
+            with socket.socket(socket.AF_INET6) as s:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                s.bind(("::", 0))
+                port = s.getsockname()[1]
+        except OSError:  # no IPv6 on this kernel
+            with socket.socket() as s:
+                s.bind(("0.0.0.0", 0))
+                port = s.getsockname()[1]
+        if port not in _PORTS_GIVEN:
+            _PORTS_GIVEN.add(port)
+            return port
 
 
 def http(url: str, method: str = "GET", timeout: float = 5.0) -> tuple[int, bytes]:
@@ -994,26 +1679,43 @@ def prom_query(base: str, q: str) -> dict:
     return data
 
 
-def grafana_expr(expr: str, variables: set[str]) -> str:
-    """Substitute Grafana's built-in and dashboard variables with concrete values."""
+GRAFANA_REGEX_SPECIAL = re.compile(r"([\\^$.|?*+()\[\]{}])")
+
+
+def dashboard_variable_values(d: dict) -> dict[str, str]:
+    """What each dashboard variable stands for in the live check: the release the
+    check scrapes (namespace and job fibonacci-api) and the textboxes' defaults."""
+    values = {}
+    for v in d["templating"]["list"]:
+        if v["type"] == "query":
+            values[v["name"]] = "fibonacci-api"
+        elif v["type"] in ("textbox", "constant", "custom"):
+            values[v["name"]] = str(v["query"]).split(",")[0]
+    return values
+
+
+def grafana_expr(expr: str, values: dict[str, str]) -> str:
+    """Substitute Grafana's built-in and dashboard variables with concrete values,
+    applying the `:regex` format as Grafana does."""
     builtins = {"__rate_interval": "30s", "__interval": "5s", "__range": "5m", "__range_s": "300",
                 "__interval_ms": "5000", "__range_ms": "300000"}
 
     def sub(m):
-        name = m.group(1) or m.group(2)
+        name, fmt = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), None)
         if name in builtins:
             return builtins[name]
-        if name in variables:
-            return ".*"  # every variable is multi-value with allValue .*
-        fail(f"unknown Grafana variable ${name} in {expr!r}")
-    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::[a-z]+)?\}|\$([A-Za-z_][A-Za-z0-9_]*)", sub, expr)
+        if name not in values:
+            fail(f"unknown Grafana variable ${name} in {expr!r}")
+        value = values[name]
+        return GRAFANA_REGEX_SPECIAL.sub(r"\\\1", value) if fmt == "regex" else value
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::([a-z]+))?\}|\$([A-Za-z_][A-Za-z0-9_]*)", sub, expr)
 
 
 def collect_queries() -> list[tuple[str, str]]:
     """(where, PromQL) for every query this repository ships."""
     queries = []
     d = json.loads(DASHBOARD.read_text())
-    variables = {v["name"] for v in d["templating"]["list"]}
+    variables = dashboard_variable_values(d)
     for p in dashboard_panels(d):
         for t in p.get("targets", []):
             queries.append((f"dashboard panel {p['title']!r} {t['refId']}", grafana_expr(t["expr"], variables)))
@@ -1218,6 +1920,9 @@ def _run_queries(binary: Path, prometheus: str, redis_server: str | None, tmp: P
                     continue
                 if label not in present:
                     problems.append(f"{where}: {name} has no label {label!r} (has {sorted(present)})\n      {q}")
+                elif op == "=~" and label == "le" and not any(re.fullmatch(value, v) for v in present[label]):
+                    problems.append(f"{where}: no {name} bucket matches le=~{value!r} "
+                                    f"(buckets: {sorted(present[label])})\n      {q}")
                 elif op == "=" and value not in present[label]:
                     problems.append(f"{where}: no {name} series has {label}={value!r} "
                                     f"(values: {sorted(present[label])})\n      {q}")
@@ -1279,24 +1984,36 @@ def cmd_config() -> None:
         objects, _ = render(values_of(label))
         pod_env = pod_environment(objects)
         port, admin = free_port(), free_port()
-        pod_env["LISTEN_ADDR"] = f"127.0.0.1:{port}"
+        # The chart's own addresses ([::], dual-stack) with free ports.
+        pod_env["LISTEN_ADDR"] = re.sub(r":[0-9]+$", f":{port}", pod_env["LISTEN_ADDR"])
         if "ADMIN_LISTEN_ADDR" in pod_env:
-            pod_env["ADMIN_LISTEN_ADDR"] = f"127.0.0.1:{admin}"
+            pod_env["ADMIN_LISTEN_ADDR"] = re.sub(r":[0-9]+$", f":{admin}", pod_env["ADMIN_LISTEN_ADDR"])
         env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")} | pod_env
         log = tmp / f"{label}.log"
         proc = start([str(binary)], log, env=env)
-        probe = f"http://127.0.0.1:{admin if 'ADMIN_LISTEN_ADDR' in pod_env else port}/livez"
-        runs.append((label, pod_env, log, proc, probe))
-    for label, pod_env, log, proc, probe in runs:
+        runs.append((label, pod_env, log, proc, (port, admin if "ADMIN_LISTEN_ADDR" in pod_env else None)))
+    for label, pod_env, log, proc, (port, admin) in runs:
         def alive():
             if proc.poll() is not None:
                 fail(f"{label}: the service exited with {proc.returncode} on the chart's configuration:\n    "
                      + "\n    ".join(log.read_text(errors="replace").splitlines()[-10:]))
-            return http(probe, timeout=1)[0] == 200
+            return http(f"http://127.0.0.1:{admin or port}/livez", timeout=1)[0] == 200
         poll(f"{label}: /livez", alive, 30)
+        # What kubelet probes, the Service and Prometheus reach, over IPv4 and
+        # IPv6 alike; with the admin port, the public one serves no admin route.
+        got, want = {}, {}
+        for host in ("127.0.0.1", "[::1]"):
+            got[f"{host} /health"], want[f"{host} /health"] = http(f"http://{host}:{port}/health")[0], 200
+            got[f"{host} /livez"], want[f"{host} /livez"] = http(f"http://{host}:{admin or port}/livez")[0], 200
+            got[f"{host} /metrics"], want[f"{host} /metrics"] = http(f"http://{host}:{admin or port}/metrics")[0], 200
+            if admin:
+                got[f"{host} public /metrics"], want[f"{host} public /metrics"] = http(f"http://{host}:{port}/metrics")[0], 404
+        if got != want:
+            fail(f"{label}: LISTEN_ADDR={pod_env['LISTEN_ADDR']} ADMIN_LISTEN_ADDR={pod_env.get('ADMIN_LISTEN_ADDR')}: "
+                 f"answers {got}, expected {want}")
     for _, _, _, proc, _ in runs:
         proc.send_signal(signal.SIGTERM)
-    for label, pod_env, log, proc, probe in runs:
+    for label, pod_env, log, proc, _ in runs:
         try:
             code = proc.wait(timeout=int(pod_env.get("SHUTDOWN_DRAIN_SECONDS", 5)) + 15)
         except subprocess.TimeoutExpired:
@@ -1304,14 +2021,149 @@ def cmd_config() -> None:
         if code != 0:
             fail(f"{label}: exit code {code} after SIGTERM (expected 0 after a graceful shutdown)")
         keys = sorted(k for k in pod_env if k not in ("POD_NAME", "POD_NAMESPACE", "NODE_NAME"))
-        info(f"{label:15s} started with {len(keys)} settings ({', '.join(keys)}), live, exited 0 on SIGTERM")
+        info(f"{label:15s} started with {len(keys)} settings ({', '.join(keys)}), answered IPv4 and IPv6 on "
+             f"{pod_env['LISTEN_ADDR']}{' (admin routes only on ' + pod_env['ADMIN_LISTEN_ADDR'] + ')' if 'ADMIN_LISTEN_ADDR' in pod_env else ''}, "
+             "exited 0 on SIGTERM")
+
+
+# --------------------------------------------------------------------------- container image
+
+# The image is the binary on distroless cc (glibc, CA bundle): 37 MB when this
+# budget was set. A budget, not a measurement: past it something heavy came in.
+IMAGE_SIZE_BUDGET_MB = 50
+IMAGE = "localhost/fibonacci-api:check-deploy"
+
+
+def image_tools() -> Path:
+    """The stand-in image scripts (podman against local base images): an
+    explicit override, the clone's sibling shared/, or the workplace's."""
+    for cand in (os.environ.get("FIBONACCI_IMAGE_TOOLS"), ROOT.parent / "shared" / "image", Path("/work/shared/image")):
+        if cand and (Path(cand) / "build-and-run.sh").is_file():
+            return Path(cand)
+    fail("no stand-in image scripts: set FIBONACCI_IMAGE_TOOLS, or put shared/image next to the repository")
+    return Path()
+
+
+def podman(tools: Path, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ, CONTAINERS_CONF=str(tools / "containers.conf"),
+               CONTAINERS_REGISTRIES_CONF=str(tools / "registries.conf"))
+    proc = subprocess.run(["podman", "--runtime", "runc", "--cgroup-manager=cgroupfs", *args],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+    if check and proc.returncode != 0:
+        fail(f"podman {' '.join(args[:3])}...: {proc.stderr.strip()[-1500:]}")
+    return proc
+
+
+def cmd_image() -> None:
+    """Build the real Dockerfile (podman, stand-in base images) and run the
+    image as a cluster would: read-only root filesystem, its own user, a
+    non-default dual-stack LISTEN_ADDR and an ADMIN_LISTEN_ADDR, its
+    HEALTHCHECK, SIGTERM; and keep it under the size budget with no build
+    timestamp in it."""
+    tools = image_tools()
+    I = {"kind": "image", "metadata": {"name": IMAGE}}
+    t0 = time.monotonic()
+    standins = subprocess.run([str(tools / "standins.sh")], capture_output=True, text=True)
+    if standins.returncode != 0:
+        fail(f"standins.sh:\n{(standins.stdout + standins.stderr)[-3000:]}")
+    t_standins = time.monotonic() - t0
+    # The time of the last commit that changed what the build reads (the
+    # allow-listed context and the Dockerfile): a commit that changes nothing
+    # the image is built from builds the same image, cached or not.
+    inputs = ["Dockerfile", ".dockerignore"] + [line[1:].rstrip("/") for line in
+                                                (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")]
+    epoch = subprocess.run(["git", "log", "-1", "--format=%ct", "--", *inputs], capture_output=True, text=True,
+                           cwd=ROOT).stdout.strip() or "0"
+    build_args = ["--build-arg", f"SOURCE_DATE_EPOCH={epoch}", "--timestamp", epoch,
+                  "--build-arg", "VERSION=check", "--build-arg", "REVISION=check"]
+    # build-and-run.sh: the build, then its own smoke run (LISTEN_ADDR on a free
+    # 127.0.0.1 port, /health, HEALTHCHECK, SIGTERM).
+    t0 = time.monotonic()
+    proc = subprocess.run([str(tools / "build-and-run.sh"), str(ROOT), *build_args],
+                          env=dict(os.environ, IMAGE=IMAGE, SKIP_PROBE="1"), capture_output=True, text=True)
+    t_build = time.monotonic() - t0
+    results = proc.stdout[proc.stdout.find("== results =="):]
+    if proc.returncode != 0 or not re.search(r"exit after stop:\s+0\b", results):
+        fail(f"build-and-run.sh (rc {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
+    info(f"standins.sh {t_standins:.0f}s, build-and-run.sh {t_build:.0f}s: " + "; ".join(
+        line.strip() for line in results.splitlines()[1:] if line.split(":")[0].strip() in
+        ("image size", "image USER", "runs as (uid gid)", "read-only rootfs", "healthcheck by hand", "exit after stop")))
+
+    # Size budget.
+    size_mb = int(podman(tools, "image", "inspect", "--format", "{{.Size}}", IMAGE).stdout.strip()) / 1e6
+    need(size_mb <= IMAGE_SIZE_BUDGET_MB, I, f"{size_mb:.1f} MB exceeds the {IMAGE_SIZE_BUDGET_MB} MB budget")
+    # No build timestamp: the image says it was created at the commit, and a
+    # rebuild of the same commit is the same image.
+    meta = json.loads(podman(tools, "image", "inspect", IMAGE).stdout)[0]
+    created = meta.get("Created", "")
+    # A cached build keeps the date of the build that made its layers, so the
+    # date is some commit's (SOURCE_DATE_EPOCH), never the time of a build.
+    commit_times = {time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(int(t))) for t in subprocess.run(
+        ["git", "log", "--format=%ct"], capture_output=True, text=True, cwd=ROOT).stdout.split()}
+    need(created[:19] in commit_times, I, f"created {created}: not a commit's time (SOURCE_DATE_EPOCH) but the build's")
+    labels = (meta.get("Config") or {}).get("Labels") or {}
+    need("org.opencontainers.image.created" not in labels, I, "a build-time created label")
+    first_id = meta["Id"]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    stripped = Path(tempfile.mkstemp(prefix="Dockerfile.")[1])
+    atexit.register(stripped.unlink, True)
+    stripped.write_text(re.sub(r"@sha256:[0-9a-f]{64}", "", dockerfile))  # stand-ins exist by tag only
+    podman(tools, "build", "--pull=never", "--isolation=chroot", "--network=host", "--format", "docker",
+           "-f", str(stripped), "-t", IMAGE, *build_args, str(ROOT), timeout=1800)
+    second_id = podman(tools, "image", "inspect", "--format", "{{.Id}}", IMAGE).stdout.strip()
+    need(second_id == first_id, I, f"rebuilding the same commit gave image {second_id[:12]}, not {first_id[:12]}")
+
+    # Run it as a cluster would, on a non-default dual-stack address with an admin port.
+    port, admin = free_port(), free_port()
+    name = f"check-deploy-{os.getpid()}"
+    podman(tools, "rm", "-f", name, check=False)
+    atexit.register(lambda: podman(tools, "rm", "-f", "-t", "2", name, check=False))
+    podman(tools, "run", "-d", "--name", name, "--read-only", "--read-only-tmpfs=false", "--network=host",
+           "-e", f"LISTEN_ADDR=[::]:{port}", "-e", f"ADMIN_LISTEN_ADDR=[::]:{admin}",
+           "-e", "SHUTDOWN_DRAIN_SECONDS=1", "-e", "RUST_LOG=warn", IMAGE)
+
+    def running():
+        state = podman(tools, "inspect", "--format", "{{.State.Running}}", name).stdout.strip()
+        if state != "true":
+            logs = podman(tools, "logs", name, check=False)
+            fail(f"the container exited: {(logs.stdout + logs.stderr)[-1500:]}")
+        return http(f"http://127.0.0.1:{admin}/readyz", timeout=1)[0] == 200
+    poll("the container's /readyz on the admin port", running, 60)
+    seen = {}
+    for host in ("127.0.0.1", "[::1]"):
+        seen[f"{host} /health"] = http(f"http://{host}:{port}/health")[0]
+        seen[f"{host} /metrics"] = http(f"http://{host}:{port}/metrics")[0]
+    seen["admin /metrics"] = http(f"http://127.0.0.1:{admin}/metrics")[0]
+    expected = {"127.0.0.1 /health": 200, "[::1] /health": 200, "127.0.0.1 /metrics": 404, "[::1] /metrics": 404,
+                "admin /metrics": 200}
+    need(seen == expected, I, f"answers {seen}, expected {expected} (IPv4 and IPv6 on [::]; /metrics only on the admin port)")
+    pid = podman(tools, "inspect", "--format", "{{.State.Pid}}", name).stdout.strip()
+    uids = re.search(r"^Uid:\s+(\d+)", Path(f"/proc/{pid}/status").read_text(), re.M).group(1)
+    need(uids == "65532", I, f"runs as uid {uids}, not the image's 65532")
+    need(podman(tools, "inspect", "--format", "{{.HostConfig.ReadonlyRootfs}}", name).stdout.strip() == "true", I,
+         "root filesystem not read-only")
+    hc_cfg = meta.get("Healthcheck") or meta.get("HealthCheck") or (meta.get("Config") or {}).get("Healthcheck") or {}
+    test = [t for t in hc_cfg.get("Test", []) if t]
+    need(test[:1] == ["CMD"], I, f"HEALTHCHECK {test}: exec form expected")
+    hc = podman(tools, "exec", name, *test[1:], check=False)
+    need(hc.returncode == 0, I, f"HEALTHCHECK {' '.join(test[1:])} failed in the container: {hc.stdout}{hc.stderr}")
+    run_hc = podman(tools, "healthcheck", "run", name, check=False)
+    need(run_hc.returncode == 0, I, f"podman healthcheck run: {run_hc.stdout}{run_hc.stderr}")
+    t0 = time.monotonic()
+    podman(tools, "kill", "--signal", "TERM", name)
+    code = podman(tools, "wait", name, timeout=60).stdout.strip()
+    stopped = time.monotonic() - t0
+    need(code == "0", I, f"exit code {code} after SIGTERM (expected 0: drain, then exit)")
+    info(f"{size_mb:.1f} MB (budget {IMAGE_SIZE_BUDGET_MB}); created at the commit, rebuild identical ({first_id[:12]}); "
+         f"read-only, uid 65532, LISTEN_ADDR=[::]:{port} answers IPv4 and IPv6, /metrics only on ADMIN_LISTEN_ADDR, "
+         f"HEALTHCHECK healthy, SIGTERM -> exit 0 in {stopped:.1f}s")
 
 
 # --------------------------------------------------------------------------- main
 
 COMMANDS = {
     "chart": cmd_chart, "argocd": cmd_argocd, "alerts-sync": cmd_alerts_sync, "gen-alerts": cmd_gen_alerts,
-    "dashboard": cmd_dashboard, "dockerfile": cmd_dockerfile, "queries": cmd_queries, "config": cmd_config,
+    "dashboard": cmd_dashboard, "sli-sync": cmd_sli_sync, "image": cmd_image, "images": cmd_images, "alert-routes": cmd_alert_routes, "crd-schemas": cmd_crd_schemas, "promql-scenarios": cmd_promql_scenarios, "dockerfile": cmd_dockerfile, "queries": cmd_queries, "config": cmd_config,
 }
 
 if __name__ == "__main__":

@@ -50,7 +50,13 @@ impl App {
         let store = FibonacciStore::new(config.cache_max_bytes, redis.clone(), &metrics)
             .with_deadline(config.request_timeout);
         let limiter = config.rate_limits.clone().map(|policy| {
-            RateLimiter::new(policy, config.rate_limit_max_keys, redis.clone(), &metrics)
+            RateLimiter::new(
+                policy,
+                config.rate_limit_ipv6_48_factor,
+                config.rate_limit_max_keys,
+                redis.clone(),
+                &metrics,
+            )
         });
         Ok(Arc::new(Self {
             store,
@@ -112,24 +118,37 @@ fn finish(router: Router<Arc<App>>, app: &Arc<App>, cors: Option<CorsLayer>) -> 
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(app.clone());
+    // Observation outside the panic catcher: a panic's 500 is counted, logged and
+    // given the security headers like any other response.
     let stack = ServiceBuilder::new()
-        .layer(CatchPanicLayer::custom(panic_response))
         .layer(from_fn_with_state(app.clone(), middleware::observe))
+        .layer(CatchPanicLayer::custom(panic_response))
         .option_layer(cors)
         .service(routed);
     Router::new().fallback_service(stack)
 }
 
 /// The API router: `/fibonacci` behind admission (load shedding, the rate limit);
-/// probes, metrics and the OpenAPI document beside it, never limited.
+/// `/health` and the OpenAPI document beside it, never limited. Probes and metrics are
+/// here too unless `ADMIN_LISTEN_ADDR` gives them a port of their own: then the public
+/// port (the one an Ingress routes to) never exposes them.
 pub fn router(app: Arc<App>) -> Router {
+    router_with(app, Router::new())
+}
+
+/// The API router with `extra` routes beside the API, under the same middleware: the
+/// seam for tests that need a route of their own (one that panics, say).
+pub fn router_with(app: Arc<App>, extra: Router<Arc<App>>) -> Router {
     let api =
         get(fibonacci::fibonacci).route_layer(from_fn_with_state(app.clone(), middleware::admit));
-    let router = Router::new()
+    let mut router = Router::new()
         .route("/fibonacci", api)
         .route("/health", get(probes::health))
         .route("/openapi.json", get(openapi::openapi_json))
-        .merge(admin_routes());
+        .merge(extra);
+    if app.config.admin_listen_addr.is_none() {
+        router = router.merge(admin_routes());
+    }
     finish(router, &app, cors(&app.config.cors_allowed_origins))
 }
 

@@ -3,8 +3,12 @@
 //! The memory tier holds ready response bodies, bounded in bytes, so a hit does no
 //! big-number work and no Redis call. Its placeholders double as the single flight:
 //! concurrent misses for one `n` wait for the first, which asks Redis, else computes.
-//! Redis holds decimal digits under `fibonacci:v1:{n}`; what it returns is checked
-//! ([`fib::is_fibonacci_decimal`]) before it is served, and overwritten if wrong.
+//! The fill runs in a task of its own, detached from the requests waiting for it: it
+//! finishes (computes once, caches, writes back) even when every one of them has timed
+//! out or gone away, so a slow computation is never started twice and its result is
+//! never thrown away. Redis holds decimal digits under `fibonacci:v1:{n}`; a read is
+//! bounded by the length F(n) can have, and what it returns is checked against this
+//! process's secret [`Fingerprint`] before it is served, and overwritten if wrong.
 
 use std::{
     sync::Arc,
@@ -14,11 +18,11 @@ use std::{
 use bytes::Bytes;
 use metrics::{Counter, Histogram};
 use quick_cache::{sync::Cache, Weighter};
+use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 use crate::{
-    error::ApiError,
-    fib,
+    fib::{self, Fingerprint},
     metrics::{Metrics, CACHE_REQUESTS, COMPUTE_DURATION},
     redis_client::RedisClient,
 };
@@ -29,6 +33,20 @@ const BLOCKING_THRESHOLD: u64 = 20_000;
 /// Redis entries expire after this long so an instance without an eviction policy still
 /// doesn't grow without bound; the values themselves never change.
 const REDIS_TTL_SECS: u64 = 7 * 24 * 3600;
+
+/// Why the store gave no answer.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StoreError {
+    /// The miss took longer than the deadline (the fill goes on without the caller).
+    #[error("the answer took longer than the deadline")]
+    Timeout,
+    /// Too many large computations are running or queued already.
+    #[error("too many computations pending")]
+    Overloaded,
+    /// The computation itself failed (a panic on the blocking pool).
+    #[error("computation failed: {0}")]
+    Failed(String),
+}
 
 /// Charges each body its length plus a rough per-entry overhead.
 #[derive(Clone)]
@@ -75,14 +93,27 @@ impl TierCounters {
 
 /// Answers for any n, from the cheapest tier that has them.
 pub struct FibonacciStore {
+    tiers: Arc<Tiers>,
+    /// How long a miss may take (Redis, then computation) before the caller gets an
+    /// error; hits never wait, so they carry no timer.
+    deadline: Duration,
+}
+
+/// The tiers, shared with the fill tasks that outlive requests.
+struct Tiers {
     memory: Cache<u64, Bytes, BodyWeighter>,
     redis: Option<Arc<RedisClient>>,
+    fingerprint: Fingerprint,
     memory_counters: TierCounters,
     redis_counters: TierCounters,
+    /// Values in Redis that failed the fingerprint: someone else writes there.
+    redis_invalid: Counter,
     compute_duration: Histogram,
-    /// How long a miss may take (Redis, then computation) before the caller gets a 503;
-    /// hits never wait, so they carry no timer.
-    deadline: Duration,
+    /// Large computations running (one per core: more would only share the cores)…
+    computing: Semaphore,
+    /// …and running or queued: past this, a miss for a large n is refused at once
+    /// rather than queueing work that detached tasks would carry on with.
+    pending: Arc<Semaphore>,
 }
 
 impl FibonacciStore {
@@ -90,14 +121,23 @@ impl FibonacciStore {
     pub fn new(max_bytes: u64, redis: Option<Arc<RedisClient>>, metrics: &Metrics) -> Self {
         // F(1000)'s body is ~240 bytes; the estimate only sizes the initial tables.
         let estimated_items = (max_bytes / 256).clamp(16, 1 << 20) as usize;
+        let cores = std::thread::available_parallelism().map_or(2, usize::from);
         Self {
-            // A zero capacity would still need placeholders for the single flight, so
-            // keep one weight unit: every body outweighs it and is never retained.
-            memory: Cache::with_weighter(estimated_items, max_bytes.max(1), BodyWeighter),
-            redis,
-            memory_counters: TierCounters::new(metrics, "memory"),
-            redis_counters: TierCounters::new(metrics, "redis"),
-            compute_duration: metrics.scope(|| metrics::histogram!(COMPUTE_DURATION)),
+            tiers: Arc::new(Tiers {
+                // A zero capacity would still need placeholders for the single flight, so
+                // keep one weight unit: every body outweighs it and is never retained.
+                memory: Cache::with_weighter(estimated_items, max_bytes.max(1), BodyWeighter),
+                redis,
+                fingerprint: Fingerprint::random(),
+                memory_counters: TierCounters::new(metrics, "memory"),
+                redis_counters: TierCounters::new(metrics, "redis"),
+                redis_invalid: metrics.scope(
+                    || metrics::counter!(CACHE_REQUESTS, "tier" => "redis", "result" => "invalid"),
+                ),
+                compute_duration: metrics.scope(|| metrics::histogram!(COMPUTE_DURATION)),
+                computing: Semaphore::new(cores),
+                pending: Arc::new(Semaphore::new(16 * cores)),
+            }),
             deadline: Duration::from_secs(3600),
         }
     }
@@ -109,20 +149,35 @@ impl FibonacciStore {
     }
 
     /// The response body for F(n).
-    pub async fn get(&self, n: u64) -> Result<Bytes, ApiError> {
+    pub async fn get(&self, n: u64) -> Result<Bytes, StoreError> {
+        let tiers = &self.tiers;
         let lookup = tracing::debug_span!("cache.memory", n);
-        if let Some(body) = lookup.in_scope(|| self.memory.get(&n)) {
-            self.memory_counters.hit.increment(1);
+        if let Some(body) = lookup.in_scope(|| tiers.memory.get(&n)) {
+            tiers.memory_counters.hit.increment(1);
             return Ok(body);
         }
-        self.memory_counters.miss.increment(1);
-        tokio::time::timeout(self.deadline, self.fill(n))
-            .await
-            .map_err(|_| ApiError::Timeout)?
+        tiers.memory_counters.miss.increment(1);
+        // Waiting happens in the task too: whichever waiter finds the placeholder gone
+        // (its filler failed) fills in turn, and does so whether or not it is still wanted.
+        let fill = tokio::spawn(tiers.clone().wait_or_fill(n).in_current_span());
+        match tokio::time::timeout(self.deadline, fill).await {
+            Err(_) => Err(StoreError::Timeout),
+            Ok(Err(e)) => Err(StoreError::Failed(format!(
+                "the fill of F({n}) failed: {e}"
+            ))),
+            Ok(Ok(result)) => result,
+        }
     }
 
+    /// Whether F(n) is in the memory tier (for tests and diagnostics; counts nothing).
+    pub fn is_cached(&self, n: u64) -> bool {
+        self.tiers.memory.peek(&n).is_some()
+    }
+}
+
+impl Tiers {
     /// A miss: wait for whoever is already filling n, or fill it from Redis or computation.
-    async fn fill(&self, n: u64) -> Result<Bytes, ApiError> {
+    async fn wait_or_fill(self: Arc<Self>, n: u64) -> Result<Bytes, StoreError> {
         let guard = match self.memory.get_value_or_guard_async(&n).await {
             // Another request for the same n was already filling it: its answer is ours.
             Ok(body) => return Ok(body),
@@ -147,26 +202,33 @@ impl FibonacciStore {
         let span = tracing::debug_span!(
             "cache.redis",
             db.system.name = "redis",
-            db.operation.name = "GET",
+            db.operation.name = "GETRANGE",
             n
         );
-        let reply: Result<Option<Vec<u8>>, _> = redis
-            .query(redis::cmd("GET").arg(redis_key(n)))
-            .instrument(span)
-            .await;
+        // Never more than F(n) can be long (plus one byte, to see that a value is longer):
+        // a planted gigabyte costs a bounded read, not a gigabyte.
+        let mut read = redis::cmd("GETRANGE");
+        read.arg(redis_key(n)).arg(0).arg(fib::max_digits(n));
+        let reply: Result<Vec<u8>, _> = redis.query(&read).instrument(span).await;
         match reply {
-            Ok(Some(digits)) if fib::is_fibonacci_decimal(n, &digits) => {
+            Ok(digits) if digits.is_empty() => {
+                self.redis_counters.miss.increment(1);
+                None
+            }
+            Ok(digits) if self.fingerprint.verifies(n, &digits) => {
                 self.redis_counters.hit.increment(1);
                 // Checked to be ASCII digits just above.
                 Some(body(n, std::str::from_utf8(&digits).ok()?))
             }
-            Ok(Some(_)) => {
-                tracing::warn!(n, key = %redis_key(n), "ignoring a corrupt or foreign value in Redis");
-                self.redis_counters.miss.increment(1);
-                None
-            }
-            Ok(None) => {
-                self.redis_counters.miss.increment(1);
+            Ok(digits) => {
+                tracing::warn!(
+                    event = "cache_value_invalid",
+                    n,
+                    key = %redis_key(n),
+                    bytes = digits.len(),
+                    "ignoring a value in Redis that is not F(n): something else writes there; overwriting it"
+                );
+                self.redis_invalid.increment(1);
                 None
             }
             Err(e) => {
@@ -177,27 +239,37 @@ impl FibonacciStore {
         }
     }
 
-    async fn compute(&self, n: u64) -> Result<String, ApiError> {
+    async fn compute(&self, n: u64) -> Result<String, StoreError> {
         let span = tracing::debug_span!("fibonacci.compute", n);
+        if n < BLOCKING_THRESHOLD {
+            let started = Instant::now();
+            let digits = span.in_scope(|| fib::fibonacci_decimal(n));
+            self.compute_duration
+                .record(started.elapsed().as_secs_f64());
+            return Ok(digits);
+        }
+        let _pending = self
+            .pending
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| StoreError::Overloaded)?;
+        let _running = self.computing.acquire().await.expect("never closed");
         let started = Instant::now();
-        let digits = if n < BLOCKING_THRESHOLD {
-            span.in_scope(|| fib::fibonacci_decimal(n))
-        } else {
+        let digits =
             tokio::task::spawn_blocking(move || span.in_scope(|| fib::fibonacci_decimal(n)))
                 .await
-                .map_err(|e| ApiError::Internal(format!("computation of F({n}) failed: {e}")))?
-        };
+                .map_err(|e| StoreError::Failed(format!("computation of F({n}): {e}")))?;
         self.compute_duration
             .record(started.elapsed().as_secs_f64());
         Ok(digits)
     }
 
-    /// Stores digits in Redis in the background: the response never waits for it.
+    /// Stores digits in Redis in the background: no one waits for it.
     fn write_back(&self, n: u64, digits: String) {
         let Some(redis) = self.redis.clone() else {
             return;
         };
-        if !redis.is_closed() {
+        if !redis.is_available() {
             return;
         }
         let span = tracing::debug_span!(
@@ -267,12 +339,16 @@ mod tests {
             store.get(n).await.unwrap();
         }
         assert!(
-            store.memory.weight() <= 4096,
+            store.tiers.memory.weight() <= 4096,
             "weight {}",
-            store.memory.weight()
+            store.tiers.memory.weight()
         );
         let disabled = FibonacciStore::new(0, None, &metrics);
         disabled.get(5).await.unwrap();
-        assert_eq!(disabled.memory.len(), 0, "CACHE_MAX_BYTES=0 keeps nothing");
+        assert_eq!(
+            disabled.tiers.memory.len(),
+            0,
+            "CACHE_MAX_BYTES=0 keeps nothing"
+        );
     }
 }

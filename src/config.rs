@@ -26,8 +26,12 @@ pub mod defaults {
     pub const REQUEST_TIMEOUT_MS: &str = "10000";
     pub const HEADER_READ_TIMEOUT_MS: &str = "5000";
     pub const MAX_CONNECTIONS: &str = "10000";
+    pub const MAX_CONNECTIONS_PER_ADDRESS: &str = "64";
+    pub const CONNECTION_RATE_PER_ADDRESS: &str = "64";
+    pub const WRITE_TIMEOUT_MS: &str = "10000";
     pub const MAX_IN_FLIGHT: &str = "1024";
     pub const RATE_LIMIT_MAX_KEYS: &str = "100000";
+    pub const RATE_LIMIT_IPV6_48_FACTOR: &str = "8";
 }
 
 /// The largest `MAX_N` accepted: F(10^6) has 208,988 digits and is computed in well
@@ -54,9 +58,10 @@ pub enum Command {
     /// Probe a running instance (exit 0 when it answers 200); for container health checks,
     /// which have no shell or curl in a distroless image.
     Healthcheck {
-        /// URL to probe.
-        #[arg(long, default_value = "http://127.0.0.1:5000/livez")]
-        url: String,
+        /// URL to probe; by default `/livez` where this configuration listens
+        /// (`ADMIN_LISTEN_ADDR` if set, else `LISTEN_ADDR`; wildcards over loopback).
+        #[arg(long)]
+        url: Option<String>,
         /// Give up after this many milliseconds.
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
@@ -97,12 +102,18 @@ pub struct Settings {
     pub header_read_timeout_ms: String,
     #[arg(long, env = "MAX_CONNECTIONS", default_value = defaults::MAX_CONNECTIONS)]
     pub max_connections: String,
+    #[arg(long, env = "MAX_CONNECTIONS_PER_ADDRESS", default_value = defaults::MAX_CONNECTIONS_PER_ADDRESS)]
+    pub max_connections_per_address: String,
+    #[arg(long, env = "CONNECTION_RATE_PER_ADDRESS", default_value = defaults::CONNECTION_RATE_PER_ADDRESS)]
+    pub connection_rate_per_address: String,
+    #[arg(long, env = "WRITE_TIMEOUT_MS", default_value = defaults::WRITE_TIMEOUT_MS)]
+    pub write_timeout_ms: String,
     #[arg(long, env = "MAX_IN_FLIGHT", default_value = defaults::MAX_IN_FLIGHT)]
     pub max_in_flight: String,
     #[arg(long, env = "RATE_LIMIT_MAX_KEYS", default_value = defaults::RATE_LIMIT_MAX_KEYS)]
     pub rate_limit_max_keys: String,
-    #[arg(long, env = "METRICS_ENABLED", default_value = "true")]
-    pub metrics_enabled: String,
+    #[arg(long, env = "RATE_LIMIT_IPV6_48_FACTOR", default_value = defaults::RATE_LIMIT_IPV6_48_FACTOR)]
+    pub rate_limit_ipv6_48_factor: String,
     #[arg(long, env = "AUTH_JWT_HS256_SECRET", hide_env_values = true)]
     pub auth_jwt_hs256_secret: Option<String>,
     #[arg(long, env = "AUTH_JWT_PUBLIC_KEY_FILE")]
@@ -142,11 +153,16 @@ pub struct Config {
     pub request_timeout: Duration,
     pub header_read_timeout: Duration,
     pub max_connections: usize,
+    /// Connections one address may hold open (0: no cap); trusted proxies are exempt.
+    pub max_connections_per_address: u32,
+    /// New connections per second one address may open, in bursts of as many (0: off).
+    pub connection_rate_per_address: u32,
+    /// How long a response may wait on a client that does not read it.
+    pub write_timeout: Duration,
     pub max_in_flight: usize,
     pub rate_limit_max_keys: usize,
-    /// Whether requests are counted (`/metrics` then serves only process and cache
-    /// metrics); off exists to measure what counting costs.
-    pub metrics_enabled: bool,
+    /// Each IPv6 /48 shares this many times every window (0: no shared budget).
+    pub rate_limit_ipv6_48_factor: u32,
     /// JWT bearer authentication of `/fibonacci`; `None` leaves it open.
     pub auth: Option<Arc<Authenticator>>,
 }
@@ -180,7 +196,8 @@ impl fmt::Debug for Settings {
             listen_addr, admin_listen_addr, max_n, rate_limits, trusted_proxies,
             redis_timeout_ms, cache_max_bytes, shutdown_drain_seconds, log_format,
             cors_allowed_origins, request_timeout_ms, header_read_timeout_ms,
-            max_connections, max_in_flight, rate_limit_max_keys, metrics_enabled,
+            max_connections, max_connections_per_address, connection_rate_per_address,
+            write_timeout_ms, max_in_flight, rate_limit_max_keys, rate_limit_ipv6_48_factor,
             auth_jwt_public_key_file, auth_jwt_jwks_file, auth_jwt_audience, auth_jwt_issuer,
         } secret {
             redis_url => redact_optional_url,
@@ -195,8 +212,9 @@ impl fmt::Debug for Config {
         debug_struct!(self, f, Config {
             listen_addr, admin_listen_addr, max_n, rate_limits, trusted_proxies,
             redis_timeout, cache_max_bytes, shutdown_drain, log_format, cors_allowed_origins,
-            request_timeout, header_read_timeout, max_connections, max_in_flight,
-            rate_limit_max_keys, metrics_enabled,
+            request_timeout, header_read_timeout, max_connections, max_connections_per_address,
+            connection_rate_per_address, write_timeout, max_in_flight, rate_limit_max_keys,
+            rate_limit_ipv6_48_factor,
             // Its own `Debug` shows the algorithms or the redacted JWKS URL, never a key.
             auth,
         } secret {
@@ -241,7 +259,7 @@ fn parse_int<T: std::str::FromStr + PartialOrd + std::fmt::Display>(
     Ok(parsed)
 }
 
-fn parse_addr(var: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
+pub(crate) fn parse_addr(var: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
     value
         .trim()
         .parse()
@@ -405,20 +423,8 @@ impl Settings {
             })
             .collect::<Result<_, _>>()?;
         let auth = self.auth()?;
-        let metrics_enabled = match self.metrics_enabled.trim() {
-            "true" | "1" => true,
-            "false" | "0" => false,
-            _ => {
-                return Err(ConfigError::new(
-                    "METRICS_ENABLED",
-                    &self.metrics_enabled,
-                    "true or false",
-                ))
-            }
-        };
         Ok(Config {
             auth,
-            metrics_enabled,
             listen_addr: parse_addr("LISTEN_ADDR", &self.listen_addr)?,
             admin_listen_addr: match self.admin_listen_addr.as_deref().map(str::trim) {
                 None | Some("") => None,
@@ -456,12 +462,36 @@ impl Settings {
                 3_600_000,
             )?),
             max_connections: parse_int("MAX_CONNECTIONS", &self.max_connections, 1, 1_000_000)?,
+            max_connections_per_address: parse_int(
+                "MAX_CONNECTIONS_PER_ADDRESS",
+                &self.max_connections_per_address,
+                0,
+                1_000_000,
+            )?,
+            connection_rate_per_address: parse_int(
+                "CONNECTION_RATE_PER_ADDRESS",
+                &self.connection_rate_per_address,
+                0,
+                1_000_000,
+            )?,
+            write_timeout: Duration::from_millis(parse_int(
+                "WRITE_TIMEOUT_MS",
+                &self.write_timeout_ms,
+                1,
+                3_600_000,
+            )?),
             max_in_flight: parse_int("MAX_IN_FLIGHT", &self.max_in_flight, 1, 1_000_000)?,
             rate_limit_max_keys: parse_int(
                 "RATE_LIMIT_MAX_KEYS",
                 &self.rate_limit_max_keys,
                 64,
                 100_000_000,
+            )?,
+            rate_limit_ipv6_48_factor: parse_int(
+                "RATE_LIMIT_IPV6_48_FACTOR",
+                &self.rate_limit_ipv6_48_factor,
+                0,
+                100,
             )?,
         })
     }
@@ -485,9 +515,12 @@ impl Default for Config {
             request_timeout_ms: defaults::REQUEST_TIMEOUT_MS.into(),
             header_read_timeout_ms: defaults::HEADER_READ_TIMEOUT_MS.into(),
             max_connections: defaults::MAX_CONNECTIONS.into(),
+            max_connections_per_address: defaults::MAX_CONNECTIONS_PER_ADDRESS.into(),
+            connection_rate_per_address: defaults::CONNECTION_RATE_PER_ADDRESS.into(),
+            write_timeout_ms: defaults::WRITE_TIMEOUT_MS.into(),
             max_in_flight: defaults::MAX_IN_FLIGHT.into(),
             rate_limit_max_keys: defaults::RATE_LIMIT_MAX_KEYS.into(),
-            metrics_enabled: "true".into(),
+            rate_limit_ipv6_48_factor: defaults::RATE_LIMIT_IPV6_48_FACTOR.into(),
             auth_jwt_hs256_secret: None,
             auth_jwt_public_key_file: None,
             auth_jwt_jwks_file: None,

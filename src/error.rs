@@ -39,6 +39,17 @@ pub enum ApiError {
     Internal(String),
 }
 
+impl From<crate::cache::StoreError> for ApiError {
+    fn from(e: crate::cache::StoreError) -> Self {
+        use crate::cache::StoreError;
+        match e {
+            StoreError::Timeout => Self::Timeout,
+            StoreError::Overloaded => Self::Overloaded,
+            StoreError::Failed(cause) => Self::Internal(cause),
+        }
+    }
+}
+
 impl ApiError {
     /// The status this error is answered with.
     pub fn status(&self) -> StatusCode {

@@ -55,26 +55,127 @@ pub fn fibonacci_decimal(n: u64) -> String {
     fibonacci(n).to_str_radix(10)
 }
 
-/// The Mersenne prime 2^61 − 1: residues modulo it fingerprint a number cheaply.
-const P: u64 = (1 << 61) - 1;
-
-fn mul_mod(x: u64, y: u64) -> u64 {
-    ((x as u128 * y as u128) % P as u128) as u64
+/// A fingerprint of Fibonacci numbers: residues modulo a prime this process picks at
+/// random at start-up. Digits someone planted in the cache pass only if they are F(n)
+/// modulo a prime they cannot know: public arithmetic (a fixed modulus) would let anyone
+/// who can write to Redis forge `F(n) + p` and have it served. No secret is shared, so
+/// every replica checks every other replica's writes with a prime of its own.
+#[derive(Debug, Clone, Copy)]
+pub struct Fingerprint {
+    p: u64,
 }
 
-/// F(n) mod 2^61 − 1 by the same doubling, in O(log n) word operations.
-fn fibonacci_mod_p(n: u64) -> u64 {
-    let (mut a, mut b) = (0u64, 1u64);
-    for bit in (0..u64::BITS - n.leading_zeros()).rev() {
-        let f2k = mul_mod(a, (2 * b + P - a) % P);
-        let f2k1 = (mul_mod(a, a) + mul_mod(b, b)) % P;
-        if (n >> bit) & 1 == 1 {
-            (a, b) = (f2k1, (f2k + f2k1) % P);
-        } else {
-            (a, b) = (f2k, f2k1);
+fn mul_mod(x: u64, y: u64, p: u64) -> u64 {
+    ((u128::from(x) * u128::from(y)) % u128::from(p)) as u64
+}
+
+fn pow_mod(mut base: u64, mut exp: u64, p: u64) -> u64 {
+    let mut acc = 1 % p;
+    base %= p;
+    while exp > 0 {
+        if exp & 1 == 1 {
+            acc = mul_mod(acc, base, p);
+        }
+        base = mul_mod(base, base, p);
+        exp >>= 1;
+    }
+    acc
+}
+
+/// Deterministic Miller–Rabin: these bases decide every 64-bit number.
+fn is_prime(n: u64) -> bool {
+    const BASES: [u64; 12] = [2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37];
+    if n < 2 {
+        return false;
+    }
+    if let Some(&b) = BASES.iter().find(|&&b| n.is_multiple_of(b)) {
+        return n == b;
+    }
+    let (d, s) = (
+        (n - 1) >> (n - 1).trailing_zeros(),
+        (n - 1).trailing_zeros(),
+    );
+    BASES.iter().all(|&a| {
+        let mut x = pow_mod(a, d, n);
+        if x == 1 || x == n - 1 {
+            return true;
+        }
+        (1..s).any(|_| {
+            x = mul_mod(x, x, n);
+            x == n - 1
+        })
+    })
+}
+
+impl Fingerprint {
+    /// A fingerprint with a random prime in [2^62, 2^63), from the OS's randomness.
+    pub fn random() -> Self {
+        loop {
+            let candidate =
+                getrandom::u64().expect("the OS provides randomness") >> 2 | 1 << 62 | 1;
+            if is_prime(candidate) {
+                return Self { p: candidate };
+            }
         }
     }
-    a
+
+    /// A fingerprint with a chosen prime (tests that need to forge against it).
+    pub fn with_prime(p: u64) -> Option<Self> {
+        (p > 1 << 32 && is_prime(p)).then_some(Self { p })
+    }
+
+    /// The prime.
+    pub fn prime(&self) -> u64 {
+        self.p
+    }
+
+    /// F(n) mod p by the classic doubling, in O(log n) word operations.
+    fn fibonacci_mod(&self, n: u64) -> u64 {
+        let p = self.p;
+        let (mut a, mut b) = (0u64, 1u64);
+        for bit in (0..u64::BITS - n.leading_zeros()).rev() {
+            let f2k = mul_mod(a, (2 * b % p + p - a) % p, p);
+            let f2k1 = (mul_mod(a, a, p) + mul_mod(b, b, p)) % p;
+            (a, b) = if (n >> bit) & 1 == 1 {
+                (f2k1, (f2k + f2k1) % p)
+            } else {
+                (f2k, f2k1)
+            };
+        }
+        a
+    }
+
+    /// The residue of a decimal number, 18 digits (below 2^60) at a time.
+    fn residue(&self, digits: &[u8]) -> u64 {
+        let p = u128::from(self.p);
+        let head = digits.len() % 18;
+        let chunks = std::iter::once(&digits[..head]).chain(digits[head..].chunks(18));
+        chunks.fold(0u64, |acc, chunk| {
+            let (value, scale) = chunk.iter().fold((0u64, 1u64), |(v, s), d| {
+                (v * 10 + u64::from(d - b'0'), s * 10)
+            });
+            ((u128::from(acc) * u128::from(scale) + u128::from(value)) % p) as u64
+        })
+    }
+
+    /// Whether `digits` can be trusted as F(n) in decimal: canonical digits, the length
+    /// from Binet's formula, and F(n)'s residue modulo this process's prime. A wrong value
+    /// passes only if the prime divides its difference from F(n): for a value chosen
+    /// without knowing the prime, with odds below 2^-40 even for n = 10^6.
+    pub fn verifies(&self, n: u64, digits: &[u8]) -> bool {
+        let canonical = !digits.is_empty()
+            && digits.iter().all(u8::is_ascii_digit)
+            && (digits.len() == 1 || digits[0] != b'0');
+        if !canonical {
+            return false;
+        }
+        match digit_count(n) {
+            Some(expected) if digits.len() != expected => return false,
+            None if digits.len() > max_digits(n) => return false,
+            _ => {}
+        }
+        self.residue(digits) == self.fibonacci_mod(n)
+    }
 }
 
 /// The number of decimal digits of F(n), from Binet's formula; `None` when the
@@ -92,25 +193,12 @@ fn digit_count(n: u64) -> Option<usize> {
     Some(log10.floor() as usize + 1)
 }
 
-/// Whether `digits` can be trusted as F(n) in decimal: canonical digits, the right length
-/// and the right residue modulo 2^61 − 1. A wrong value passes with probability ~2^-61,
-/// so a corrupt or foreign cache entry is detected without recomputing F(n).
-pub fn is_fibonacci_decimal(n: u64, digits: &[u8]) -> bool {
-    let canonical = !digits.is_empty()
-        && digits.iter().all(u8::is_ascii_digit)
-        && (digits.len() == 1 || digits[0] != b'0');
-    if !canonical {
-        return false;
-    }
-    if let Some(expected) = digit_count(n) {
-        if digits.len() != expected {
-            return false;
-        }
-    }
-    let residue = digits
-        .iter()
-        .fold(0u64, |acc, d| (mul_mod(acc, 10) + u64::from(d - b'0')) % P);
-    residue == fibonacci_mod_p(n)
+/// The most decimal digits F(n) can have: what a cache read needs at most.
+pub fn max_digits(n: u64) -> usize {
+    digit_count(n).unwrap_or_else(|| {
+        let log10 = n as f64 * 0.208_987_640_249_978_73 - 0.349_485_002_168_009_4;
+        log10.max(0.0).ceil() as usize + 1
+    })
 }
 
 #[cfg(test)]
@@ -176,13 +264,55 @@ mod tests {
 
     #[test]
     fn true_digits_pass_the_check() {
+        let fingerprint = Fingerprint::random();
         for n in (0..=2000).chain([10_000, 54_321, 100_000]) {
             let digits = fibonacci_decimal(n);
             assert!(
-                is_fibonacci_decimal(n, digits.as_bytes()),
-                "F({n}) rejected"
+                fingerprint.verifies(n, digits.as_bytes()),
+                "F({n}) rejected with p = {}",
+                fingerprint.prime()
+            );
+            assert!(
+                digits.len() <= max_digits(n),
+                "F({n}) longer than its bound"
             );
         }
+    }
+
+    #[test]
+    fn random_primes_are_primes_and_differ() {
+        let (a, b) = (Fingerprint::random(), Fingerprint::random());
+        assert_ne!(a.prime(), b.prime(), "two draws of a 2^62-sized space");
+        for f in [a, b] {
+            assert!(f.prime() >= 1 << 62, "{}", f.prime());
+            // Fermat's little theorem as an independent check of primality.
+            assert_eq!(pow_mod(3, f.prime() - 1, f.prime()), 1);
+        }
+        assert!(is_prime((1 << 61) - 1) && !is_prime((1 << 61) + 1));
+        assert!(
+            !is_prime(3_215_031_751),
+            "a strong pseudoprime to bases 2, 3, 5, 7"
+        );
+    }
+
+    #[test]
+    fn a_value_forged_for_a_known_modulus_fails_against_a_secret_one() {
+        // F(999) + (2^61 − 1) passed the old public check; with a secret prime it fails,
+        // while the same forgery against that very prime would pass.
+        let f999: BigUint = fibonacci(999);
+        let mersenne = BigUint::from((1u64 << 61) - 1);
+        let forged = (&f999 + &mersenne).to_str_radix(10);
+        assert_eq!(
+            forged.len(),
+            fibonacci_decimal(999).len(),
+            "same length as F(999)"
+        );
+        assert!(!Fingerprint::random().verifies(999, forged.as_bytes()));
+        let known = Fingerprint::with_prime((1 << 61) - 1).unwrap();
+        assert!(
+            known.verifies(999, forged.as_bytes()),
+            "a known modulus is forgeable"
+        );
     }
 
     #[test]
@@ -201,9 +331,10 @@ mod tests {
             (&f500.as_bytes()[1..], "truncated"),
             (b"hello", "not digits"),
         ];
+        let fingerprint = Fingerprint::random();
         for (digits, why) in cases {
-            assert!(!is_fibonacci_decimal(500, digits), "{why} accepted");
+            assert!(!fingerprint.verifies(500, digits), "{why} accepted");
         }
-        assert!(!is_fibonacci_decimal(10, b"56"), "F(10)=56 accepted");
+        assert!(!fingerprint.verifies(10, b"56"), "F(10)=56 accepted");
     }
 }

@@ -9,9 +9,9 @@
 //! - [`input`]: strict parsing of `n`; [`error`]: the one error type.
 //! - [`cache`]: memory → Redis → computation; [`fib`]: the computation itself.
 //! - [`ratelimit`]: per-client windows, in Redis or in process; [`auth`]: optional JWTs.
-//! - [`redis_client`]: the shared Redis connection and its circuit breaker.
+//! - [`redis_client`]: the shared Redis connection; [`breaker`]: its circuit breaker.
 //! - [`metrics`], [`telemetry`]: RED metrics, logs and traces.
-//! - [`shutdown`]: lifecycle phases and signals.
+//! - [`shutdown`]: lifecycle phases and signals; [`healthcheck`]: the probe subcommand.
 //!
 //! [`Application`] is the seam for `main` and the tests: build it (it binds), read its
 //! address, then run it until a shutdown future resolves.
@@ -19,10 +19,12 @@
 
 pub mod app;
 pub mod auth;
+pub mod breaker;
 pub mod cache;
 pub mod config;
 pub mod error;
 pub mod fib;
+pub mod healthcheck;
 pub mod input;
 pub mod metrics;
 pub mod middleware;
@@ -61,9 +63,9 @@ impl Application {
         if let Some(auth) = &app.config.auth {
             auth.start(); // a JWKS URL starts loading now, in the background
         }
-        let listener = TcpListener::bind(app.config.listen_addr).await?;
+        let listener = server::bind(app.config.listen_addr)?;
         let admin_listener = match app.config.admin_listen_addr {
-            Some(addr) => Some(TcpListener::bind(addr).await?),
+            Some(addr) => Some(server::bind(addr)?),
             None => None,
         };
         Ok(Self {
@@ -103,16 +105,32 @@ impl Application {
         };
         let limits = server::Limits {
             header_read_timeout: app.config.header_read_timeout,
+            write_timeout: app.config.write_timeout,
             max_connections: app.config.max_connections,
             drain_deadline: app.config.request_timeout + Duration::from_secs(1),
         };
+        let gate = || {
+            Arc::new(server::gate::Gate::new(
+                app.config.trusted_proxies.clone(),
+                app.config.max_connections_per_address,
+                app.config.connection_rate_per_address,
+                app.config.rate_limit_max_keys,
+            ))
+        };
         // Ready before the first accept, so no request can see the starting phase.
         app.lifecycle.set(Phase::Serving);
+        let addr = self.listener.local_addr().ok();
+        let admin_addr = self
+            .admin_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok());
         let mut servers = tokio::task::JoinSet::new();
         servers.spawn(server::serve(
             self.listener,
             app::router(app.clone()),
             limits,
+            gate(),
+            app.metrics.clone(),
             stopped(stop_rx.clone()),
         ));
         if let Some(admin) = self.admin_listener {
@@ -120,12 +138,18 @@ impl Application {
                 admin,
                 app::admin_router(app.clone()),
                 limits,
+                gate(),
+                app.metrics.clone(),
                 stopped(stop_rx.clone()),
             ));
         }
         let background = spawn_background(&app, stopped(stop_rx.clone()));
+        // The bound addresses (port 0 resolved), so whoever started us can find us; a
+        // target of its own lets a quiet RUST_LOG keep this one line.
         tracing::info!(
-            addr = %app.config.listen_addr,
+            target: "fibonacci_api::serving",
+            addr = addr.map(|a| a.to_string()),
+            admin_addr = admin_addr.map(|a| a.to_string()),
             max_n = app.config.max_n,
             redis = app.redis.is_some(),
             rate_limits = %app.config.rate_limits.as_ref().map_or("off".to_string(), |p| p.to_string()),
@@ -179,40 +203,4 @@ fn spawn_background(
             let _ = task.await;
         }
     })
-}
-
-/// Probes `url` once: the `healthcheck` subcommand for images without a shell or curl.
-pub async fn healthcheck(url: &str, timeout: Duration) -> Result<(), String> {
-    let uri: http::Uri = url
-        .parse()
-        .map_err(|e| format!("invalid URL {url:?}: {e}"))?;
-    let host = uri.host().ok_or_else(|| format!("no host in {url:?}"))?;
-    let port = uri.port_u16().unwrap_or(80);
-    let path = uri.path_and_query().map_or("/", |p| p.as_str());
-    let probe = async {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect((host, port))
-            .await
-            .map_err(|e| e.to_string())?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-        stream
-            .write_all(request.as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut head = [0u8; 12];
-        stream
-            .read_exact(&mut head)
-            .await
-            .map_err(|e| e.to_string())?;
-        match &head[9..12] {
-            b"200" => Ok(()),
-            status => Err(format!(
-                "{url} answered {}",
-                String::from_utf8_lossy(status)
-            )),
-        }
-    };
-    tokio::time::timeout(timeout, probe)
-        .await
-        .map_err(|_| format!("{url} did not answer within {timeout:?}"))?
 }

@@ -5,14 +5,15 @@ use std::{process::ExitCode, time::Duration};
 use clap::Parser;
 use fibonacci_api::{
     config::{Cli, Command},
-    shutdown, telemetry, Application,
+    healthcheck, shutdown, telemetry, Application,
 };
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::Healthcheck { url, timeout_ms }) = cli.command {
-        return match fibonacci_api::healthcheck(&url, Duration::from_millis(timeout_ms)).await {
+    if let Some(Command::Healthcheck { url, timeout_ms }) = &cli.command {
+        let timeout = Duration::from_millis(*timeout_ms);
+        return match healthcheck::run(url.as_deref(), &cli.settings, timeout).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(why) => {
                 eprintln!("fibonacci-api: unhealthy: {why}");

@@ -23,6 +23,11 @@ pub const RATE_LIMIT_REJECTIONS: &str = "rate_limit_rejections_total";
 pub const RATE_LIMITER_KEYS: &str = "rate_limiter_keys";
 pub const REDIS_UP: &str = "redis_up";
 pub const BUILD_INFO: &str = "build_info";
+pub const CONNECTIONS_OPEN: &str = "http_connections_open";
+pub const CONNECTIONS_REFUSED: &str = "http_connections_refused_total";
+
+/// Why connections are refused: the `reason` label values.
+const REFUSAL_REASONS: [&str; 3] = ["max_connections", "per_address", "rate"];
 
 /// Request latency buckets: a cached answer takes tens of microseconds, so the useful
 /// resolution is below a millisecond; the tail reaches the request timeout.
@@ -45,6 +50,8 @@ pub struct Metrics {
     /// Handles per label set, so the hot path does one read-locked lookup, not a key build.
     http: RwLock<HashMap<HttpKey, (Counter, Histogram)>>,
     in_flight: Gauge,
+    connections_open: Gauge,
+    connections_refused: [Counter; 3],
 }
 
 impl Metrics {
@@ -59,6 +66,14 @@ impl Metrics {
             .build_recorder();
         let handle = recorder.handle();
         let process = metrics_process::Collector::default();
+        let (connections_open, connections_refused) =
+            metrics::with_local_recorder(&recorder, || {
+                (
+                    metrics::gauge!(CONNECTIONS_OPEN),
+                    REFUSAL_REASONS
+                        .map(|reason| metrics::counter!(CONNECTIONS_REFUSED, "reason" => reason)),
+                )
+            });
         let in_flight = metrics::with_local_recorder(&recorder, || {
             process.describe();
             metrics::gauge!(
@@ -75,6 +90,8 @@ impl Metrics {
             process,
             http: RwLock::new(HashMap::new()),
             in_flight,
+            connections_open,
+            connections_refused,
         })
     }
 
@@ -86,6 +103,18 @@ impl Metrics {
     /// The in-flight gauge.
     pub fn in_flight(&self) -> &Gauge {
         &self.in_flight
+    }
+
+    /// Connections being served, on every listener.
+    pub fn connections_open(&self) -> &Gauge {
+        &self.connections_open
+    }
+
+    /// Counts a connection refused for `reason` (one of the gate's refusal labels).
+    pub fn connection_refused(&self, reason: &str) {
+        if let Some(i) = REFUSAL_REASONS.iter().position(|r| *r == reason) {
+            self.connections_refused[i].increment(1);
+        }
     }
 
     /// Counts one finished request.

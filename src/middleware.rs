@@ -68,13 +68,83 @@ fn method_label(method: &http::Method) -> &'static str {
     }
 }
 
+/// Status recorded for a request whose client went away before it was answered
+/// (nginx's convention for "client closed request"); no response is ever sent with it.
+pub const CLIENT_CLOSED_REQUEST: u16 = 499;
+
+/// A request being served: counted in flight while it lives, and if it is dropped
+/// unanswered (the client went away, the connection was cut), still counted, logged
+/// and measured, as 499, so the gauge never leaks and no request goes unseen.
+struct InFlight<'a> {
+    app: &'a App,
+    method: &'static str,
+    route: &'static str,
+    started: Instant,
+    client: IpAddr,
+    span: tracing::Span,
+    answered: bool,
+}
+
+impl<'a> InFlight<'a> {
+    fn start(
+        app: &'a App,
+        method: &'static str,
+        route: &'static str,
+        client: IpAddr,
+        span: tracing::Span,
+    ) -> Self {
+        app.metrics.in_flight().increment(1.0);
+        Self {
+            app,
+            method,
+            route,
+            started: Instant::now(),
+            client,
+            span,
+            answered: false,
+        }
+    }
+
+    /// Records the outcome: RED metrics, the span's status, the request's log line.
+    fn finish(&mut self, status: u16) {
+        self.answered = true;
+        self.app.metrics.in_flight().decrement(1.0);
+        let elapsed = self.started.elapsed();
+        let (method, route, client) = (self.method, self.route, self.client);
+        self.app
+            .metrics
+            .record_request(method, route, status, elapsed.as_secs_f64());
+        self.span.record("http.response.status_code", status);
+        if status >= 500 {
+            self.span.record("otel.status_code", "ERROR");
+        }
+        self.span.in_scope(|| {
+            tracing::info!(
+                method,
+                route,
+                status,
+                latency_ms = elapsed.as_secs_f64() * 1000.0,
+                client = %client,
+                "request"
+            )
+        });
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.finish(CLIENT_CLOSED_REQUEST);
+        }
+    }
+}
+
 /// Resolves the client, runs the request inside its server span, records its metrics
 /// and log line, and adds the security headers. Outermost, so it sees every response,
-/// errors included.
+/// errors and caught panics included, and every request, answered or abandoned.
 pub async fn observe(State(app): State<Arc<App>>, mut req: Request, next: Next) -> Response {
-    let started = Instant::now();
     let method = method_label(req.method());
-    let mut route = route_label(req.uri().path());
+    let route = route_label(req.uri().path());
     let peer = req
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
@@ -98,8 +168,8 @@ pub async fn observe(State(app): State<Arc<App>>, mut req: Request, next: Next) 
     );
     telemetry::continue_trace(&span, req.headers());
 
-    app.metrics.in_flight().increment(1.0);
-    let mut response = next.run(req).instrument(span.clone()).await;
+    let mut in_flight = InFlight::start(&app, method, route, client, span.clone());
+    let mut response = next.run(req).instrument(span).await;
     add_security_headers(&mut response);
     if app.lifecycle.phase() == Phase::Draining {
         // Keep-alive clients would otherwise send their next request on a connection
@@ -108,29 +178,10 @@ pub async fn observe(State(app): State<Arc<App>>, mut req: Request, next: Next) 
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    app.metrics.in_flight().decrement(1.0);
-
     if response.extensions().get::<Unmatched>().is_some() {
-        route = "unmatched";
+        in_flight.route = "unmatched";
     }
-    let status = response.status().as_u16();
-    let elapsed = started.elapsed();
-    app.metrics
-        .record_request(method, route, status, elapsed.as_secs_f64());
-    span.record("http.response.status_code", status);
-    if status >= 500 {
-        span.record("otel.status_code", "ERROR");
-    }
-    span.in_scope(|| {
-        tracing::info!(
-            method,
-            route,
-            status,
-            latency_ms = elapsed.as_secs_f64() * 1000.0,
-            client = %client,
-            "request"
-        )
-    });
+    in_flight.finish(response.status().as_u16());
     response
 }
 

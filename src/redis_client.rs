@@ -4,18 +4,15 @@
 //! Requests never probe an open breaker; a background pinger does, and closes it when
 //! Redis answers again. The cache tier and the cluster-wide rate limiter share it.
 
-use std::{
-    sync::{
-        atomic::{AtomicU32, AtomicU64, Ordering},
-        Arc,
-    },
-    time::{Duration, Instant},
-};
+use std::{sync::Arc, sync::Mutex, time::Duration};
 
 use metrics::Gauge;
 use redis::{aio::ConnectionManager, aio::ConnectionManagerConfig, FromRedisValue};
 
-use crate::metrics::{Metrics, REDIS_UP};
+use crate::{
+    breaker::{CircuitBreaker, Transition},
+    metrics::{Metrics, REDIS_UP},
+};
 
 /// Consecutive failures that open the breaker.
 const FAILURES_TO_OPEN: u32 = 3;
@@ -28,20 +25,50 @@ const PING_OPEN: Duration = Duration::from_millis(500);
 pub enum RedisUnavailable {
     #[error("circuit open: Redis is being skipped")]
     CircuitOpen,
-    #[error("Redis call timed out")]
+    #[error("no answer within REDIS_TIMEOUT_MS")]
     Timeout,
-    #[error("Redis error: {0}")]
+    #[error("{0}")]
     Failed(#[from] redis::RedisError),
+}
+
+impl RedisUnavailable {
+    /// The kind of failure, in an operator's words: what to check first.
+    pub fn cause(&self) -> &'static str {
+        let e = match self {
+            Self::CircuitOpen => return "circuit open",
+            Self::Timeout => return "timeout",
+            Self::Failed(e) => e,
+        };
+        let text = e.to_string().to_ascii_lowercase();
+        if e.is_connection_refusal() {
+            "connection refused"
+        } else if e.kind() == redis::ErrorKind::AuthenticationFailed
+            || text.contains("noauth")
+            || text.contains("wrongpass")
+        {
+            "authentication failed"
+        } else if e.is_timeout() {
+            "timeout"
+        } else if text.contains("lookup address") || text.contains("name or service") {
+            "DNS lookup failed"
+        } else if text.contains("tls") || text.contains("certificate") || text.contains("handshake")
+        {
+            "TLS failed"
+        } else if e.is_connection_dropped() || e.is_io_error() {
+            "connection lost"
+        } else {
+            "error reply"
+        }
+    }
 }
 
 /// A Redis connection behind a circuit breaker.
 pub struct RedisClient {
     conn: ConnectionManager,
     timeout: Duration,
-    failures: AtomicU32,
-    /// Milliseconds since `epoch` until which calls are skipped; 0 when closed.
-    open_until_ms: AtomicU64,
-    epoch: Instant,
+    breaker: CircuitBreaker,
+    /// The cause last logged while the breaker is open, so a change is logged once.
+    open_cause: Mutex<&'static str>,
     up: Gauge,
 }
 
@@ -52,8 +79,9 @@ impl RedisClient {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))
-            // Reconnection is retried by the next call; none of them should wait for it.
-            .set_number_of_retries(1)
+            // One attempt per reconnection: the next call retries, none waits in a back-off,
+            // and a failure surfaces as itself (refused, DNS, TLS…), not as our timeout.
+            .set_number_of_retries(0)
             .set_max_delay(timeout);
         let conn = ConnectionManager::new_lazy_with_config(client, config)?;
         let up = metrics.scope(|| metrics::gauge!(REDIS_UP));
@@ -61,34 +89,43 @@ impl RedisClient {
         Ok(Arc::new(Self {
             conn,
             timeout,
-            failures: AtomicU32::new(0),
-            open_until_ms: AtomicU64::new(0),
-            epoch: Instant::now(),
+            breaker: CircuitBreaker::new(FAILURES_TO_OPEN),
+            open_cause: Mutex::new(""),
             up,
         }))
     }
 
-    fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
-    }
-
-    /// Whether calls currently go to Redis.
-    pub fn is_closed(&self) -> bool {
-        self.now_ms() >= self.open_until_ms.load(Ordering::Relaxed)
+    /// Whether calls currently go to Redis (the breaker is closed).
+    pub fn is_available(&self) -> bool {
+        self.breaker.is_available()
     }
 
     fn on_success(&self) {
-        self.failures.store(0, Ordering::Relaxed);
-        self.open_until_ms.store(0, Ordering::Relaxed);
         self.up.set(1.0);
+        if self.breaker.record_success() == Transition::Closed {
+            tracing::info!(event = "redis_available", "Redis answers again: using it");
+        }
     }
 
-    fn on_failure(&self) {
-        let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if failures >= FAILURES_TO_OPEN {
-            // Stays open until the pinger sees Redis answer; the pinger's period is the back-off.
-            self.open_until_ms.store(u64::MAX, Ordering::Relaxed);
-            self.up.set(0.0);
+    fn on_failure(&self, error: &RedisUnavailable) {
+        let cause = error.cause();
+        let mut logged = self.open_cause.lock().expect("not poisoned");
+        match self.breaker.record_failure() {
+            Transition::Opened => {
+                self.up.set(0.0);
+                *logged = cause;
+                tracing::warn!(
+                    event = "redis_unavailable",
+                    cause,
+                    error = %error,
+                    "Redis unavailable: skipping it (cache from memory and computation, limits in process) until it answers"
+                );
+            }
+            _ if !self.breaker.is_available() && *logged != cause => {
+                *logged = cause;
+                tracing::warn!(event = "redis_unavailable", cause, error = %error, "Redis still unavailable");
+            }
+            _ => tracing::debug!(cause, error = %error, "Redis call failed"),
         }
     }
 
@@ -103,14 +140,14 @@ impl RedisClient {
         };
         match &result {
             Ok(_) => self.on_success(),
-            Err(_) => self.on_failure(),
+            Err(e) => self.on_failure(e),
         }
         result
     }
 
     /// Runs a command within the timeout, unless the breaker is open.
     pub async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, RedisUnavailable> {
-        if !self.is_closed() {
+        if !self.is_available() {
             return Err(RedisUnavailable::CircuitOpen);
         }
         let mut conn = self.conn.clone();
@@ -122,7 +159,7 @@ impl RedisClient {
         &self,
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<T, RedisUnavailable> {
-        if !self.is_closed() {
+        if !self.is_available() {
             return Err(RedisUnavailable::CircuitOpen);
         }
         let mut conn = self.conn.clone();
@@ -136,14 +173,13 @@ impl RedisClient {
         loop {
             let mut conn = self.conn.clone();
             let ping = redis::cmd("PING");
-            match self.bounded(ping.query_async::<String>(&mut conn)).await {
-                Ok(_) => {}
-                Err(e) if !self.is_closed() => {
-                    tracing::debug!(error = %e, "Redis still unavailable")
-                }
-                Err(e) => tracing::warn!(error = %e, "Redis ping failed"),
+            // Failures are logged by the breaker's transitions, not per ping; a ping
+            // stuck until REDIS_TIMEOUT_MS must not hold up shutdown.
+            tokio::select! {
+                _ = &mut stop => return,
+                _ = self.bounded(ping.query_async::<String>(&mut conn)) => {}
             }
-            let period = if self.is_closed() {
+            let period = if self.is_available() {
                 PING_HEALTHY
             } else {
                 PING_OPEN

@@ -107,7 +107,10 @@ pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
             .event_format(JsonLines)
             .with_filter(log_filter)
             .boxed(),
+        // Colour only for a person at a terminal: escape codes in a file or a log
+        // shipper's pipe are noise.
         LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
             .with_filter(log_filter)
             .boxed(),
     };

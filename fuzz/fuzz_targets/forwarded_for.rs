@@ -1,6 +1,7 @@
 //! Fuzzes the client-address resolution: whatever `X-Forwarded-For` headers arrive, the
 //! client is the peer or an address actually written in them, an untrusted peer's
-//! headers change nothing, and nothing panics.
+//! headers change nothing, whatever is written left of the client changes nothing, and
+//! nothing panics.
 #![no_main]
 
 use std::net::{IpAddr, Ipv6Addr};
@@ -34,8 +35,8 @@ fuzz_target!(|data: &[u8]| {
     if client != peer {
         let written: Vec<IpAddr> = headers
             .iter()
-            .filter_map(|h| h.to_str().ok())
-            .flat_map(|h| h.split(','))
+            .flat_map(|h| h.as_bytes().split(|b| *b == b','))
+            .filter_map(|entry| std::str::from_utf8(entry).ok())
             .filter_map(any_address)
             .map(canonical)
             .collect();
@@ -43,6 +44,16 @@ fuzz_target!(|data: &[u8]| {
             written.contains(&client),
             "client {client} appears nowhere in {headers:?}"
         );
+        if !trusted.iter().any(|net: &ipnet::IpNet| net.contains(&client)) {
+            // Anything a client prepends (another line, any bytes) is left of its address.
+            let junk = HeaderValue::from_bytes(&data[16..]).unwrap_or(HeaderValue::from_static("x"));
+            let prefixed: Vec<HeaderValue> = std::iter::once(junk).chain(headers.iter().cloned()).collect();
+            assert_eq!(
+                resolve(peer, prefixed.iter(), &trusted),
+                client,
+                "bytes left of the client changed the key: {prefixed:?}"
+            );
+        }
     }
 });
 

@@ -15,11 +15,15 @@ use ipnet::IpNet;
 
 /// The rate-limiting identity of a client: an IPv4 address, an IPv6 /64 (one
 /// subscriber's allocation: per-address keys would hand an IPv6 user 2^64 budgets), or
-/// with JWT authentication the token's verified subject.
+/// with JWT authentication the token's verified subject. An IPv6 /48 is the shared
+/// budget of all the /64s in it (what a hosting provider or tunnel broker hands out, so
+/// one holder cannot rotate through 65,536 fresh budgets).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ClientKey {
     V4(Ipv4Addr),
     V6Prefix(u64),
+    /// The top 48 bits of an IPv6 address, in the low bits.
+    V6Net48(u64),
     Subject(std::sync::Arc<str>),
 }
 
@@ -31,6 +35,23 @@ impl ClientKey {
             IpAddr::V6(v6) => Self::V6Prefix((u128::from(v6) >> 64) as u64),
         }
     }
+
+    /// The /48 an IPv6 /64 belongs to: the second budget its requests must fit.
+    pub fn net48(&self) -> Option<Self> {
+        match self {
+            Self::V6Prefix(prefix) => Some(Self::V6Net48(prefix >> 16)),
+            _ => None,
+        }
+    }
+
+    /// The part of the key that places it in a Redis Cluster slot (the `{…}` hash tag):
+    /// a /64 and its /48 share the /48's, so one script can touch both atomically.
+    pub fn slot_tag(&self) -> String {
+        match self {
+            Self::V6Prefix(prefix) => Self::V6Net48(prefix >> 16).to_string(),
+            other => other.to_string(),
+        }
+    }
 }
 
 impl fmt::Display for ClientKey {
@@ -39,6 +60,9 @@ impl fmt::Display for ClientKey {
             Self::V4(v4) => write!(f, "{v4}"),
             Self::V6Prefix(prefix) => {
                 write!(f, "{}/64", Ipv6Addr::from(u128::from(*prefix) << 64))
+            }
+            Self::V6Net48(prefix) => {
+                write!(f, "{}/48", Ipv6Addr::from(u128::from(*prefix) << 80))
             }
             Self::Subject(subject) => write!(f, "sub:{subject}"),
         }
@@ -53,14 +77,16 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
-fn is_trusted(ip: IpAddr, trusted: &[IpNet]) -> bool {
+/// Whether `ip` is one of the trusted proxies.
+pub fn is_trusted(ip: IpAddr, trusted: &[IpNet]) -> bool {
     trusted.iter().any(|net| net.contains(&ip))
 }
 
 /// One `X-Forwarded-For` entry: a bare address (as cloud load balancers write it), also
-/// tolerating `[v6]`, `v4:port` and `[v6]:port`.
-fn parse_entry(entry: &str) -> Option<IpAddr> {
-    let entry = entry.trim();
+/// tolerating `[v6]`, `v4:port` and `[v6]:port`. Raw bytes: an entry that is not even
+/// text is simply not an address.
+fn parse_entry(entry: &[u8]) -> Option<IpAddr> {
+    let entry = std::str::from_utf8(entry.trim_ascii()).ok()?;
     if let Ok(ip) = entry.parse() {
         return Some(ip);
     }
@@ -74,6 +100,13 @@ fn parse_entry(entry: &str) -> Option<IpAddr> {
 }
 
 /// The client address of a request from `peer` carrying these `X-Forwarded-For` values.
+///
+/// The header lines are one comma-separated list, in order (RFC 9110 §5.3), read from
+/// the right as raw bytes: whatever a client wrote to the left of the address our proxy
+/// appended (non-UTF-8 bytes, junk, more lines) is never looked at, so it cannot change
+/// the key. Empty list elements are skipped, as the list syntax requires. An entry that
+/// is not an address where our proxy's word was expected means the hop is not one we
+/// understand: the peer itself is the client then.
 pub fn resolve<'a>(
     peer: IpAddr,
     forwarded_for: impl DoubleEndedIterator<Item = &'a HeaderValue>,
@@ -84,21 +117,18 @@ pub fn resolve<'a>(
         return peer;
     }
     let mut leftmost = None;
-    // Several headers are one list in order: read them all from the right.
-    for value in forwarded_for.rev() {
-        let Ok(text) = value.to_str() else {
+    let entries = forwarded_for
+        .rev()
+        .flat_map(|value| value.as_bytes().rsplit(|b| *b == b','))
+        .filter(|entry| !entry.trim_ascii().is_empty());
+    for entry in entries {
+        let Some(ip) = parse_entry(entry).map(canonical) else {
             return peer;
         };
-        for entry in text.rsplit(',') {
-            let Some(ip) = parse_entry(entry).map(canonical) else {
-                // Garbage where we expected our proxy's word: trust nothing further left.
-                return peer;
-            };
-            if !is_trusted(ip, trusted) {
-                return ip;
-            }
-            leftmost = Some(ip);
+        if !is_trusted(ip, trusted) {
+            return ip;
         }
+        leftmost = Some(ip);
     }
     // Every hop is ours: the request started inside; the farthest hop is the client.
     leftmost.unwrap_or(peer)
@@ -162,6 +192,18 @@ mod tests {
             ("10.0.0.2", &[""], "10.0.0.2", "empty header: the peer"),
             (
                 "10.0.0.2",
+                &["198.51.100.7,"],
+                "198.51.100.7",
+                "an empty trailing element is skipped",
+            ),
+            (
+                "10.0.0.2",
+                &["garbage, 198.51.100.7"],
+                "198.51.100.7",
+                "garbage left of the client does not matter",
+            ),
+            (
+                "10.0.0.2",
                 &["198.51.100.7:4431"],
                 "198.51.100.7",
                 "address with port",
@@ -200,6 +242,40 @@ mod tests {
     }
 
     #[test]
+    fn bytes_left_of_the_client_are_never_read() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let cases: &[(&[&[u8]], &str, &str)] = &[
+            (
+                &[b"\x80, 198.51.100.7"],
+                "198.51.100.7",
+                "non-UTF-8 on the left",
+            ),
+            (
+                &[b"\x80", b"198.51.100.7, 10.0.0.3"],
+                "198.51.100.7",
+                "in an earlier line",
+            ),
+            (
+                &[b"198.51.100.7 \x80"],
+                "10.0.0.2",
+                "junk in the client's own entry: the peer",
+            ),
+            (&[b"\xff"], "10.0.0.2", "nothing but junk: the peer"),
+        ];
+        for (lines, expected, why) in cases {
+            let values: Vec<HeaderValue> = lines
+                .iter()
+                .map(|l| HeaderValue::from_bytes(l).unwrap())
+                .collect();
+            assert_eq!(
+                resolve(ip("10.0.0.2"), values.iter(), &trusted),
+                ip(expected),
+                "{why}"
+            );
+        }
+    }
+
+    #[test]
     fn nothing_is_trusted_by_default() {
         let values = [HeaderValue::from_static("198.51.100.7")];
         assert_eq!(resolve(ip("10.0.0.2"), values.iter(), &[]), ip("10.0.0.2"));
@@ -213,6 +289,14 @@ mod tests {
         assert_eq!(a, b, "same /64, same budget");
         assert_ne!(a, c, "neighbouring /64, own budget");
         assert_eq!(a.to_string(), "2001:db8:1:2::/64");
+        assert_eq!(a.net48(), c.net48(), "neighbouring /64s share their /48");
+        assert_eq!(a.net48().unwrap().to_string(), "2001:db8:1::/48");
+        assert_ne!(a.net48(), ClientKey::of(ip("2001:db8:2:2::1")).net48());
+        assert_eq!(
+            ClientKey::of(ip("192.0.2.1")).net48(),
+            None,
+            "IPv4 has no /48"
+        );
         assert_eq!(
             ClientKey::of(ip("::ffff:192.0.2.1")).to_string(),
             "192.0.2.1"

@@ -38,7 +38,6 @@ fn now_ms() -> u64 {
 
 /// The limiter of one replica.
 pub struct RateLimiter {
-    policy: Policy,
     policy_header: http::HeaderValue,
     local: local::LocalLimiter,
     redis: Option<(Arc<RedisClient>, redis::RedisWindows)>,
@@ -47,13 +46,16 @@ pub struct RateLimiter {
 }
 
 impl RateLimiter {
-    /// A limiter for `policy`; with `redis`, limits hold across every replica using it.
+    /// A limiter for `policy`; an IPv6 /48 also shares `ipv6_48_factor` times each window
+    /// (0: no shared budget); with `redis`, limits hold across every replica using it.
     pub fn new(
         policy: Policy,
+        ipv6_48_factor: u32,
         max_keys: usize,
         redis: Option<Arc<RedisClient>>,
         metrics: &Metrics,
     ) -> Self {
+        let net48 = (ipv6_48_factor > 0).then(|| policy.scaled(ipv6_48_factor));
         let rejections = metrics.scope(|| {
             policy
                 .windows()
@@ -69,11 +71,10 @@ impl RateLimiter {
         Self {
             policy_header: http::HeaderValue::from_str(&policy.header())
                 .expect("digits and separators"),
-            local: local::LocalLimiter::new(policy.clone(), max_keys),
-            redis: redis.map(|r| (r, redis::RedisWindows::new(&policy))),
+            local: local::LocalLimiter::new(policy.clone(), net48.clone(), max_keys),
+            redis: redis.map(|r| (r, redis::RedisWindows::new(&policy, net48.as_ref()))),
             rejections,
             keys: metrics.scope(|| metrics::gauge!(RATE_LIMITER_KEYS)),
-            policy,
         }
     }
 
@@ -85,7 +86,7 @@ impl RateLimiter {
     /// Checks and counts one request of `client`: in Redis when it answers, else locally.
     pub async fn check(&self, client: &ClientKey) -> Decision {
         let decision = match &self.redis {
-            Some((redis, windows)) => match windows.check(redis, client, &self.policy).await {
+            Some((redis, windows)) => match windows.check(redis, client, now_ms()).await {
                 Ok(decision) => decision,
                 Err(e) => {
                     tracing::debug!(error = %e, "rate limiting locally");

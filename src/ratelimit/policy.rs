@@ -58,6 +58,10 @@ impl Window {
     }
 }
 
+/// The largest limit a (scaled) window may have: limit × a day in milliseconds must stay
+/// below 2^53, where the Lua script's doubles stop being exact integers.
+pub const MAX_SCALED_LIMIT: u32 = 100_000_000;
+
 /// The most windows a policy has: one per unit.
 pub const MAX_WINDOWS: usize = 4;
 
@@ -93,6 +97,22 @@ impl Policy {
         }
         windows.sort_by_key(|w| w.unit);
         Ok(Self { windows })
+    }
+
+    /// The same windows with every limit multiplied by `factor` (≥ 1): the shared budget
+    /// of an IPv6 /48. The product stays within what the Redis script computes exactly
+    /// (see [`MAX_SCALED_LIMIT`]).
+    pub fn scaled(&self, factor: u32) -> Self {
+        Self {
+            windows: self
+                .windows
+                .iter()
+                .map(|w| Window {
+                    limit: w.limit.saturating_mul(factor).min(MAX_SCALED_LIMIT),
+                    unit: w.unit,
+                })
+                .collect(),
+        }
     }
 
     /// The windows, shortest first.

@@ -37,7 +37,9 @@ pub enum Decision {
         remaining: u64,
         /// That window's limit.
         limit: u32,
-        /// Milliseconds until that window's current fixed window ends.
+        /// Milliseconds until `remaining` next grows (if no request arrives meanwhile):
+        /// with a sliding window that is when enough old requests have slid out, not the
+        /// end of the fixed window, at which almost nothing is freed.
         reset: u64,
     },
     Rejected {
@@ -46,6 +48,51 @@ pub enum Decision {
         /// Milliseconds until a request would be allowed.
         retry_after: u64,
     },
+}
+
+impl Decision {
+    /// Whether the request may go ahead.
+    pub fn is_allowed(&self) -> bool {
+        matches!(self, Self::Allowed { .. })
+    }
+
+    /// The decision for a request that must pass both checks: a rejection wins (the
+    /// longer wait if both reject), otherwise the one with fewer requests left.
+    pub fn and(self, other: Decision) -> Decision {
+        match (&self, &other) {
+            (
+                Self::Rejected {
+                    retry_after: mine, ..
+                },
+                Self::Rejected {
+                    retry_after: theirs,
+                    ..
+                },
+            ) => {
+                if theirs > mine {
+                    other
+                } else {
+                    self
+                }
+            }
+            (Self::Rejected { .. }, _) => self,
+            (_, Self::Rejected { .. }) => other,
+            (
+                Self::Allowed {
+                    remaining: mine, ..
+                },
+                Self::Allowed {
+                    remaining: theirs, ..
+                },
+            ) => {
+                if theirs < mine {
+                    other
+                } else {
+                    self
+                }
+            }
+        }
+    }
 }
 
 impl Count {
@@ -69,24 +116,33 @@ impl Count {
 
 /// Whether one more request fits: `prev·(T−e) + (cur+1)·T ≤ L·T`.
 pub fn allows(v: &View, w: &Window) -> bool {
-    let t = w.period();
-    v.prev * (t - v.elapsed) + (v.cur + 1) * t <= u64::from(w.limit) * t
+    wait_for_room(v, w, 1) == 0
 }
 
-/// Milliseconds from the view's instant until one more request fits, if none arrive.
-fn wait(v: &View, w: &Window) -> u64 {
+/// Milliseconds from the view's instant until `need` more requests fit (`need` ≤ the
+/// limit), if none arrive meanwhile; 0 when they fit now.
+fn wait_for_room(v: &View, w: &Window, need: u64) -> u64 {
     let (t, limit) = (w.period(), u64::from(w.limit));
-    // Earliest elapsed time e with prev·(T−e) ≤ room·T, i.e. e ≥ T − room·T/prev.
-    let earliest = |prev: u64, room: u64| t - (room * t / prev);
-    if v.cur < limit {
-        // Fits later in this window, once enough of the previous one has slid out.
-        let room = limit - v.cur - 1;
-        earliest(v.prev, room).saturating_sub(v.elapsed).max(1)
+    // Earliest elapsed time e with prev·(T−e) ≤ room·T, i.e. e ≥ T − ⌊room·T/prev⌋.
+    let earliest = |prev: u64, room: u64| {
+        (room * t)
+            .checked_div(prev)
+            .map_or(0, |fits| t.saturating_sub(fits))
+    };
+    if v.cur + need <= limit {
+        // Fits in this window, once enough of the previous one has slid out.
+        earliest(v.prev, limit - v.cur - need).saturating_sub(v.elapsed)
     } else {
-        // Full: wait for the next window, where this one's count becomes `prev`.
-        let next = t - v.elapsed;
-        next + earliest(v.cur, limit - 1)
+        // Not before the next window, where this one's count becomes `prev`.
+        (t - v.elapsed) + earliest(v.cur, limit.saturating_sub(need))
     }
+}
+
+/// Requests that fit in window `w` after the one being decided.
+fn remaining(v: &View, w: &Window) -> u64 {
+    let t = w.period();
+    let used = v.prev * (t - v.elapsed) + (v.cur + 1) * t;
+    (u64::from(w.limit) * t - used) / t
 }
 
 /// Decides from every window's view (in the policy's order).
@@ -95,8 +151,8 @@ pub fn decide(views: &[View], policy: &Policy) -> Decision {
     let rejection = windows
         .iter()
         .zip(views)
-        .filter(|(w, v)| !allows(v, w))
-        .map(|(w, v)| (*w, wait(v, w)))
+        .map(|(w, v)| (*w, wait_for_room(v, w, 1)))
+        .filter(|&(_, wait)| wait > 0)
         .max_by_key(|&(_, wait)| wait);
     if let Some((window, retry_after)) = rejection {
         return Decision::Rejected {
@@ -104,44 +160,64 @@ pub fn decide(views: &[View], policy: &Policy) -> Decision {
             retry_after,
         };
     }
-    let remaining = |(w, v): (&Window, &View)| {
-        let t = w.period();
-        let used = v.prev * (t - v.elapsed) + (v.cur + 1) * t;
-        (u64::from(w.limit) * t - used) / t
-    };
     let (w, v) = windows
         .iter()
         .zip(views)
-        .min_by_key(|&pair| remaining(pair))
+        .min_by_key(|(w, v)| remaining(v, w))
         .expect("a policy has at least one window");
+    let left = remaining(v, w);
+    // Once this request is counted, one more than `left` fits when every window has
+    // room for it (windows tied at `left` all have to free one).
+    let reset = windows
+        .iter()
+        .zip(views)
+        .map(|(w, v)| {
+            let after = View {
+                cur: v.cur + 1,
+                ..*v
+            };
+            wait_for_room(&after, w, (left + 1).min(u64::from(w.limit)))
+        })
+        .max()
+        .unwrap_or(0);
     Decision::Allowed {
-        remaining: remaining((w, v)),
+        remaining: left,
         limit: w.limit,
-        reset: w.period() - v.elapsed,
+        reset: reset.max(1),
     }
 }
 
-/// Checks one request at `now` against `counts` and counts it if it is allowed.
-pub fn check(counts: &mut [Count; MAX_WINDOWS], now: u64, policy: &Policy) -> Decision {
-    let windows = policy.windows();
+/// Every window's view of `counts` at `now`.
+pub fn views(counts: &[Count; MAX_WINDOWS], now: u64, policy: &Policy) -> [View; MAX_WINDOWS] {
     let mut views = [View {
         prev: 0,
         cur: 0,
         elapsed: 0,
     }; MAX_WINDOWS];
-    for (i, w) in windows.iter().enumerate() {
+    for (i, w) in policy.windows().iter().enumerate() {
         views[i] = counts[i].view(now, w);
     }
-    let decision = decide(&views[..windows.len()], policy);
-    if matches!(decision, Decision::Allowed { .. }) {
-        for (i, w) in windows.iter().enumerate() {
-            let v = views[i];
-            counts[i] = Count {
-                index: (now / w.period()) as u32,
-                prev: v.prev as u32,
-                cur: (v.cur + 1) as u32,
-            };
-        }
+    views
+}
+
+/// Counts one allowed request into `counts`, from the views it was decided on.
+pub fn commit(counts: &mut [Count; MAX_WINDOWS], views: &[View], now: u64, policy: &Policy) {
+    for (i, w) in policy.windows().iter().enumerate() {
+        let v = views[i];
+        counts[i] = Count {
+            index: (now / w.period()) as u32,
+            prev: v.prev as u32,
+            cur: (v.cur + 1) as u32,
+        };
+    }
+}
+
+/// Checks one request at `now` against `counts` and counts it if it is allowed.
+pub fn check(counts: &mut [Count; MAX_WINDOWS], now: u64, policy: &Policy) -> Decision {
+    let views = views(counts, now, policy);
+    let decision = decide(&views[..policy.windows().len()], policy);
+    if decision.is_allowed() {
+        commit(counts, &views, now, policy);
     }
     decision
 }
@@ -159,15 +235,17 @@ pub fn expires_at(counts: &[Count], policy: &Policy) -> u64 {
 }
 
 /// How close `counts` are to their tightest limit at `now`, in millionths of it: what a
-/// client would gain if its entry were forgotten.
+/// client would gain if its entry were forgotten. In u128: a day's count of a large
+/// limit times the day in milliseconds times a million overflows u64.
 pub fn usage(counts: &[Count], now: u64, policy: &Policy) -> u64 {
     policy
         .windows()
         .iter()
         .zip(counts)
         .map(|(w, c)| {
-            let (v, t) = (c.view(now, w), w.period());
-            (v.prev * (t - v.elapsed) + v.cur * t) * 1_000_000 / (u64::from(w.limit) * t)
+            let (v, t) = (c.view(now, w), u128::from(w.period()));
+            let used = u128::from(v.prev) * (t - u128::from(v.elapsed)) + u128::from(v.cur) * t;
+            (used * 1_000_000 / (u128::from(w.limit) * t)) as u64
         })
         .max()
         .unwrap_or(0)
@@ -327,6 +405,75 @@ mod tests {
         assert_eq!(
             check(&mut rolled, later, &policy),
             check(&mut fresh.clone(), later, &policy)
+        );
+    }
+
+    /// How many more requests `counts` would allow at `now`, asking nothing.
+    fn room_at(counts: &[Count; MAX_WINDOWS], now: u64, policy: &Policy) -> u64 {
+        let views = views(counts, now, policy);
+        policy
+            .windows()
+            .iter()
+            .zip(&views)
+            .map(|(w, v)| {
+                let t = w.period();
+                let taken = v.prev * (t - v.elapsed) + v.cur * t;
+                (u64::from(w.limit) * t - taken.min(u64::from(w.limit) * t)) / t
+            })
+            .min()
+            .unwrap()
+    }
+
+    #[test]
+    fn reset_is_when_remaining_next_grows() {
+        use rand::Rng;
+        let mut rng = rand::rng();
+        for text in ["5/second", "7/second,20/minute", "3/minute,4/hour"] {
+            let policy = Policy::parse(text).unwrap();
+            let mut counts = [Count::default(); MAX_WINDOWS];
+            let mut now = 100 * DAY;
+            for step in 0..2_000 {
+                now += rng.random_range(0..400);
+                let before = counts;
+                let Decision::Allowed {
+                    remaining, reset, ..
+                } = check(&mut counts, now, &policy)
+                else {
+                    assert_eq!(counts, before, "a rejection counted");
+                    continue;
+                };
+                assert_eq!(
+                    room_at(&counts, now, &policy),
+                    remaining,
+                    "{text} step {step}"
+                );
+                assert!(
+                    room_at(&counts, now + reset, &policy) > remaining,
+                    "{text} step {step}: nothing grew at the reported reset ({reset} ms)"
+                );
+                if reset > 1 {
+                    assert_eq!(
+                        room_at(&counts, now + reset - 1, &policy),
+                        remaining,
+                        "{text} step {step}: it grew before the reported reset ({reset} ms)"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn usage_does_not_overflow_with_large_day_limits() {
+        let policy = Policy::parse("1000000/day").unwrap();
+        let mut counts = [Count::default(); MAX_WINDOWS];
+        let now = 100 * DAY + 1;
+        for _ in 0..300_000 {
+            check(&mut counts, now, &policy);
+        }
+        assert_eq!(
+            usage(&counts, now, &policy),
+            300_000,
+            "30% of the day's limit, in millionths"
         );
     }
 }

@@ -125,15 +125,31 @@ async fn a_garbage_value_in_redis_is_never_served_and_is_overwritten() {
         return;
     };
     let mut conn = redis.conn();
+    // F(999) + (2^61 − 1): the right length and the right residue modulo the public
+    // prime the check once used; only a secret modulus tells it from F(999).
+    let forged =
+        (fib::fibonacci(999) + num_bigint::BigUint::from((1u64 << 61) - 1)).to_str_radix(10);
     let planted = [
         (500u64, "12345".to_string(), "foreign digits"),
         (501, "not a number".into(), "not digits"),
         (502, fib::fibonacci_decimal(503), "the neighbour's value"),
+        (999, forged, "a forgery that passes public arithmetic"),
+        (5, "5".repeat(8 << 20), "an 8 MiB value"),
     ];
     for (n, value, _) in &planted {
         let _: () = conn.set(redis_key(*n), value).unwrap();
     }
     let app = spawn_app(with_redis(&redis)).await;
+    let sent_by_redis = |conn: &mut redis::Connection| -> u64 {
+        let info: String = redis::cmd("INFO").arg("stats").query(conn).unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_net_output_bytes:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let before = sent_by_redis(&mut conn);
     for (n, _, why) in &planted {
         let body = app.fib(&n.to_string()).await.text().await.unwrap();
         assert_eq!(
@@ -142,9 +158,23 @@ async fn a_garbage_value_in_redis_is_never_served_and_is_overwritten() {
             "{why}"
         );
     }
+    let sent = sent_by_redis(&mut conn) - before;
+    assert!(
+        sent < 64 * 1024,
+        "reads are bounded by F(n)'s length: Redis sent {sent} bytes for {} lookups",
+        planted.len()
+    );
     let scrape = app.scrape().await;
     assert_eq!(redis_hits(&scrape), 0.0, "none of them counted as a hit");
-    assert_eq!(scrape.count(COMPUTE, &[]), 3.0);
+    assert_eq!(
+        scrape.get(
+            "fibonacci_cache_requests_total",
+            &[("tier", "redis"), ("result", "invalid")]
+        ),
+        planted.len() as f64,
+        "each one counted as invalid"
+    );
+    assert_eq!(scrape.count(COMPUTE, &[]), planted.len() as f64);
     for (n, _, why) in &planted {
         let expected = fib::fibonacci_decimal(*n);
         eventually(Duration::from_secs(5), why, || {
@@ -152,6 +182,71 @@ async fn a_garbage_value_in_redis_is_never_served_and_is_overwritten() {
             let fixed = stored == expected;
             async move { fixed }
         })
+        .await;
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_computation_outlives_the_requests_that_gave_up_on_it() {
+    let redis = RedisServer::start();
+    let n = 1_000_000u64;
+    let app = spawn_app(Config {
+        max_n: n,
+        rate_limits: None,
+        // Far below F(10^6)'s computing time: every request for it times out.
+        request_timeout: Duration::from_millis(2),
+        redis_url: redis.as_ref().map(RedisServer::url),
+        ..test_config()
+    })
+    .await;
+    let url = app.url(&format!("/fibonacci?n={n}"));
+    let requests: Vec<_> = (0..8)
+        .map(|_| tokio::spawn(app.client.get(&url).send()))
+        .collect();
+    for request in requests {
+        let status = request.await.unwrap().unwrap().status();
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "timed out");
+    }
+    eventually(
+        Duration::from_secs(30),
+        "the abandoned computation to land in memory",
+        || {
+            let cached = app.state.store.is_cached(n);
+            async move { cached }
+        },
+    )
+    .await;
+    let scrape = app.scrape().await;
+    assert_eq!(
+        scrape.count(COMPUTE, &[]),
+        1.0,
+        "8 timed-out requests, one computation"
+    );
+    let hits = |s: &Scrape| s.get(CACHE, &[("tier", "memory"), ("result", "hit")]);
+    let before = hits(&scrape);
+    let response = app.get(&format!("/fibonacci?n={n}")).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let scrape = app.scrape().await;
+    assert_eq!(
+        hits(&scrape),
+        before + 1.0,
+        "the next request is a memory hit"
+    );
+    assert_eq!(scrape.count(COMPUTE, &[]), 1.0, "and computes nothing");
+    if let Some(redis) = &redis {
+        let mut conn = redis.conn();
+        eventually(
+            Duration::from_secs(10),
+            "the write-back nobody waited for",
+            || {
+                let len: usize = redis::cmd("STRLEN")
+                    .arg(redis_key(n))
+                    .query(&mut conn)
+                    .unwrap();
+                async move { len == fib::max_digits(n) || len + 1 == fib::max_digits(n) }
+            },
+        )
         .await;
     }
     app.stop().await;

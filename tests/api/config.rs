@@ -2,15 +2,31 @@
 
 use std::process::Command;
 
+/// Runs the binary with `env`, expecting it to stop by itself (a bad setting). One still
+/// running after 20 s has started serving instead: it is killed and the test fails.
 fn run_with(env: &[(&str, &str)]) -> std::process::Output {
+    use std::{
+        process::Stdio,
+        time::{Duration, Instant},
+    };
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_fibonacci-api"));
     cmd.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default());
-    cmd.env("LISTEN_ADDR", "127.0.0.1:0");
-    for (k, v) in env {
-        cmd.env(k, v);
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("LISTEN_ADDR", "127.0.0.1:0")
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("the binary runs");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{env:?}: the service started instead of refusing");
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
-    cmd.output().expect("the binary runs")
+    child.wait_with_output().unwrap()
 }
 
 #[test]
@@ -60,44 +76,8 @@ fn the_healthcheck_subcommand_fails_when_nothing_answers() {
     assert!(!out.status.success(), "nothing listens on {port}");
 }
 
-/// What the binary did within `limit`: exited (with its output), or was still running
-/// (then it is killed: a server that should have refused to start).
-enum Ran {
-    Exited(std::process::Output),
-    StillRunning,
-}
-
-/// Runs the binary with `env` and no arguments; for settings that must stop start-up,
-/// where the old behaviour was to start serving forever.
-fn run_expecting_exit(env: &[(&str, &str)]) -> Ran {
-    use std::{
-        process::Stdio,
-        time::{Duration, Instant},
-    };
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fibonacci-api"));
-    cmd.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("LISTEN_ADDR", "127.0.0.1:0")
-        .envs(env.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("the binary runs");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if child.try_wait().unwrap().is_some() {
-            return Ran::Exited(child.wait_with_output().unwrap());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    Ran::StillRunning
-}
-
 fn assert_refused(env: &[(&str, &str)], named: &str, why: &str) -> String {
-    let Ran::Exited(out) = run_expecting_exit(env) else {
-        panic!("{why}: the service started instead of refusing");
-    };
+    let out = run_with(env);
     assert_eq!(out.status.code(), Some(2), "{why}: exit status");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let lines: Vec<_> = stderr.lines().collect();

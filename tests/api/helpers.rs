@@ -1,4 +1,5 @@
-//! The one way tests start the service, and the Redis server some of them need.
+//! The one way tests start the service (in process, or the real binary), and the Redis
+//! server some of them need.
 
 use std::{
     net::{IpAddr, SocketAddr, TcpListener as StdListener},
@@ -346,5 +347,132 @@ pub async fn stalling(stall: Duration) -> Config {
         redis_timeout: stall,
         rate_limits: None,
         ..test_config()
+    }
+}
+
+/// The real binary, started with `env` on port 0, its stdout lines collected.
+pub struct Binary {
+    child: Child,
+    pub addr: SocketAddr,
+    lines: Arc<std::sync::Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Starts the binary with a clean environment plus `env` (over test defaults: loopback
+/// port 0, JSON logs, no drain, no limits) and returns once it logs that it serves,
+/// with the address it actually bound. With `TEST_LOG=1` its lines are echoed.
+pub async fn spawn_binary(env: &[(&str, String)]) -> Binary {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fibonacci-api"));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("LISTEN_ADDR", "127.0.0.1:0")
+        .env("LOG_FORMAT", "json")
+        .env("SHUTDOWN_DRAIN_SECONDS", "0")
+        .env("RATE_LIMITS", "off")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    if let Some((_, filter)) = env.iter().find(|(k, _)| *k == "RUST_LOG") {
+        // However quiet the test wants the logs, the line with the address must come.
+        cmd.env("RUST_LOG", format!("{filter},fibonacci_api::serving=info"));
+    }
+    let mut child = KillOnDrop(Some(cmd.spawn().expect("the binary starts")));
+    let stdout = child.child().stdout.take().expect("piped");
+    let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (serving_tx, serving_rx) = std::sync::mpsc::channel();
+    let sink = lines.clone();
+    let echo = std::env::var("TEST_LOG").as_deref() == Ok("1");
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if echo {
+                eprintln!("[binary] {line}");
+            }
+            if let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) {
+                if json["message"] == "serving" {
+                    let _ = serving_tx.send(json["addr"].as_str().unwrap_or_default().to_owned());
+                }
+            }
+            sink.lock().unwrap().push(line);
+        }
+    });
+    let addr =
+        tokio::task::spawn_blocking(move || serving_rx.recv_timeout(Duration::from_secs(30)))
+            .await
+            .unwrap()
+            .expect("the binary logs that it serves (run with TEST_LOG=1 to see its output)");
+    Binary {
+        child: child.disarm(),
+        addr: addr.parse().expect("a socket address"),
+        lines,
+        reader: Some(reader),
+    }
+}
+
+impl Binary {
+    /// `http://addr`.
+    pub fn base(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The log lines so far, parsed (non-JSON lines are skipped).
+    pub fn json_lines(&self) -> Vec<serde_json::Value> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// SIGTERM, then the exit status and every line it wrote.
+    pub fn terminate(mut self) -> (std::process::ExitStatus, Vec<String>) {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+        let status = self.child.wait().unwrap();
+        // The pipe closes with the process: joining the reader means every line is in.
+        if let Some(reader) = self.reader.take() {
+            reader.join().unwrap();
+        }
+        let lines = self.lines.lock().unwrap().clone();
+        (status, lines)
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Kills a child process that a failed start would leave behind.
+struct KillOnDrop(Option<Child>);
+
+impl KillOnDrop {
+    fn child(&mut self) -> &mut Child {
+        self.0.as_mut().expect("armed")
+    }
+
+    fn disarm(mut self) -> Child {
+        self.0.take().expect("armed")
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }

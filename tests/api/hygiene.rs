@@ -28,8 +28,12 @@ async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> Option<St
 }
 
 fn quick_timeouts() -> Config {
+    quick_timeouts_of(Duration::from_millis(300))
+}
+
+fn quick_timeouts_of(header_read_timeout: Duration) -> Config {
     Config {
-        header_read_timeout: Duration::from_millis(300),
+        header_read_timeout,
         rate_limits: None,
         ..test_config()
     }
@@ -90,15 +94,17 @@ async fn hundreds_of_stalled_connections_do_not_block_a_fresh_client() {
         ..test_config()
     })
     .await;
+    // 300 held for real: spread over five addresses, each under its per-address cap.
     let mut stalled = Vec::new();
-    for _ in 0..300 {
-        let mut s = TcpStream::connect(app.addr).await.unwrap();
+    for i in 0..300 {
+        let local = format!("127.0.0.{}", 10 + i % 5);
+        let mut s = idle_connections(&app, &local, 1).await.pop().unwrap();
         s.write_all(b"GET /fibonacci?n=5 HTTP/1.1\r\n")
             .await
             .unwrap();
         stalled.push(s);
     }
-    let fresh = crate::helpers::client_from(None);
+    let fresh = crate::helpers::client_from(Some("127.0.0.2".parse().unwrap()));
     let response = fresh.get(app.url("/fibonacci?n=20")).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(
@@ -224,5 +230,218 @@ async fn the_healthcheck_subcommand_passes_against_a_live_instance() {
     .await
     .unwrap();
     assert!(status.success());
+    app.stop().await;
+}
+
+/// Runs `fibonacci-api healthcheck` (no URL) with only `env` set, as a container would.
+async fn healthcheck_with(env: &[(&str, String)]) -> bool {
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_fibonacci-api"))
+            .env_clear()
+            .envs(env)
+            .args(["healthcheck", "--timeout-ms", "2000"])
+            .status()
+            .unwrap()
+            .success()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_healthcheck_probes_where_the_configuration_listens() {
+    let app = spawn_app(test_config()).await;
+    let port = app.addr.port();
+    for listen in [format!("0.0.0.0:{port}"), format!("[::]:{port}")] {
+        assert!(
+            healthcheck_with(&[("LISTEN_ADDR", listen.clone())]).await,
+            "LISTEN_ADDR={listen}: the probe must follow the configured port"
+        );
+    }
+    let other = crate::helpers::free_port();
+    assert!(
+        !healthcheck_with(&[("LISTEN_ADDR", format!("0.0.0.0:{other}"))]).await,
+        "nothing listens on {other}: unhealthy"
+    );
+    app.stop().await;
+
+    let app = spawn_app(Config {
+        admin_listen_addr: Some("127.0.0.1:0".parse().unwrap()),
+        ..test_config()
+    })
+    .await;
+    let (public, admin) = (app.addr.port(), app.admin_addr.unwrap().port());
+    assert!(
+        healthcheck_with(&[
+            ("LISTEN_ADDR", format!("127.0.0.1:{public}")),
+            ("ADMIN_LISTEN_ADDR", format!("0.0.0.0:{admin}")),
+        ])
+        .await,
+        "with an admin listener the probe goes there"
+    );
+    assert!(
+        !healthcheck_with(&[
+            ("LISTEN_ADDR", format!("127.0.0.1:{public}")),
+            ("ADMIN_LISTEN_ADDR", format!("0.0.0.0:{other}")),
+        ])
+        .await,
+        "the admin port, not the public one, decides"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_wildcard_ipv6_listener_serves_ipv4_and_ipv6_clients() {
+    let app = spawn_app(Config {
+        listen_addr: "[::]:0".parse().unwrap(),
+        ..test_config()
+    })
+    .await;
+    let port = app.addr.port();
+    for host in ["127.0.0.1", "[::1]"] {
+        let status = app
+            .client
+            .get(format!("http://{host}:{port}/fibonacci?n=10"))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{host} could not connect to [::]:{port}: {e}"))
+            .status();
+        assert_eq!(status, StatusCode::OK, "{host}");
+    }
+    app.stop().await;
+}
+
+/// Whether a fresh connection from `local` gets a 200 for `/health`.
+async fn health_from(app: &crate::helpers::TestApp, local: &str) -> bool {
+    crate::helpers::client_from(Some(local.parse().unwrap()))
+        .get(app.url("/health"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status() == StatusCode::OK)
+}
+
+/// Opens `count` connections from `local` that send nothing.
+async fn idle_connections(
+    app: &crate::helpers::TestApp,
+    local: &str,
+    count: usize,
+) -> Vec<TcpStream> {
+    let mut held = Vec::new();
+    for _ in 0..count {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind(std::net::SocketAddr::new(local.parse().unwrap(), 0))
+            .unwrap();
+        held.push(socket.connect(app.addr).await.unwrap());
+    }
+    held
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_holding_every_connection_slot_cannot_lock_out_another() {
+    let app = spawn_app(Config {
+        max_connections: 200,
+        max_connections_per_address: 50,
+        connection_rate_per_address: 0,
+        ..quick_timeouts_of(Duration::from_secs(30))
+    })
+    .await;
+    let _held = idle_connections(&app, "127.0.0.1", 200).await;
+    let open = || async {
+        crate::helpers::Scrape::parse(
+            &crate::helpers::client_from(Some("127.0.0.3".parse().unwrap()))
+                .get(app.url("/metrics"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap(),
+        )
+        .get("http_connections_open", &[])
+    };
+    eventually(
+        Duration::from_secs(10),
+        "the idle sockets are accepted or refused",
+        || async { open().await == 51.0 },
+    )
+    .await;
+    assert!(
+        health_from(&app, "127.0.0.2").await,
+        "a second address still gets /health while the first holds {} sockets",
+        200
+    );
+    let refused = crate::helpers::Scrape::parse(&app.state.metrics.render()).get(
+        "http_connections_refused_total",
+        &[("reason", "per_address")],
+    );
+    assert_eq!(refused, 150.0, "the first address's sockets past its 50");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_connections_are_rate_limited_per_address_except_for_trusted_proxies() {
+    let app = spawn_app(Config {
+        connection_rate_per_address: 10,
+        trusted_proxies: vec!["127.0.0.5/32".parse().unwrap()],
+        ..test_config()
+    })
+    .await;
+    let mut served = 0;
+    for _ in 0..30 {
+        served += usize::from(health_from(&app, "127.0.0.4").await);
+    }
+    assert!(
+        (10..=12).contains(&served),
+        "a burst of 10 new connections, then 10 per second: {served} of 30 served"
+    );
+    let mut proxied = 0;
+    for _ in 0..30 {
+        proxied += usize::from(health_from(&app, "127.0.0.5").await);
+    }
+    assert_eq!(proxied, 30, "a trusted proxy is many clients: exempt");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_pipelines_and_never_reads_is_cut_off_at_the_write_deadline() {
+    let app = spawn_app(Config {
+        max_n: 100_000,
+        write_timeout: Duration::from_millis(300),
+        ..quick_timeouts_of(Duration::from_secs(30))
+    })
+    .await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(app.addr).await.unwrap();
+    // 300 answers of ~21 kB each: far more than the socket buffers hold.
+    let request = "GET /fibonacci?n=100000 HTTP/1.1\r\nHost: x\r\n\r\n".repeat(300);
+    let _ = stream.write_all(request.as_bytes()).await;
+    let open = || async { app.scrape().await.get("http_connections_open", &[]) };
+    // The stalled connection and the scrape's own; then only the scrape's.
+    eventually(
+        Duration::from_secs(10),
+        "the stalled connection is being served",
+        || async { open().await == 2.0 },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(10),
+        "the server to cut the reader off",
+        || async { open().await == 1.0 },
+    )
+    .await;
+    let received = read_until_closed(&mut stream, Duration::from_secs(10))
+        .await
+        .expect("the connection ends");
+    let answered = received.matches("HTTP/1.1 200").count();
+    assert!(
+        answered < 300,
+        "cut off, not served to the end: {answered} answers"
+    );
     app.stop().await;
 }

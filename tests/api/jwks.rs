@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 
 use crate::{
     auth::{config_from, fixture},
-    helpers::{eventually, spawn_app, TestApp},
+    helpers::{eventually, spawn_app, spawn_binary, TestApp},
 };
 
 /// What the test endpoint answers.
@@ -605,46 +605,30 @@ impl Drop for TlsIdp {
     }
 }
 
-/// Runs the binary against `url` with `env` and returns the first JWKS log line (loaded
-/// or failed), read as it is written.
-fn first_jwks_outcome(url: &str, env: &[(&str, &std::path::Path)]) -> Value {
-    use std::{
-        io::BufRead,
-        process::{Command, Stdio},
+/// Starts the binary against `url` with `env` and returns its first JWKS log line
+/// (loaded or failed).
+async fn first_jwks_outcome(url: &str, env: &[(&str, String)]) -> Value {
+    let mut env = env.to_vec();
+    env.push(("AUTH_JWT_JWKS_URL", url.into()));
+    env.push(("AUTH_JWT_AUDIENCE", "fibonacci-api".into()));
+    let binary = spawn_binary(&env).await;
+    let outcome = || {
+        binary.json_lines().into_iter().find(|line| {
+            let message = line["message"].as_str().unwrap_or_default();
+            message.starts_with("JWKS loaded") || message.starts_with("JWKS fetch failed")
+        })
     };
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fibonacci-api"))
-        .env_clear()
-        .env("LISTEN_ADDR", "127.0.0.1:0")
-        .env("AUTH_JWT_JWKS_URL", url)
-        .env("AUTH_JWT_AUDIENCE", "fibonacci-api")
-        .envs(env.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let outcome = stdout
-            .lines()
-            .map_while(Result::ok)
-            .filter_map(|line| serde_json::from_str::<Value>(&line).ok())
-            .find(|line| {
-                let message = line["message"].as_str().unwrap_or_default();
-                message.starts_with("JWKS loaded") || message.starts_with("JWKS fetch failed")
-            });
-        let _ = tx.send(outcome);
-    });
-    // The first fetch is made at start-up and bounded by its 5 s timeout.
-    let outcome = rx.recv_timeout(Duration::from_secs(30));
-    let _ = child.kill();
-    let _ = child.wait();
-    let _ = reader.join();
-    outcome.ok().flatten().expect("a JWKS log line")
+    // The first fetch starts with the service and is bounded by its 5 s timeout.
+    eventually(Duration::from_secs(15), "a JWKS log line", || {
+        let seen = outcome().is_some();
+        async move { seen }
+    })
+    .await;
+    outcome().unwrap()
 }
 
-#[test]
-fn https_endpoints_are_verified_against_the_system_roots() {
+#[tokio::test]
+async fn https_endpoints_are_verified_against_the_system_roots() {
     let idp = TlsIdp::start(&set(&[jwk(
         "ec-private.pem",
         Algorithm::ES256,
@@ -652,12 +636,13 @@ fn https_endpoints_are_verified_against_the_system_roots() {
         |_| {},
     )]));
     let url = format!("https://127.0.0.1:{}/jwks", idp.port);
-    let trusted = first_jwks_outcome(&url, &[("SSL_CERT_FILE", &idp.dir.join("cert.pem"))]);
+    let cert = idp.dir.join("cert.pem").to_string_lossy().into_owned();
+    let trusted = first_jwks_outcome(&url, &[("SSL_CERT_FILE", cert)]).await;
     assert_eq!(
         trusted["message"], "JWKS loaded",
         "a private CA made a system root (SSL_CERT_FILE): {trusted}"
     );
-    let untrusted = first_jwks_outcome(&url, &[]);
+    let untrusted = first_jwks_outcome(&url, &[]).await;
     assert_eq!(untrusted["level"], "WARN", "{untrusted}");
     let error = untrusted["error"].as_str().unwrap_or_default();
     assert!(

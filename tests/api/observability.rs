@@ -1,5 +1,7 @@
 //! Metrics as operators see them: exact counts after a known sequence, bounded labels.
 
+use std::time::Duration;
+
 use fibonacci_api::config::Config;
 
 use crate::helpers::{spawn_app, test_config};
@@ -144,33 +146,197 @@ async fn a_flood_of_404s_adds_no_series() {
 }
 
 #[tokio::test]
-async fn metrics_and_probes_are_also_on_the_admin_listener() {
+async fn with_an_admin_listener_metrics_and_probes_are_served_only_there() {
     let app = spawn_app(Config {
         admin_listen_addr: Some("127.0.0.1:0".parse().unwrap()),
         ..test_config()
     })
     .await;
     let admin = app.admin_addr.expect("admin bound");
+    let status = |url: String| {
+        let client = app.client.clone();
+        async move { client.get(url).send().await.unwrap().status() }
+    };
     for path in ["/metrics", "/livez", "/readyz"] {
-        let status = app
-            .client
-            .get(format!("http://{admin}{path}"))
-            .send()
-            .await
-            .unwrap()
-            .status();
-        assert_eq!(status, reqwest::StatusCode::OK, "admin {path}");
+        assert_eq!(
+            status(format!("http://{admin}{path}")).await,
+            reqwest::StatusCode::OK,
+            "admin {path}"
+        );
+        assert_eq!(
+            status(app.url(path)).await,
+            reqwest::StatusCode::NOT_FOUND,
+            "{path} must not be on the public port when an admin port exists (an Ingress would expose it)"
+        );
     }
-    let api_on_admin = app
-        .client
-        .get(format!("http://{admin}/fibonacci?n=1"))
-        .send()
+    for path in ["/fibonacci?n=1", "/health", "/openapi.json"] {
+        assert_eq!(
+            status(app.url(path)).await,
+            reqwest::StatusCode::OK,
+            "public {path}"
+        );
+    }
+    assert_eq!(
+        status(format!("http://{admin}/fibonacci?n=1")).await,
+        reqwest::StatusCode::NOT_FOUND,
+        "the API is not on the admin port"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_and_its_end_are_logged_once_with_the_real_cause() {
+    let Some(mut redis) = crate::helpers::RedisServer::start() else {
+        return;
+    };
+    // The default log level: what an operator sees without turning anything up.
+    let service = crate::helpers::spawn_binary(&[("REDIS_URL", redis.url())]).await;
+    let client = reqwest::Client::new();
+    let fib = |n: u32| {
+        client
+            .get(format!("{}/fibonacci?n={n}", service.base()))
+            .send()
+    };
+    assert_eq!(fib(1).await.unwrap().status(), 200);
+    redis.kill();
+    for n in 2..22 {
+        assert_eq!(
+            fib(n).await.unwrap().status(),
+            200,
+            "served through the outage"
+        );
+    }
+    let events = |name: &str| -> Vec<serde_json::Value> {
+        service
+            .json_lines()
+            .into_iter()
+            .filter(|l| l["event"] == name)
+            .collect()
+    };
+    let down = events("redis_unavailable");
+    assert!(
+        !down.is_empty() && down.len() <= 3,
+        "the outage is logged, once per change of cause, not per request: {down:#?}"
+    );
+    assert!(down.iter().all(|l| l["level"] == "WARN"), "{down:#?}");
+    assert!(
+        down.iter().any(|l| l["cause"] == "connection refused"),
+        "a closed port is called what it is: {down:#?}"
+    );
+    redis.restart();
+    crate::helpers::eventually(Duration::from_secs(10), "the recovery line", || {
+        let back = !events("redis_available").is_empty();
+        async move { back }
+    })
+    .await;
+    let up = events("redis_available");
+    assert_eq!(up.len(), 1, "{up:#?}");
+    assert_eq!(up[0]["level"], "INFO");
+    let (status, _) = service.terminate();
+    assert!(status.success());
+}
+
+#[test]
+fn text_logs_written_to_a_pipe_have_no_colour_codes() {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fibonacci-api"))
+        .env_clear()
+        .env("LISTEN_ADDR", "127.0.0.1:0")
+        .env("LOG_FORMAT", "text")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while stdout.read_line(&mut line).unwrap() > 0 && !line.contains("serving") {}
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(line.contains("serving"), "no serving line: {line:?}");
+    assert!(!line.contains('\x1b'), "ANSI escapes in a pipe: {line:?}");
+}
+
+#[tokio::test]
+async fn a_panicking_handler_is_counted_logged_and_answered_like_any_error() {
+    use axum::{body::Body, routing::get, Router};
+    use tower::ServiceExt;
+    let app = fibonacci_api::app::App::new(test_config()).unwrap();
+    let boom = Router::new().route(
+        "/boom",
+        get(|| async {
+            panic!("boom");
+            #[allow(unreachable_code)]
+            ""
+        }),
+    );
+    let router = fibonacci_api::app::router_with(app.clone(), boom);
+    let response = router
+        .oneshot(http::Request::get("/boom").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 500);
+    assert_eq!(
+        response.headers()["x-content-type-options"],
+        "nosniff",
+        "security headers on a panic's response too"
+    );
+    let body = axum::body::to_bytes(response.into_body(), 1 << 16)
         .await
         .unwrap();
     assert_eq!(
-        api_on_admin.status(),
-        reqwest::StatusCode::NOT_FOUND,
-        "the API is not on the admin port"
+        &body[..],
+        br#"{"error":"internal error"}"#,
+        "opaque to the client"
+    );
+    let scrape = crate::helpers::Scrape::parse(&app.metrics.render());
+    let errors: f64 = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == "http_requests_total" && s.labels.get("status") == Some("500"))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v) => v,
+            _ => 0.0,
+        })
+        .sum();
+    assert_eq!(errors, 1.0, "the availability SLI sees the panic");
+    assert_eq!(scrape.get("http_requests_in_flight", &[]), 0.0, "no leak");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_abandoned_by_their_clients_are_counted_as_499_and_leave_the_gauge() {
+    use tokio::io::AsyncWriteExt;
+    let app = spawn_app(crate::helpers::stalling(Duration::from_secs(60)).await).await;
+    let in_flight = || async { app.scrape().await.get("http_requests_in_flight", &[]) };
+    let mut clients = Vec::new();
+    for n in 0..20 {
+        let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+        let request = format!("GET /fibonacci?n={} HTTP/1.1\r\nHost: x\r\n\r\n", 100 + n);
+        stream.write_all(request.as_bytes()).await.unwrap();
+        clients.push(stream);
+    }
+    // 20 stalled on the black-holed Redis, plus the scrape asking.
+    crate::helpers::eventually(Duration::from_secs(10), "20 requests in flight", || async {
+        in_flight().await == 21.0
+    })
+    .await;
+    drop(clients);
+    crate::helpers::eventually(
+        Duration::from_secs(10),
+        "the gauge to come back",
+        || async { in_flight().await == 1.0 },
+    )
+    .await;
+    let scrape = app.scrape().await;
+    assert_eq!(
+        scrape.get(
+            "http_requests_total",
+            &[
+                ("method", "GET"),
+                ("route", "/fibonacci"),
+                ("status", "499")
+            ]
+        ),
+        20.0,
+        "each abandoned request counted once, as 499"
     );
     app.stop().await;
 }

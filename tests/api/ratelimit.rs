@@ -48,6 +48,19 @@ async fn the_31st_request_in_a_minute_is_rejected_with_the_real_wait() {
             headers["ratelimit-policy"],
             "30;w=60, 50;w=3600, 200;w=86400"
         );
+        if i == 1 {
+            // With a sliding window the first request frees its slot only once it has
+            // slid out of the minute after the one it fell in: past the fixed window's end.
+            let reset: u64 = headers["ratelimit-reset"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!(
+                (61..=120).contains(&reset),
+                "RateLimit-Reset {reset}: when Remaining next grows, not the fixed window's end"
+            );
+        }
     }
     let response = client.get(app.url("/fibonacci?n=7")).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
@@ -224,4 +237,208 @@ async fn rate_limits_off_means_no_limits_and_no_headers() {
         assert!(response.headers().get("ratelimit-limit").is_none());
     }
     app.stop().await;
+}
+
+/// A request through the trusted proxy at 127.0.0.5 carrying these raw
+/// `X-Forwarded-For` lines, as an appending proxy (nginx, Envoy, ALB) forwards them.
+async fn through_proxy(app: &TestApp, lines: &[&[u8]]) -> StatusCode {
+    let mut headers = reqwest::header::HeaderMap::new();
+    for line in lines {
+        headers.append(
+            "x-forwarded-for",
+            reqwest::header::HeaderValue::from_bytes(line).unwrap(),
+        );
+    }
+    client_from(Some(ip("127.0.0.5")))
+        .get(app.url("/fibonacci?n=7"))
+        .headers(headers)
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+#[tokio::test]
+async fn bytes_a_client_writes_left_of_its_address_do_not_reset_its_limit() {
+    let app = spawn_app(Config {
+        trusted_proxies: vec!["127.0.0.5/32".parse().unwrap()],
+        ..limited("2/minute")
+    })
+    .await;
+    for i in 1..=2 {
+        assert_eq!(
+            through_proxy(&app, &[b"198.51.100.7"]).await,
+            StatusCode::OK,
+            "request {i}"
+        );
+    }
+    let dodges: &[(&[&[u8]], &str)] = &[
+        (&[b"\x80, 198.51.100.7"], "a non-ASCII byte on the left"),
+        (
+            &[b"\xff\xfe garbage \x80, 198.51.100.7"],
+            "binary junk on the left",
+        ),
+        (
+            &[b"\x80", b"198.51.100.7"],
+            "junk in an earlier header line",
+        ),
+        (
+            &[b"not-an-ip, 198.51.100.7"],
+            "an unparsable entry on the left",
+        ),
+        (&[b", ,198.51.100.7"], "empty list elements"),
+        (
+            &[b"9.9.9.9", b"1.2.3.4, 198.51.100.7"],
+            "a forged earlier line",
+        ),
+    ];
+    for (lines, why) in dodges {
+        assert_eq!(
+            through_proxy(&app, lines).await,
+            StatusCode::TOO_MANY_REQUESTS,
+            "{why}: the limited client must stay limited"
+        );
+    }
+    assert_eq!(
+        through_proxy(&app, &[b"\x80, 198.51.100.8"]).await,
+        StatusCode::OK,
+        "another client behind the same proxy is keyed on its own address"
+    );
+    app.stop().await;
+}
+
+/// Requests through the trusted proxy at 127.0.0.5 from `client` (any address) until
+/// `attempts` are made; returns how many were allowed.
+async fn allowed_through_proxy(app: &TestApp, client: &str, attempts: usize) -> usize {
+    let mut allowed = 0;
+    for _ in 0..attempts {
+        if through_proxy(app, &[client.as_bytes()]).await == StatusCode::OK {
+            allowed += 1;
+        }
+    }
+    allowed
+}
+
+/// Ten /64s of one /48 try 30 each (their full own budget); then another /48 and an
+/// IPv4 client try 30. Returns (allowed to the /48 together, to the other /48, to IPv4).
+async fn rotating_64s(config: Config) -> (usize, usize, usize) {
+    let app = spawn_app(Config {
+        trusted_proxies: vec!["127.0.0.5/32".parse().unwrap()],
+        ..config
+    })
+    .await;
+    let mut together = 0;
+    for i in 0..10 {
+        together += allowed_through_proxy(&app, &format!("2001:db8:7:{i}::1"), 30).await;
+    }
+    let other = allowed_through_proxy(&app, "2001:db8:8:1::1", 30).await;
+    let v4 = allowed_through_proxy(&app, "198.51.100.9", 30).await;
+    app.stop().await;
+    (together, other, v4)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv6_48_shares_a_budget_of_factor_times_the_windows() {
+    let cases = [
+        (
+            8,
+            (240, 30, 30),
+            "the default factor: 8 × 30 per minute for the /48",
+        ),
+        (2, (60, 30, 30), "factor 2"),
+        (0, (300, 30, 30), "factor 0: no shared budget"),
+    ];
+    for (factor, expected, why) in cases {
+        let config = Config {
+            rate_limit_ipv6_48_factor: factor,
+            ..test_config()
+        };
+        assert_eq!(rotating_64s(config).await, expected, "in process, {why}");
+    }
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    for (factor, expected, why) in cases {
+        let config = Config {
+            rate_limit_ipv6_48_factor: factor,
+            redis_url: Some(redis.url()),
+            ..test_config()
+        };
+        assert_eq!(rotating_64s(config).await, expected, "in Redis, {why}");
+        // Counted in Redis, not by a local fallback after a failing script.
+        let mut conn = redis.conn();
+        let shared: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+            .arg("ratelimit:v2:{2001:db8:7::/48}")
+            .query(&mut conn)
+            .unwrap();
+        assert_eq!(
+            shared.len(),
+            if factor > 0 { 3 } else { 0 },
+            "{why}: {shared:?}"
+        );
+        let own: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+            .arg("ratelimit:v2:{2001:db8:7::/48}:2001:db8:7::/64")
+            .query(&mut conn)
+            .unwrap();
+        assert_eq!(own.len(), 3, "{why}: the /64's own windows {own:?}");
+        redis::cmd("FLUSHALL").query::<()>(&mut conn).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lua_script_and_the_rust_window_decide_alike() {
+    use fibonacci_api::{
+        metrics::Metrics,
+        ratelimit::{local::LocalLimiter, redis::RedisWindows, ClientKey},
+        redis_client::RedisClient,
+    };
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let policy = Policy::parse("3/second,10/minute,40/hour").unwrap();
+    let net48 = policy.scaled(2);
+    let lua = RedisWindows::with_clock_argument(&policy, Some(&net48));
+    let rust = LocalLimiter::new(policy.clone(), Some(net48), 1000);
+    let client = RedisClient::new(
+        &redis.url(),
+        std::time::Duration::from_secs(5),
+        &Metrics::new(),
+    )
+    .unwrap();
+    let keys: Vec<ClientKey> = [
+        "192.0.2.1",
+        "192.0.2.2",
+        "2001:db8:5:1::1",
+        "2001:db8:5:2::1",
+        "2001:db8:5:3::1",
+        "2001:db8:6:1::1",
+    ]
+    .iter()
+    .map(|a| ClientKey::of(ip(a)))
+    .collect();
+    let seed = rand::rng().random();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut now: u64 = 1_800_000_000_000;
+    let mut rejected = 0;
+    for step in 0..4000 {
+        now = match rng.random_range(0..100) {
+            // Mostly small steps, sometimes a jump, sometimes the clock steps back.
+            0..=84 => now + rng.random_range(0..300),
+            85..=92 => now + rng.random_range(1_000..4_000_000),
+            _ => now.saturating_sub(rng.random_range(1..150_000)),
+        };
+        let key = &keys[rng.random_range(0..keys.len())];
+        let in_redis = lua.check(&client, key, now).await.expect("the script runs");
+        let in_process = rust.check(key, now);
+        assert_eq!(
+            in_redis, in_process,
+            "seed {seed}, step {step}: {key} at {now} ms decided differently"
+        );
+        rejected += usize::from(!in_process.is_allowed());
+    }
+    assert!(
+        rejected > 100,
+        "the sequence must exercise rejections: {rejected}"
+    );
 }

@@ -3,11 +3,8 @@
 //! and the trace id on log lines.
 
 use std::{
-    io::{BufRead, BufReader},
     net::SocketAddr,
-    process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
-    time::Duration,
 };
 
 use axum::{body::Bytes, routing::post, Router};
@@ -21,7 +18,7 @@ use opentelemetry_proto::tonic::{
 };
 use prost::Message;
 
-use crate::helpers::eventually;
+use crate::helpers::spawn_binary;
 
 type Spans = Arc<Mutex<Vec<Span>>>;
 
@@ -77,64 +74,6 @@ async fn http_receiver() -> (SocketAddr, Spans) {
     (addr, spans)
 }
 
-/// The binary, running with `env`, its stdout lines collected.
-struct Service {
-    child: Child,
-    base: String,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-async fn start_service(env: &[(&str, String)]) -> Service {
-    let port = crate::helpers::free_port();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fibonacci-api"));
-    cmd.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
-        .env("SHUTDOWN_DRAIN_SECONDS", "0")
-        .env("RATE_LIMITS", "off")
-        // Export only at shutdown, so the test sees the flush after the drain.
-        .env("OTEL_BSP_SCHEDULE_DELAY", "600000")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().unwrap();
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let stdout = child.stdout.take().unwrap();
-    let sink = lines.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            sink.lock().unwrap().push(line);
-        }
-    });
-    let base = format!("http://127.0.0.1:{port}");
-    let client = reqwest::Client::new();
-    let livez = format!("{base}/livez");
-    eventually(Duration::from_secs(20), "the binary answers /livez", || {
-        let request = client.get(&livez).send();
-        async move { request.await.is_ok() }
-    })
-    .await;
-    Service { child, base, lines }
-}
-
-impl Service {
-    /// SIGTERM, then the exit status.
-    fn terminate(mut self) -> (std::process::ExitStatus, Vec<String>) {
-        let pid = self.child.id().to_string();
-        assert!(Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success());
-        let status = self.child.wait().unwrap();
-        std::thread::sleep(Duration::from_millis(50)); // let the reader drain the pipe
-        let lines = self.lines.lock().unwrap().clone();
-        (status, lines)
-    }
-}
-
 fn attribute(span: &Span, key: &str) -> Option<String> {
     span.attributes.iter().find(|a| a.key == key).and_then(|a| {
         a.value.as_ref()?.value.as_ref().map(|v| match v {
@@ -161,10 +100,12 @@ async fn traced_request_round_trip(
     rust_log: &str,
 ) -> Vec<String> {
     let (addr, spans) = receiver;
-    let service = start_service(&[
+    let service = spawn_binary(&[
         ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{addr}")),
         ("OTEL_EXPORTER_OTLP_PROTOCOL", protocol.into()),
         ("OTEL_SERVICE_NAME", "fib-under-test".into()),
+        // Export only at shutdown, so the test sees the flush after the drain.
+        ("OTEL_BSP_SCHEDULE_DELAY", "600000".into()),
         // Sample nothing on our own, but follow a sampled parent.
         ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio".into()),
         ("OTEL_TRACES_SAMPLER_ARG", "0".into()),
@@ -173,14 +114,14 @@ async fn traced_request_round_trip(
     .await;
     let client = reqwest::Client::new();
     let traced = client
-        .get(format!("{}/fibonacci?n=321", service.base))
+        .get(format!("{}/fibonacci?n=321", service.base()))
         .header("traceparent", format!("00-{TRACE_ID}-{PARENT_ID}-01"))
         .send()
         .await
         .unwrap();
     assert_eq!(traced.status(), 200);
     let untraced = client
-        .get(format!("{}/fibonacci?n=5", service.base))
+        .get(format!("{}/fibonacci?n=5", service.base()))
         .send()
         .await
         .unwrap();

@@ -117,6 +117,20 @@ releases in one cluster (staging and production) would fire each other's alerts.
 {{- end }}
 {{- end }}
 
+{{/* Whole seconds in a Prometheus/Go duration such as "2m30s" (ms are dropped). */}}
+{{- define "fibonacci-api.seconds" -}}
+{{- $total := 0 }}
+{{- range regexFindAll "[0-9]+(ms|h|m|s)" (toString .) -1 }}
+{{- $n := int (regexFind "^[0-9]+" .) }}
+{{- $unit := regexReplaceAll "^[0-9]+" . "" }}
+{{- if eq $unit "h" }}{{ $total = add $total (mul $n 3600) }}
+{{- else if eq $unit "m" }}{{ $total = add $total (mul $n 60) }}
+{{- else if eq $unit "s" }}{{ $total = add $total $n }}
+{{- end }}
+{{- end }}
+{{- $total }}
+{{- end }}
+
 {{/*
 Fail rendering on combinations that would deploy something broken. Included
 from the workload template so every render runs it.
@@ -130,16 +144,40 @@ from the workload template so every render runs it.
 {{- end }}
 {{- /* The app keeps serving SHUTDOWN_DRAIN_SECONDS after SIGTERM, then drains
        in-flight requests for up to REQUEST_TIMEOUT_MS; the kubelet must not
-       SIGKILL it before that, plus 5 s for trace flush and exit. */}}
+       SIGKILL it before that, plus 10 s to flush traces (the OTLP exporter's
+       default export timeout) and exit. */}}
 {{- $drain := int .Values.config.SHUTDOWN_DRAIN_SECONDS }}
 {{- $requestDeadline := div (add (int .Values.config.REQUEST_TIMEOUT_MS) 999) 1000 }}
 {{- $preStop := int .Values.lifecycle.preStopSleepSeconds }}
-{{- $needed := add $preStop $drain $requestDeadline 5 }}
+{{- $needed := add $preStop $drain $requestDeadline 10 }}
 {{- if lt (int .Values.terminationGracePeriodSeconds) (int $needed) }}
-{{- fail (printf "terminationGracePeriodSeconds=%d is too short: preStop sleep %ds + SHUTDOWN_DRAIN_SECONDS %ds + request deadline %ds + 5s flush needs at least %d" (int .Values.terminationGracePeriodSeconds) $preStop $drain $requestDeadline $needed) }}
+{{- fail (printf "terminationGracePeriodSeconds=%d is too short: preStop sleep %ds + SHUTDOWN_DRAIN_SECONDS %ds + request deadline %ds + 10s trace flush needs at least %d" (int .Values.terminationGracePeriodSeconds) $preStop $drain $requestDeadline $needed) }}
 {{- end }}
 {{- if and .Values.rollout.enabled .Values.rollout.analysis.enabled (not .Values.serviceMonitor.enabled) }}
 {{- fail "rollout.analysis needs serviceMonitor.enabled: the analysis query selects canary pods by the rollouts_pod_template_hash label that the ServiceMonitor attaches" }}
+{{- end }}
+{{- if and .Values.rollout.enabled .Values.rollout.analysis.enabled }}
+{{- $scrape := int (include "fibonacci-api.seconds" .Values.serviceMonitor.interval) }}
+{{- $window := int (include "fibonacci-api.seconds" .Values.rollout.analysis.rateWindow) }}
+{{- $delay := int (include "fibonacci-api.seconds" .Values.rollout.analysis.initialDelay) }}
+{{- if lt $delay (add (mul 2 $scrape) $window) }}
+{{- fail (printf "rollout.analysis.initialDelay=%s is too short: the canary needs two scrapes (2 x serviceMonitor.interval %s) and a full rateWindow (%s) before its error ratio is a number, %ds in all; a measurement before that is inconclusive and pauses every healthy rollout" .Values.rollout.analysis.initialDelay .Values.serviceMonitor.interval .Values.rollout.analysis.rateWindow (add (mul 2 $scrape) $window)) }}
+{{- end }}
+{{- end }}
+{{- $np := .Values.networkPolicy }}
+{{- if and $np.enabled .Values.serviceMonitor.enabled (not .Values.admin.enabled) $np.ingressFrom (not $np.metricsFrom) }}
+{{- fail "networkPolicy.ingressFrom restricts the API port, which also serves /metrics while admin.enabled=false, and networkPolicy.metricsFrom is empty: the NetworkPolicy would block Prometheus' scrape, and with it every alert, the dashboard, the requests-per-second autoscaling and the canary analysis. Set networkPolicy.metricsFrom to your Prometheus (e.g. its namespace), or admin.enabled=true" }}
+{{- end }}
+{{- if .Values.ingress.enabled }}
+{{- range .Values.ingress.paths }}
+{{- $path := .path }}
+{{- $prefix := eq .pathType "Prefix" }}
+{{- range list "/metrics" "/livez" "/readyz" }}
+{{- if or (eq $path .) (and $prefix (or (eq $path "/") (hasPrefix (printf "%s/" (trimSuffix "/" $path)) .))) }}
+{{- fail (printf "ingress.paths: %s (%s) would route %s to the internet: list only the public API paths (/fibonacci, /health, /openapi.json, /docs)" $path $.Values.ingress.paths (.)) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
 {{- fail "autoscaling.minReplicas must not exceed autoscaling.maxReplicas" }}

@@ -7,60 +7,119 @@ with Redis configured, into deploy/prometheus/alerts.yaml
 SLOs, on GET /fibonacci only (probes and scrapes would dilute them):
 - availability: availabilityTarget of requests are not 5xx;
 - latency: latencyTarget of requests finish within latencyThreshold seconds.
-Alerts are multi-window, multi-burn-rate (Google SRE workbook, ch. 5): a burn
-rate of 14.4 over 1 h spends 2% of a 30-day error budget (page now); 6 over
-6 h spends 5% (page, less urgent). The short window (1/12 of the long one)
-makes the alert stop soon after the burning does.
+
+Alerts are the SRE workbook's multiwindow, multi-burn-rate set (ch. 5, table 5-8)
+for a 30-day budget, each tier its own rule with a `window` label:
+  window 1h: 14.4x over 1 h and 5 min  -> page   (2% of the budget in an hour)
+  window 6h:  6x   over 6 h and 30 min -> page   (5% in six hours)
+  window 3d:  1x   over 3 d and 6 h    -> ticket (10% in three days)
+The short window makes an alert stop soon after the burning does. The 6 h page
+also needs the last 5 minutes to still burn budget (above 1x): its 30 min window
+alone would keep paging for up to 30 minutes after a recovery.
+
+The error ratios count 5xx (with a zero fallback), never 1 - non-5xx/all: with
+only 5xx answers there is no non-5xx series and that ratio would be empty, so a
+total outage would page no one. "fibonacci-api.sli.*" below is the one
+definition of each SLI; scripts/check-deploy checks that the dashboard and the
+canary analysis use the same expressions.
 */}}
+
+{{/* Error ratio of the selected requests over a window.
+     dict "sel" matchers "by" grouping-labels "window" range */}}
+{{- define "fibonacci-api.sli.errorRatio" -}}
+{{- $agg := ternary "sum" (printf "sum by (%s)" .by) (eq .by "") -}}
+(
+  {{ $agg }} (rate(http_requests_total{{ printf "{%s, status=~\"5..\"}" .sel }}[{{ .window }}]))
+  or
+  0 * {{ $agg }} (rate(http_requests_total{{ printf "{%s}" .sel }}[{{ .window }}]))
+)
+/
+{{ $agg }} (rate(http_requests_total{{ printf "{%s}" .sel }}[{{ .window }}]))
+{{- end }}
+
+{{/* The latency SLO threshold as an `le` matcher that matches both renderings of
+     a bucket boundary: the exporter writes le="1", Prometheus 3 stores le="1.0".
+     A raw (backtick) string, so the regex needs no PromQL escaping. */}}
+{{- define "fibonacci-api.sli.leMatcher" -}}
+{{- printf "le=~`%s(\\.0)?`" (regexQuoteMeta (toString .)) -}}
+{{- end }}
+
+{{/* Share of the selected requests slower than the threshold, over a window.
+     dict "sel" matchers "by" grouping-labels "window" range "threshold" seconds */}}
+{{- define "fibonacci-api.sli.slowRatio" -}}
+{{- $agg := ternary "sum" (printf "sum by (%s)" .by) (eq .by "") -}}
+1 - (
+  (
+    {{ $agg }} (rate(http_request_duration_seconds_bucket{{ printf "{%s, %s}" .sel (include "fibonacci-api.sli.leMatcher" .threshold) }}[{{ .window }}]))
+    or
+    0 * {{ $agg }} (rate(http_request_duration_seconds_count{{ printf "{%s}" .sel }}[{{ .window }}]))
+  )
+  /
+  {{ $agg }} (rate(http_request_duration_seconds_count{{ printf "{%s}" .sel }}[{{ .window }}]))
+)
+{{- end }}
+
 {{- define "fibonacci-api.ruleGroups" -}}
 {{- $sel := include "fibonacci-api.ruleSelector" . }}
 {{- $fib := printf "%s, route=\"/fibonacci\"" $sel }}
 {{- $slo := .Values.prometheusRule.slo }}
 {{- $runbook := .Values.prometheusRule.runbookBaseUrl }}
-{{- $alertLabels := .Values.prometheusRule.alertLabels }}
+{{- $labels := merge (dict "environment" .Values.prometheusRule.environment) .Values.prometheusRule.alertLabels }}
 - name: fibonacci-api.slo.rules
   rules:
-    {{- range $w := list "5m" "30m" "1h" "6h" }}
-    # 1 - good/all rather than errors/all: with no 5xx at all there is no 5xx
-    # series to divide, and the ratio would be missing instead of 0.
+    {{- range $w := list "5m" "30m" "1h" "6h" "3d" }}
     - record: fibonacci_api:request_errors:ratio_rate{{ $w }}
       expr: |
-        1 - (
-          sum by (namespace, job) (rate(http_requests_total{{ printf "{%s, status!~\"5..\"}" $fib }}[{{ $w }}]))
-          /
-          sum by (namespace, job) (rate(http_requests_total{{ printf "{%s}" $fib }}[{{ $w }}]))
-        )
+        {{- include "fibonacci-api.sli.errorRatio" (dict "sel" $fib "by" "namespace, job" "window" $w) | nindent 8 }}
     - record: fibonacci_api:request_slow:ratio_rate{{ $w }}
       expr: |
-        1 - (
-          sum by (namespace, job) (rate(http_request_duration_seconds_bucket{{ printf "{%s, le=\"%s\"}" $fib $slo.latencyThreshold }}[{{ $w }}]))
-          /
-          sum by (namespace, job) (rate(http_request_duration_seconds_count{{ printf "{%s}" $fib }}[{{ $w }}]))
-        )
+        {{- include "fibonacci-api.sli.slowRatio" (dict "sel" $fib "by" "namespace, job" "window" $w "threshold" $slo.latencyThreshold) | nindent 8 }}
     {{- end }}
 - name: fibonacci-api.alerts
   rules:
+    - alert: FibonacciApiDown
+      # No instance scraped successfully: every target down, or no target at all
+      # (Deployment gone, Service selector broken, ServiceMonitor not picked up).
+      expr: |
+        max by (namespace, job) (up{{ printf "{%s}" $sel }}) == 0
+        or
+        absent(up{{ printf "{%s}" $sel }})
+      for: 5m
+      labels:
+        severity: critical
+        {{- toYaml $labels | nindent 8 }}
+      annotations:
+        summary: No instance of the API is scraped
+        description: >-
+          Prometheus has not scraped any instance of {{ include "fibonacci-api.fullname" . }} in
+          {{ .Release.Namespace }} successfully for 5 minutes: the service is down, or
+          unreachable for monitoring, and no other alert about it can fire.
+        runbook_url: {{ printf "%s#%s" $runbook "fibonacciapidown" }}
     {{- range $sli := list "availability" "latency" }}
     {{- $ratio := ternary "request_errors" "request_slow" (eq $sli "availability") }}
     {{- $target := ternary $slo.availabilityTarget $slo.latencyTarget (eq $sli "availability") }}
     {{- $name := ternary "FibonacciApiAvailabilityBurnRate" "FibonacciApiLatencyBurnRate" (eq $sli "availability") }}
-    {{- $what := ternary "5xx responses" (printf "responses slower than %ss" $slo.latencyThreshold) (eq $sli "availability") }}
-    {{- range $tier := list (dict "severity" "critical" "long" "1h" "short" "5m" "factor" "14.4" "for" "2m" "spent" "2%" "within" "1 hour")
-                            (dict "severity" "warning" "long" "6h" "short" "30m" "factor" "6" "for" "15m" "spent" "5%" "within" "6 hours") }}
+    {{- $what := ternary "5xx responses" (printf "responses slower than %ss" (toString $slo.latencyThreshold)) (eq $sli "availability") }}
+    {{- range $tier := list (dict "severity" "critical" "long" "1h" "short" "5m" "factor" "14.4" "for" "2m" "spent" "2%" "within" "1 hour" "action" "page")
+                            (dict "severity" "critical" "long" "6h" "short" "30m" "factor" "6" "for" "5m" "spent" "5%" "within" "6 hours" "action" "page" "guard" "5m")
+                            (dict "severity" "warning" "long" "3d" "short" "6h" "factor" "1" "for" "30m" "spent" "10%" "within" "3 days" "action" "ticket") }}
     - alert: {{ $name }}
       expr: |
         fibonacci_api:{{ $ratio }}:ratio_rate{{ $tier.long }}{{ printf "{%s}" $sel }} > ({{ $tier.factor }} * (1 - {{ $target }}))
         and
         fibonacci_api:{{ $ratio }}:ratio_rate{{ $tier.short }}{{ printf "{%s}" $sel }} > ({{ $tier.factor }} * (1 - {{ $target }}))
+        {{- with $tier.guard }}
+        and
+        fibonacci_api:{{ $ratio }}:ratio_rate{{ . }}{{ printf "{%s}" $sel }} > (1 - {{ $target }})
+        {{- end }}
       for: {{ $tier.for }}
       labels:
         severity: {{ $tier.severity }}
         slo: {{ $sli }}
-        {{- with $alertLabels }}
-        {{- toYaml . | nindent 8 }}
-        {{- end }}
+        window: {{ $tier.long }}
+        {{- toYaml $labels | nindent 8 }}
       annotations:
-        summary: {{ printf "%s SLO error budget burning %sx too fast" $sli $tier.factor | quote }}
+        summary: {{ printf "%s SLO error budget burning %sx too fast (%s)" $sli $tier.factor $tier.action | quote }}
         description: >-
           {{ `{{ $labels.job }}` }} in {{ `{{ $labels.namespace }}` }}: {{ `{{ $value | humanizePercentage }}` }}
           of GET /fibonacci requests over the last {{ $tier.long }} were {{ $what }},
@@ -76,9 +135,7 @@ makes the alert stop soon after the burning does.
       for: 5m
       labels:
         severity: warning
-        {{- with $alertLabels }}
-        {{- toYaml . | nindent 8 }}
-        {{- end }}
+        {{- toYaml $labels | nindent 8 }}
       annotations:
         summary: Pods cannot reach Redis
         description: >-
@@ -99,9 +156,7 @@ makes the alert stop soon after the burning does.
       for: 10m
       labels:
         severity: warning
-        {{- with $alertLabels }}
-        {{- toYaml . | nindent 8 }}
-        {{- end }}
+        {{- toYaml $labels | nindent 8 }}
       annotations:
         summary: Many requests are rejected by the rate limiter
         description: >-
@@ -119,9 +174,7 @@ makes the alert stop soon after the burning does.
       for: {{ .Values.prometheusRule.podsNotReady.for }}
       labels:
         severity: warning
-        {{- with $alertLabels }}
-        {{- toYaml . | nindent 8 }}
-        {{- end }}
+        {{- toYaml $labels | nindent 8 }}
       annotations:
         summary: API pods are not ready
         description: >-
