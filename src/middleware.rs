@@ -19,8 +19,9 @@ use tracing::{field::Empty, Instrument};
 
 use crate::{
     app::App,
-    auth::AuthError,
+    auth::{AuthError, Outcome},
     error::ApiError,
+    metrics::RATE_LIMIT_REJECTIONS,
     ratelimit::{client, ClientKey, Decision},
     shutdown::Phase,
     telemetry,
@@ -244,18 +245,55 @@ pub async fn admit(State(app): State<Arc<App>>, req: Request, next: Next) -> Res
         .extensions()
         .get::<Client>()
         .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0);
-    let identity = match &app.config.auth {
-        None => Ok(ClientKey::of(client)),
-        Some(auth) => auth
-            .verify(req.headers().get(header::AUTHORIZATION))
-            .map(|subject| ClientKey::Subject(subject.into())),
+    let address = ClientKey::of(client);
+    let (identity, throttled) = match &app.config.auth {
+        None => (Ok(address.clone()), None),
+        Some(auth) => match auth
+            .authenticate(req.headers().get(header::AUTHORIZATION), &address)
+            .await
+        {
+            Outcome::Subject(subject) => (Ok(ClientKey::Subject(subject)), None),
+            Outcome::Refused(AuthError::Unavailable) => {
+                return ApiError::AuthUnavailable.into_response()
+            }
+            Outcome::Refused(e) => (Err(e), None),
+            Outcome::Throttled(decision) => (Err(AuthError::NotChecked), Some(decision)),
+        },
     };
     // A failed authentication is counted against the address, so guessing is limited too.
-    let key = identity.clone().unwrap_or_else(|_| ClientKey::of(client));
+    let key = identity.clone().unwrap_or_else(|_| address.clone());
     let Some(limiter) = &app.limiter else {
         return run_authenticated(identity, client, req, next).await;
     };
-    let (mut response, limit, remaining, reset) = match limiter.check(&key).await {
+    let decision = match throttled {
+        // The limiter's own answer of a moment ago, reached without a signature check.
+        Some(decision) => {
+            if let Decision::Rejected { window, .. } = &decision {
+                app.metrics
+                    .scope(
+                        || metrics::counter!(RATE_LIMIT_REJECTIONS, "window" => window.unit.name()),
+                    )
+                    .increment(1);
+            }
+            decision
+        }
+        None => {
+            let decision = limiter.check(&key).await;
+            if let (
+                Decision::Rejected {
+                    window,
+                    retry_after,
+                },
+                Err(_),
+                Some(auth),
+            ) = (&decision, &identity, &app.config.auth)
+            {
+                auth.throttle(&address, *window, *retry_after);
+            }
+            decision
+        }
+    };
+    let (mut response, limit, remaining, reset) = match decision {
         Decision::Allowed {
             remaining,
             limit,

@@ -7,6 +7,7 @@ mod auth;
 mod cache;
 mod config;
 mod hygiene;
+mod jwks;
 mod observability;
 mod ratelimit;
 mod shutdown;
