@@ -10,5 +10,6 @@ mod hygiene;
 mod jwks;
 mod observability;
 mod ratelimit;
+mod settings;
 mod shutdown;
 mod tracing;
