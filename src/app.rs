@@ -20,7 +20,7 @@ use crate::{
     metrics::Metrics,
     middleware,
     ratelimit::RateLimiter,
-    redis_client::RedisClient,
+    redis_client::{RedisClient, Target},
     routes::{fibonacci, openapi, probes},
     shutdown::Lifecycle,
 };
@@ -43,10 +43,14 @@ impl App {
     /// Builds the state from configuration. Connects to nothing yet: Redis is lazy.
     pub fn new(config: Config) -> Result<Arc<Self>, redis::RedisError> {
         let metrics = Metrics::new();
-        let redis = match &config.redis_url {
-            Some(url) => Some(RedisClient::new(url, config.redis_timeout, &metrics)?),
-            None => None,
+        let target = match (&config.redis_url, config.redis_cluster_nodes.as_slice()) {
+            (Some(url), _) => Some(Target::Node(url)),
+            (None, []) => None,
+            (None, nodes) => Some(Target::Cluster(nodes)),
         };
+        let redis = target
+            .map(|target| RedisClient::new(target, config.redis_timeout, &metrics))
+            .transpose()?;
         let store = FibonacciStore::new(config.cache_max_bytes, redis.clone(), &metrics)
             .with_deadline(config.request_timeout);
         let limiter = config.rate_limits.clone().map(|policy| {

@@ -86,6 +86,8 @@ pub struct Settings {
     pub trusted_proxies: String,
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
+    #[arg(long, env = "REDIS_CLUSTER_NODES", hide_env_values = true)]
+    pub redis_cluster_nodes: Option<String>,
     #[arg(long, env = "REDIS_TIMEOUT_MS", default_value = defaults::REDIS_TIMEOUT_MS)]
     pub redis_timeout_ms: String,
     #[arg(long, env = "CACHE_MAX_BYTES", default_value = defaults::CACHE_MAX_BYTES)]
@@ -145,6 +147,8 @@ pub struct Config {
     pub rate_limits: Option<Policy>,
     pub trusted_proxies: Vec<IpNet>,
     pub redis_url: Option<String>,
+    /// Seed nodes of a Redis Cluster, instead of `redis_url`.
+    pub redis_cluster_nodes: Vec<String>,
     pub redis_timeout: Duration,
     pub cache_max_bytes: u64,
     pub shutdown_drain: Duration,
@@ -190,6 +194,16 @@ fn redact_optional_url(value: &Option<String>) -> Option<String> {
     value.as_deref().map(redact_url)
 }
 
+fn redact_optional_url_list(value: &Option<String>) -> Option<Vec<String>> {
+    value
+        .as_deref()
+        .map(|list| comma_list(list).map(redact_url).collect())
+}
+
+fn redact_urls(value: &[String]) -> Vec<String> {
+    value.iter().map(|url| redact_url(url)).collect()
+}
+
 impl fmt::Debug for Settings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         debug_struct!(self, f, Settings {
@@ -201,6 +215,7 @@ impl fmt::Debug for Settings {
             auth_jwt_public_key_file, auth_jwt_jwks_file, auth_jwt_audience, auth_jwt_issuer,
         } secret {
             redis_url => redact_optional_url,
+            redis_cluster_nodes => redact_optional_url_list,
             auth_jwt_hs256_secret => redact_secret,
             auth_jwt_jwks_url => redact_optional_url,
         })
@@ -219,6 +234,7 @@ impl fmt::Debug for Config {
             auth,
         } secret {
             redis_url => redact_optional_url,
+            redis_cluster_nodes => redact_urls,
         })
     }
 }
@@ -386,13 +402,38 @@ impl Settings {
                 redis::Client::open(url).map_err(|_| {
                     ConfigError::new(
                         "REDIS_URL",
-                        "<redacted>",
+                        REDACTED,
                         "a redis:// or rediss:// URL, e.g. redis://:password@redis:6379/0",
                     )
                 })?;
                 Some(url.to_owned())
             }
         };
+        let redis_cluster_nodes: Vec<String> =
+            comma_list(self.redis_cluster_nodes.as_deref().unwrap_or(""))
+                .map(str::to_owned)
+                .collect();
+        if !redis_cluster_nodes.is_empty() {
+            let expected = "comma-separated seed nodes of a Redis Cluster, all redis:// or all \
+                rediss:// with the same credentials, \
+                e.g. rediss://:password@node-1:6379,rediss://:password@node-2:6379";
+            if redis_url.is_some() {
+                return Err(ConfigError::new(
+                    "REDIS_CLUSTER_NODES",
+                    REDACTED,
+                    "not to be set together with REDIS_URL: one Redis node (REDIS_URL) or a \
+                     Redis Cluster (REDIS_CLUSTER_NODES)",
+                ));
+            }
+            let tcp = redis_cluster_nodes
+                .iter()
+                .all(|url| url.starts_with("redis://") || url.starts_with("rediss://"));
+            if !tcp {
+                return Err(ConfigError::new("REDIS_CLUSTER_NODES", REDACTED, expected));
+            }
+            redis::cluster::ClusterClient::new(redis_cluster_nodes.iter().map(String::as_str))
+                .map_err(|_| ConfigError::new("REDIS_CLUSTER_NODES", REDACTED, expected))?;
+        }
         let log_format = match self.log_format.trim() {
             "json" => LogFormat::Json,
             "text" => LogFormat::Text,
@@ -434,6 +475,7 @@ impl Settings {
             rate_limits,
             trusted_proxies: parse_trusted_proxies(&self.trusted_proxies)?,
             redis_url,
+            redis_cluster_nodes,
             redis_timeout: Duration::from_millis(parse_int(
                 "REDIS_TIMEOUT_MS",
                 &self.redis_timeout_ms,
@@ -507,6 +549,7 @@ impl Default for Config {
             rate_limits: defaults::RATE_LIMITS.into(),
             trusted_proxies: String::new(),
             redis_url: None,
+            redis_cluster_nodes: None,
             redis_timeout_ms: defaults::REDIS_TIMEOUT_MS.into(),
             cache_max_bytes: defaults::CACHE_MAX_BYTES.into(),
             shutdown_drain_seconds: defaults::SHUTDOWN_DRAIN_SECONDS.into(),

@@ -21,6 +21,7 @@ pub const CACHE_REQUESTS: &str = "fibonacci_cache_requests_total";
 pub const COMPUTE_DURATION: &str = "fibonacci_compute_duration_seconds";
 pub const RATE_LIMIT_REJECTIONS: &str = "rate_limit_rejections_total";
 pub const RATE_LIMITER_KEYS: &str = "rate_limiter_keys";
+pub const RATE_LIMIT_LOCAL_DECISIONS: &str = "rate_limit_local_decisions_total";
 pub const REDIS_UP: &str = "redis_up";
 pub const BUILD_INFO: &str = "build_info";
 pub const REQUESTED_N: &str = "fibonacci_requested_n";

@@ -3,11 +3,20 @@
 //!
 //! Requests never probe an open breaker; a background pinger does, and closes it when
 //! Redis answers again. The cache tier and the cluster-wide rate limiter share it.
+//!
+//! One Redis node (`REDIS_URL`) or a Redis Cluster (`REDIS_CLUSTER_NODES`): the cluster
+//! client of the `redis` crate follows MOVED/ASK redirections, refreshes the topology and
+//! finds promoted replicas; everything above this module is the same for both.
 
 use std::{sync::Arc, sync::Mutex, time::Duration};
 
 use metrics::Gauge;
-use redis::{aio::ConnectionManager, aio::ConnectionManagerConfig, FromRedisValue};
+use redis::{
+    aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
+    cluster::ClusterClientBuilder,
+    cluster_async::ClusterConnection,
+    Cmd, FromRedisValue, Pipeline, RedisFuture, Value,
+};
 
 use crate::{
     breaker::{CircuitBreaker, Transition},
@@ -62,9 +71,56 @@ impl RedisUnavailable {
     }
 }
 
+/// Where Redis is.
+#[derive(Debug, Clone, Copy)]
+pub enum Target<'a> {
+    /// One node: `REDIS_URL`.
+    Node(&'a str),
+    /// Seed nodes of a Redis Cluster: `REDIS_CLUSTER_NODES`.
+    Cluster(&'a [String]),
+}
+
+/// A connection to either: both are cheap handles to a multiplexed connection (or, for
+/// the cluster, to one per node), cloned per call.
+#[derive(Clone)]
+enum Connection {
+    Node(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Node(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Node(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Node(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 /// A Redis connection behind a circuit breaker.
 pub struct RedisClient {
-    conn: ConnectionManager,
+    conn: Connection,
+    /// Whether `conn` is a cluster: its health probe asks for the whole cluster's state.
+    cluster: bool,
     timeout: Duration,
     breaker: CircuitBreaker,
     /// The cause last logged while the breaker is open, so a change is logged once.
@@ -74,19 +130,43 @@ pub struct RedisClient {
 
 impl RedisClient {
     /// A client that connects lazily: the service starts and serves with Redis down.
-    pub fn new(url: &str, timeout: Duration, metrics: &Metrics) -> redis::RedisResult<Arc<Self>> {
-        let client = redis::Client::open(url)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            // One attempt per reconnection: the next call retries, none waits in a back-off,
-            // and a failure surfaces as itself (refused, DNS, TLS…), not as our timeout.
-            .set_number_of_retries(0)
-            .set_max_delay(timeout);
-        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+    pub fn new(
+        target: Target<'_>,
+        timeout: Duration,
+        metrics: &Metrics,
+    ) -> redis::RedisResult<Arc<Self>> {
+        let conn = match target {
+            Target::Node(url) => {
+                let client = redis::Client::open(url)?;
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(timeout))
+                    .set_response_timeout(Some(timeout))
+                    // One attempt per reconnection: the next call retries, none waits in a
+                    // back-off, and a failure surfaces as itself (refused, DNS, TLS…), not
+                    // as our timeout.
+                    .set_number_of_retries(0)
+                    .set_max_delay(timeout);
+                Connection::Node(ConnectionManager::new_lazy_with_config(client, config)?)
+            }
+            Target::Cluster(nodes) => {
+                let client = ClusterClientBuilder::new(nodes.iter().map(String::as_str))
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout)
+                    // Redirections (MOVED, ASK, TRYAGAIN during a resharding) are followed
+                    // at once, a few times, all within our own timeout.
+                    .retries(3)
+                    .min_retry_wait(1)
+                    .max_retry_wait(10)
+                    .build()?;
+                Connection::Cluster(
+                    client.get_pending_async_connection_with_config(Default::default()),
+                )
+            }
+        };
         let up = metrics.scope(|| metrics::gauge!(REDIS_UP));
         up.set(0.0);
         Ok(Arc::new(Self {
+            cluster: matches!(conn, Connection::Cluster(_)),
             conn,
             timeout,
             breaker: CircuitBreaker::new(FAILURES_TO_OPEN),
@@ -166,18 +246,45 @@ impl RedisClient {
         self.bounded(invocation.invoke_async(&mut conn)).await
     }
 
-    /// Pings Redis until `stop` resolves: keeps `redis_up` true and closes the breaker
+    /// Checks Redis as a whole: a node answers `PING`; a cluster must also say that every
+    /// slot is served (`cluster_state:ok`), so the breaker does not close on a cluster
+    /// that would fail every other call.
+    async fn probe(&self) -> redis::RedisResult<()> {
+        let mut conn = self.conn.clone();
+        if !self.cluster {
+            return redis::cmd("PING")
+                .query_async::<String>(&mut conn)
+                .await
+                .map(drop);
+        }
+        let info: String = redis::cmd("CLUSTER")
+            .arg("INFO")
+            .query_async(&mut conn)
+            .await?;
+        if info.lines().any(|l| l.trim() == "cluster_state:ok") {
+            Ok(())
+        } else {
+            Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "cluster state is not ok",
+                info.lines()
+                    .find(|l| l.starts_with("cluster_state:"))
+                    .unwrap_or_default()
+                    .to_owned(),
+            )))
+        }
+    }
+
+    /// Probes Redis until `stop` resolves: keeps `redis_up` true and closes the breaker
     /// when Redis is back, whether or not requests are flowing.
     pub async fn run_pinger(self: Arc<Self>, stop: impl std::future::Future<Output = ()>) {
         tokio::pin!(stop);
         loop {
-            let mut conn = self.conn.clone();
-            let ping = redis::cmd("PING");
-            // Failures are logged by the breaker's transitions, not per ping; a ping
+            // Failures are logged by the breaker's transitions, not per probe; a probe
             // stuck until REDIS_TIMEOUT_MS must not hold up shutdown.
             tokio::select! {
                 _ = &mut stop => return,
-                _ = self.bounded(ping.query_async::<String>(&mut conn)) => {}
+                _ = self.bounded(self.probe()) => {}
             }
             let period = if self.is_available() {
                 PING_HEALTHY

@@ -25,7 +25,7 @@ pub use policy::{Policy, Unit, Window};
 pub use window::Decision;
 
 use crate::{
-    metrics::{Metrics, RATE_LIMITER_KEYS, RATE_LIMIT_REJECTIONS},
+    metrics::{Metrics, RATE_LIMITER_KEYS, RATE_LIMIT_LOCAL_DECISIONS, RATE_LIMIT_REJECTIONS},
     redis_client::RedisClient,
 };
 
@@ -42,6 +42,9 @@ pub struct RateLimiter {
     local: local::LocalLimiter,
     redis: Option<(Arc<RedisClient>, redis::RedisWindows)>,
     rejections: Vec<(Unit, Counter)>,
+    /// Checks made in process because Redis could not be asked: while it is down, or a
+    /// call timed out; during them a client's budget is per replica.
+    local_decisions: Counter,
     keys: Gauge,
 }
 
@@ -75,6 +78,7 @@ impl RateLimiter {
             redis: redis.map(|r| (r, redis::RedisWindows::new(&policy, net48.as_ref()))),
             rejections,
             keys: metrics.scope(|| metrics::gauge!(RATE_LIMITER_KEYS)),
+            local_decisions: metrics.scope(|| metrics::counter!(RATE_LIMIT_LOCAL_DECISIONS)),
         }
     }
 
@@ -90,6 +94,7 @@ impl RateLimiter {
                 Ok(decision) => decision,
                 Err(e) => {
                     tracing::debug!(error = %e, "rate limiting locally");
+                    self.local_decisions.increment(1);
                     self.local.check(client, now_ms())
                 }
             },

@@ -33,6 +33,7 @@ pub fn test_config() -> Config {
 /// Starts the app with `config`; it is serving when this returns (the listener is
 /// bound before `build` returns, so connections queue until the loop accepts them).
 pub async fn spawn_app(config: Config) -> TestApp {
+    show_logs_if_asked();
     let app = Application::build(config).await.expect("app builds");
     let addr = app.local_addr();
     let admin_addr = app.admin_addr();
@@ -49,6 +50,23 @@ pub async fn spawn_app(config: Config) -> TestApp {
         shutdown: Some(tx),
         task: Some(task),
     }
+}
+
+/// With `TEST_LOG=1`, the in-process apps' log lines go to the test output (filtered by
+/// `RUST_LOG`, default `info`); otherwise nothing is installed and nothing is printed.
+fn show_logs_if_asked() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    if std::env::var("TEST_LOG").as_deref() != Ok("1") {
+        return;
+    }
+    INSTALLED.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    });
 }
 
 /// A client whose connections come from `local` (e.g. 127.0.0.2), so tests can be
@@ -498,5 +516,218 @@ impl Drop for KillOnDrop {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// A private Redis Cluster: three masters and three replicas on free ports (each with its
+/// bus on port + 10000), created with `redis-cli --cluster create`, removed when dropped.
+pub struct RedisCluster {
+    pub ports: Vec<u16>,
+    children: Vec<Option<Child>>,
+    dir: std::path::PathBuf,
+}
+
+/// A port that is free, and whose cluster bus port (+10000) is free too.
+fn free_cluster_port() -> u16 {
+    loop {
+        // Bus ports (+10000) stay below the kernel's ephemeral range (32768 up), where
+        // outgoing connections would take them.
+        let candidate: u16 = 10_000 + rand::random::<u16>() % 12_000;
+        let free = |p: u16| StdListener::bind(("127.0.0.1", p)).is_ok();
+        if free(candidate) && free(candidate + 10_000) {
+            return candidate;
+        }
+    }
+}
+
+impl RedisCluster {
+    /// Starts one (node timeout `node_timeout_ms`: how long before a dead master's
+    /// replica takes over), or `None` when `redis-server` is missing and skipping is
+    /// allowed (see [`RedisServer::start`]).
+    pub fn start(node_timeout_ms: u64) -> Option<Self> {
+        // Only to apply the same installed-or-skip rule.
+        drop(RedisServer::start()?);
+        let dir = std::env::temp_dir().join(format!(
+            "redis-cluster-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut cluster = Self {
+            ports: Vec::new(),
+            children: Vec::new(),
+            dir,
+        };
+        for _ in 0..6 {
+            let port = loop {
+                let p = free_cluster_port();
+                if !cluster.ports.contains(&p) {
+                    break p;
+                }
+            };
+            cluster.ports.push(port);
+            cluster.children.push(None);
+            cluster.launch(cluster.ports.len() - 1, node_timeout_ms);
+        }
+        let nodes: Vec<String> = cluster
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&nodes)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("redis-cli runs");
+        assert!(created.success(), "redis-cli --cluster create");
+        cluster.wait_until_ok(Duration::from_secs(30));
+        Some(cluster)
+    }
+
+    fn launch(&mut self, i: usize, node_timeout_ms: u64) {
+        let port = self.ports[i];
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--cluster-enabled", "yes"])
+            .args(["--cluster-node-timeout", &node_timeout_ms.to_string()])
+            // Replicas sync at once (not after the default 5 s batching delay), and a
+            // replica may take over however long it has been out of touch.
+            .args(["--repl-diskless-sync-delay", "0"])
+            .args(["--cluster-replica-validity-factor", "0"])
+            .arg("--cluster-config-file")
+            .arg(self.dir.join(format!("nodes-{port}.conf")))
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        self.children[i] = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while redis::Client::open(format!("redis://127.0.0.1:{port}"))
+            .and_then(|c| c.get_connection())
+            .is_err()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "cluster node {port} did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The seed URLs, as `REDIS_CLUSTER_NODES` takes them.
+    pub fn seeds(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect()
+    }
+
+    /// A synchronous cluster connection for planting and inspecting values.
+    pub fn conn(&self) -> redis::cluster::ClusterConnection {
+        redis::cluster::ClusterClient::new(self.seeds())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+
+    /// `CLUSTER INFO` of the node on `port`, if it answers.
+    fn info(port: u16) -> Option<String> {
+        let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+            .ok()?
+            .get_connection_with_timeout(Duration::from_millis(500))
+            .ok()?;
+        redis::cmd("CLUSTER").arg("INFO").query(&mut conn).ok()
+    }
+
+    /// `INFO replication` of the node on `port`, if it answers.
+    fn replication(port: u16) -> Option<String> {
+        let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+            .ok()?
+            .get_connection_with_timeout(Duration::from_millis(500))
+            .ok()?;
+        redis::cmd("INFO").arg("replication").query(&mut conn).ok()
+    }
+
+    /// Waits until every live node says every slot is served and every live replica is
+    /// in sync with its master (so that it can take over).
+    pub fn wait_until_ok(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let ok = self
+                .ports
+                .iter()
+                .zip(&self.children)
+                .filter(|(_, c)| c.is_some())
+                .all(|(p, _)| {
+                    Self::info(*p).is_some_and(|i| i.contains("cluster_state:ok"))
+                        && Self::replication(*p).is_some_and(|r| {
+                            r.contains("role:master") || r.contains("master_link_status:up")
+                        })
+                });
+            if ok {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cluster not ok within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The ports of the masters and of the replicas, as the cluster sees them now.
+    pub fn roles(&self) -> (Vec<u16>, Vec<u16>) {
+        let (mut masters, mut replicas) = (Vec::new(), Vec::new());
+        for (port, child) in self.ports.iter().zip(&self.children) {
+            if child.is_none() {
+                continue;
+            }
+            let Ok(mut conn) = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+                .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(500)))
+            else {
+                continue;
+            };
+            let role: Vec<redis::Value> = redis::cmd("ROLE").query(&mut conn).unwrap();
+            match &role[0] {
+                redis::Value::BulkString(r) if r == b"master" => masters.push(*port),
+                _ => replicas.push(*port),
+            }
+        }
+        (masters, replicas)
+    }
+
+    /// Kills (SIGKILL) the node on `port`, as a crash would.
+    pub fn kill(&mut self, port: u16) {
+        let i = self.ports.iter().position(|p| *p == port).expect("a node");
+        if let Some(mut child) = self.children[i].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The node id of the node on `port`.
+    pub fn node_id(port: u16) -> String {
+        let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        redis::cmd("CLUSTER").arg("MYID").query(&mut conn).unwrap()
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for child in self.children.iter_mut().filter_map(Option::take) {
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

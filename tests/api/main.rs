@@ -5,6 +5,7 @@ mod helpers;
 mod api;
 mod auth;
 mod cache;
+mod cluster;
 mod config;
 mod hygiene;
 mod jwks;

@@ -401,7 +401,7 @@ async fn the_lua_script_and_the_rust_window_decide_alike() {
     let lua = RedisWindows::with_clock_argument(&policy, Some(&net48));
     let rust = LocalLimiter::new(policy.clone(), Some(net48), 1000);
     let client = RedisClient::new(
-        &redis.url(),
+        fibonacci_api::redis_client::Target::Node(&redis.url()),
         std::time::Duration::from_secs(5),
         &Metrics::new(),
     )

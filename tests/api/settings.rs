@@ -286,6 +286,9 @@ async fn cases() -> Vec<Case> {
         case("REDIS_URL", None, &redis, &[], |b| {
             boxed(async move { metric(&b, "redis_up", &[]).await })
         }),
+        case("REDIS_CLUSTER_NODES", None, &redis, &[], |b| {
+            boxed(async move { metric(&b, "redis_up", &[]).await })
+        }),
         case(
             "REDIS_TIMEOUT_MS",
             None,

@@ -1,0 +1,381 @@
+//! A Redis Cluster behind the cache tier and the cluster-wide limits: values and limits
+//! shared across instances, a master killed under load, slots moved under load.
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use fibonacci_api::{cache::redis_key, config::Config, fib, ratelimit::Policy};
+use redis::Commands;
+use reqwest::StatusCode;
+
+use crate::helpers::{client_from, eventually, spawn_app, test_config, RedisCluster, TestApp};
+
+const CACHE: &str = "fibonacci_cache_requests_total";
+const COMPUTE: &str = "fibonacci_compute_duration_seconds";
+
+fn on(cluster: &RedisCluster) -> Config {
+    Config {
+        redis_cluster_nodes: cluster.seeds(),
+        // Generous for a 2-core machine running the cluster, the tests and the services.
+        redis_timeout: Duration::from_millis(250),
+        rate_limits: None,
+        ..test_config()
+    }
+}
+
+/// Limited per client, behind a trusted proxy at 127.0.0.5 so each test client (an
+/// `X-Forwarded-For` address) lands on a slot of its own.
+fn limited_on(cluster: &RedisCluster, policy: &str) -> Config {
+    Config {
+        rate_limits: Some(Policy::parse(policy).unwrap()),
+        trusted_proxies: vec!["127.0.0.5/32".parse().unwrap()],
+        ..on(cluster)
+    }
+}
+
+async fn as_client(app: &TestApp, proxy: &reqwest::Client, client: &str, n: u64) -> StatusCode {
+    proxy
+        .get(app.url(&format!("/fibonacci?n={n}")))
+        .header("x-forwarded-for", client)
+        .send()
+        .await
+        .map(|r| r.status())
+        .unwrap_or(StatusCode::BAD_GATEWAY)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_written_by_one_instance_are_served_by_another() {
+    let Some(cluster) = RedisCluster::start(1000) else {
+        return;
+    };
+    let (one, two) = (spawn_app(on(&cluster)).await, spawn_app(on(&cluster)).await);
+    let ns: Vec<u64> = (700..730).collect();
+    for n in &ns {
+        assert_eq!(one.fib(&n.to_string()).await.status(), StatusCode::OK);
+    }
+    // Written back in the background, to whichever master holds each key's slot.
+    let mut conn = cluster.conn();
+    eventually(
+        Duration::from_secs(10),
+        "every value in the cluster",
+        || {
+            let all = ns.iter().all(|n| {
+                conn.get::<_, Option<String>>(redis_key(*n))
+                    .ok()
+                    .flatten()
+                    .is_some_and(|v| v == fib::fibonacci_decimal(*n))
+            });
+            async move { all }
+        },
+    )
+    .await;
+    let (masters, _) = cluster.roles();
+    let spread = masters
+        .iter()
+        .filter(|port| {
+            let mut node = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+                .unwrap()
+                .get_connection()
+                .unwrap();
+            redis::cmd("DBSIZE").query::<u64>(&mut node).unwrap() > 0
+        })
+        .count();
+    assert_eq!(spread, 3, "the keys spread over the three masters");
+    for n in &ns {
+        let body = two.fib(&n.to_string()).await.text().await.unwrap();
+        assert_eq!(
+            body,
+            format!(r#"{{"n":{n},"fibonacci":{}}}"#, fib::fibonacci_decimal(*n))
+        );
+    }
+    let scrape = two.scrape().await;
+    assert_eq!(
+        scrape.get(CACHE, &[("tier", "redis"), ("result", "hit")]),
+        ns.len() as f64,
+        "every one from the cluster"
+    );
+    assert_eq!(scrape.count(COMPUTE, &[]), 0.0, "none computed again");
+    assert_eq!(scrape.get("redis_up", &[]), 1.0);
+    one.stop().await;
+    two.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_share_limits_exactly() {
+    let Some(cluster) = RedisCluster::start(1000) else {
+        return;
+    };
+    let config = || limited_on(&cluster, "30/minute,50/hour,200/day");
+    let apps = [
+        spawn_app(config()).await,
+        spawn_app(config()).await,
+        spawn_app(config()).await,
+    ];
+    let proxy = client_from(Some("127.0.0.5".parse().unwrap()));
+    for client in ["198.51.100.21", "2001:db8:21:1::1"] {
+        let requests: Vec<_> = (0..90)
+            .map(|i| {
+                let url = apps[i % 3].url("/fibonacci?n=12");
+                let request = proxy.get(url).header("x-forwarded-for", client).send();
+                tokio::spawn(request)
+            })
+            .collect();
+        let mut accepted = 0;
+        for request in requests {
+            let status = request.await.unwrap().unwrap().status();
+            assert!(
+                status == StatusCode::OK || status == StatusCode::TOO_MANY_REQUESTS,
+                "{status}"
+            );
+            accepted += usize::from(status == StatusCode::OK);
+        }
+        assert_eq!(
+            accepted, 30,
+            "{client}: 90 concurrent requests over three instances"
+        );
+    }
+    for app in apps {
+        let scrape = app.scrape().await;
+        assert_eq!(
+            scrape.get("redis_up", &[]),
+            1.0,
+            "counted in the cluster, not locally"
+        );
+        app.stop().await;
+    }
+}
+
+/// Load from many clients (distinct slots) and distinct n against `apps` until `stop`;
+/// returns the statuses seen.
+fn load(
+    apps: Arc<Vec<TestApp>>,
+    stop: Arc<AtomicBool>,
+    statuses: Arc<std::sync::Mutex<Vec<u16>>>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let next = Arc::new(AtomicUsize::new(0));
+    (0..8)
+        .map(|_| {
+            let (apps, stop, statuses, next) =
+                (apps.clone(), stop.clone(), statuses.clone(), next.clone());
+            tokio::spawn(async move {
+                let proxy = client_from(Some("127.0.0.5".parse().unwrap()));
+                while !stop.load(Ordering::Relaxed) {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let client =
+                        format!("10.{}.{}.{}", (i / 65536) % 256, (i / 256) % 256, i % 256);
+                    let status = as_client(
+                        &apps[i % apps.len()],
+                        &proxy,
+                        &client,
+                        1000 + (i % 5000) as u64,
+                    )
+                    .await;
+                    statuses.lock().unwrap().push(status.as_u16());
+                }
+            })
+        })
+        .collect()
+}
+
+fn summary(statuses: &[u16]) -> String {
+    let mut counts = std::collections::BTreeMap::new();
+    for s in statuses {
+        *counts.entry(*s).or_insert(0) += 1;
+    }
+    format!("{counts:?}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_killed_under_load_costs_no_errors_and_its_replica_takes_over() {
+    let Some(mut cluster) = RedisCluster::start(1000) else {
+        return;
+    };
+    let config = || Config {
+        max_n: 10_000,
+        ..limited_on(&cluster, "1000000/minute")
+    };
+    let apps = Arc::new(vec![spawn_app(config()).await, spawn_app(config()).await]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let statuses: Arc<std::sync::Mutex<Vec<u16>>> = Arc::default();
+    let workers = load(apps.clone(), stop.clone(), statuses.clone());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (masters, _) = cluster.roles();
+    let victim = masters[0];
+    let killed = Instant::now();
+    cluster.kill(victim);
+    // Back when the replica is promoted and every slot is served again, as the cluster
+    // and the services see it.
+    eventually(Duration::from_secs(30), "the replica promoted", || {
+        let promoted = tokio::task::block_in_place(|| cluster.roles().0.len() == 3);
+        async move { promoted }
+    })
+    .await;
+    tokio::task::block_in_place(|| cluster.wait_until_ok(Duration::from_secs(30)));
+    let promoted = killed.elapsed();
+    for app in apps.iter() {
+        eventually(Duration::from_secs(30), "redis_up again", || async {
+            app.scrape().await.get("redis_up", &[]) == 1.0
+        })
+        .await;
+    }
+    let recovered = killed.elapsed();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await.unwrap();
+    }
+    let statuses = statuses.lock().unwrap().clone();
+    eprintln!(
+        "master killed: replica promoted after {promoted:?}, services on the cluster again after \
+         {recovered:?}; {} requests: {}",
+        statuses.len(),
+        summary(&statuses)
+    );
+    assert!(statuses.len() > 100, "the load ran: {}", summary(&statuses));
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "no error while a master died: {}",
+        summary(&statuses)
+    );
+    // The limits are cluster-wide again, on every slot, the failed-over one included.
+    let proxy = client_from(Some("127.0.0.5".parse().unwrap()));
+    let tight = [
+        spawn_app(limited_on(&cluster, "30/minute")).await,
+        spawn_app(limited_on(&cluster, "30/minute")).await,
+    ];
+    for client in (0..12).map(|i| format!("198.51.100.{}", 100 + i)) {
+        let mut accepted = 0;
+        for i in 0..40 {
+            accepted +=
+                usize::from(as_client(&tight[i % 2], &proxy, &client, 9).await == StatusCode::OK);
+        }
+        assert_eq!(
+            accepted, 30,
+            "{client}: exact across instances after the failover"
+        );
+    }
+    for app in tight {
+        app.stop().await;
+    }
+    drop(apps);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slots_moved_under_load_cost_no_errors_and_no_early_rejection() {
+    let Some(cluster) = RedisCluster::start(1000) else {
+        return;
+    };
+    let apps = Arc::new(vec![
+        spawn_app(limited_on(&cluster, "30/minute")).await,
+        spawn_app(limited_on(&cluster, "30/minute")).await,
+    ]);
+    for app in apps.iter() {
+        eventually(
+            Duration::from_secs(10),
+            "connected to the cluster",
+            || async { app.scrape().await.get("redis_up", &[]) == 1.0 },
+        )
+        .await;
+    }
+    // 200 clients each make exactly 30 requests while a third of the slots move: a
+    // request counted twice would reject one of them early.
+    let (masters, _) = cluster.roles();
+    let (from, to) = (
+        RedisCluster::node_id(masters[0]),
+        RedisCluster::node_id(masters[1]),
+    );
+    let moving = {
+        let cluster_ports = cluster.ports.clone();
+        tokio::task::spawn_blocking(move || {
+            let status = std::process::Command::new("redis-cli")
+                .args([
+                    "--cluster",
+                    "reshard",
+                    &format!("127.0.0.1:{}", cluster_ports[0]),
+                ])
+                .args(["--cluster-from", &from, "--cluster-to", &to])
+                .args(["--cluster-slots", "3000", "--cluster-yes"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .unwrap();
+            status.success()
+        })
+    };
+    let proxy = client_from(Some("127.0.0.5".parse().unwrap()));
+    let mut statuses = Vec::new();
+    let started = Instant::now();
+    let clients: Vec<String> = (0..200)
+        .map(|i| format!("10.77.{}.{}", i / 250, i % 250))
+        .collect();
+    for round in 0..30 {
+        let batch: Vec<_> = clients
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let (app, proxy, c) = (&apps[(i + round) % 2], proxy.clone(), c.clone());
+                let url = app.url(&format!("/fibonacci?n={}", 200 + i));
+                tokio::spawn(async move {
+                    proxy
+                        .get(url)
+                        .header("x-forwarded-for", c)
+                        .send()
+                        .await
+                        .map(|r| r.status().as_u16())
+                        .unwrap_or(0)
+                })
+            })
+            .collect();
+        for request in batch {
+            statuses.push(request.await.unwrap());
+        }
+    }
+    let resharded = moving.await.unwrap();
+    eprintln!(
+        "resharding 3000 slots under load: {} requests in {:?}: {}",
+        statuses.len(),
+        started.elapsed(),
+        summary(&statuses)
+    );
+    assert!(resharded, "redis-cli --cluster reshard succeeded");
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "each client's 30 requests all allowed, no error: {}",
+        summary(&statuses)
+    );
+    tokio::task::block_in_place(|| cluster.wait_until_ok(Duration::from_secs(30)));
+    let (masters_after, _) = cluster.roles();
+    assert_eq!(masters_after.len(), 3);
+    // The counts moved with their slots: the 31st request is refused, except for clients
+    // one of whose requests fell back to an instance's own limiter while the client
+    // library refreshed its slot map (it stalls calls on every MOVED): those were
+    // counted there, so the cluster's count is short by as many (the README says so).
+    let mut refused = 0;
+    for (i, client) in clients.iter().enumerate() {
+        refused += usize::from(
+            as_client(&apps[i % 2], &proxy, client, 5).await == StatusCode::TOO_MANY_REQUESTS,
+        );
+    }
+    let mut fell_back = 0.0;
+    for app in apps.iter() {
+        fell_back += app
+            .scrape()
+            .await
+            .value("rate_limit_local_decisions_total", &[])
+            .unwrap_or(0.0);
+    }
+    eprintln!(
+        "after the resharding: {refused} of {} 31st requests refused; {fell_back} requests \
+         were limited in process during it",
+        clients.len()
+    );
+    assert!(
+        (clients.len() - refused) as f64 <= fell_back,
+        "every allowed 31st request is explained by a request limited in process"
+    );
+}
