@@ -63,6 +63,8 @@ VALUES_FILES = {
     "production": CHART / "values-production.yaml",
     "all-features": CHART / "ci" / "all-features-values.yaml",
     "external-redis": CHART / "ci" / "external-redis-values.yaml",
+    "keda-linkerd": CHART / "ci" / "keda-linkerd-values.yaml",
+    "chaos": CHART / "ci" / "chaos-values.yaml",
 }
 
 CRD_KINDS = {
@@ -73,7 +75,15 @@ CRD_KINDS = {
     ("argoproj.io", "Application"),
     ("argoproj.io", "AppProject"),
     ("argoproj.io", "ApplicationSet"),
+    ("monitoring.coreos.com", "AlertmanagerConfig"),
+    ("keda.sh", "ScaledObject"),
+    ("security.istio.io", "PeerAuthentication"),
+    ("security.istio.io", "AuthorizationPolicy"),
+    ("external-secrets.io", "ExternalSecret"),
+    ("external-secrets.io", "ClusterSecretStore"),
+    ("chaos-mesh.org", "Schedule"),
 }
+CHAOS_SCHEMA = ROOT / "deploy" / "schemas" / "chaos-mesh.org_v1alpha1_schedule.json"
 
 # Metrics that dashboards and alerts may use although the service does not
 # export them: they come from the cluster, so the live check cannot scrape them.
@@ -411,6 +421,13 @@ def check_references(objects: list[dict]) -> None:
         need((ref["kind"], ref["name"]) in names, hpa, f"scaleTargetRef {ref['kind']}/{ref['name']} is not rendered")
         need(not dig(next(o for o in objects if o["kind"] == ref["kind"] and o["metadata"]["name"] == ref["name"]),
                      "spec", "replicas"), hpa, "the HPA's target sets spec.replicas: a sync would fight the HPA")
+    for so in by_kind.get("ScaledObject", []):
+        ref = so["spec"]["scaleTargetRef"]
+        target = next((o for o in objects if o["kind"] == ref.get("kind", "Deployment") and o["metadata"]["name"] == ref["name"]), None)
+        need(target, so, f"scaleTargetRef {ref.get('kind')}/{ref['name']} is not rendered")
+        need(not dig(target, "spec", "replicas"), so, "the ScaledObject's target sets spec.replicas: a sync would fight KEDA")
+        need(not [h for h in by_kind.get("HorizontalPodAutoscaler", []) if h["spec"]["scaleTargetRef"]["name"] == ref["name"]], so,
+             "an HPA and a ScaledObject (which makes its own HPA) scale the same workload")
     for pdb in by_kind.get("PodDisruptionBudget", []):
         sel = dig(pdb, "spec", "selector", "matchLabels")
         need(any(matches(sel, labels) for o, _, labels in pods if o["kind"] != "Pod"), pdb, "selects no pods")
@@ -562,6 +579,104 @@ def check_failure_paths(label: str, values: dict, objects: list[dict], notes: st
                          f"alert {r['alert']}: environment label {r['labels'].get('environment')!r}, "
                          f"values say {merged['prometheusRule']['environment']!r}")
     check_notes(label, values, objects, notes)
+    check_optional_parts(label, merged, objects)
+
+
+SECRET_SETTINGS = ("REDIS_URL", "REDIS_CLUSTER_NODES", "REDIS_PASSWORD", "AUTH_JWT_HS256_SECRET")
+
+
+def check_optional_parts(label: str, merged: dict, objects: list[dict]) -> None:
+    """Issue 15's optional parts, as the platform team adopting them would
+    check them: cost labels everywhere, secrets never in a ConfigMap, mesh
+    policies that admit the scrape, the probes and the test pods, KEDA on the
+    release's own series, the load test aimed at the Service."""
+    by_kind: dict[str, list[dict]] = {}
+    for o in objects:
+        by_kind.setdefault(o["kind"], []).append(o)
+    pods = [(o, *pod_spec_of(o)) for o in objects if o["kind"] in POD_KINDS]
+    api = next(o for o in objects if o["kind"] in ("Deployment", "Rollout")
+               and dig(o, "spec", "template", "metadata", "labels", "app.kubernetes.io/component") == "api")
+    api_spec = api["spec"]["template"]["spec"]
+    ports = {p["name"]: p["containerPort"] for p in api_spec["containers"][0]["ports"]}
+    svc = next(o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == api["metadata"]["name"])
+    # Cost attribution: every object and every pod carries commonLabels.
+    for o in objects:
+        have = o["metadata"].get("labels") or {}
+        need(all(have.get(k) == str(v) for k, v in merged["commonLabels"].items()), o,
+             f"commonLabels {merged['commonLabels']} missing from its labels")
+    for o, _, labels in pods:
+        need(all(labels.get(k) == str(v) for k, v in merged["commonLabels"].items()), o,
+             "commonLabels missing from its pod template")
+    # Secrets never in a ConfigMap.
+    for cm in by_kind.get("ConfigMap", []):
+        leaked = [k for k in (cm.get("data") or {}) if k in SECRET_SETTINGS]
+        need(not leaked, cm, f"secret settings {leaked} in a ConfigMap")
+    # The ExternalSecret writes exactly the keys the pods read.
+    for es in by_kind.get("ExternalSecret", []):
+        target = es["spec"]["target"]["name"]
+        written = {d["secretKey"] for d in es["spec"]["data"]}
+        read = {dig(e, "valueFrom", "secretKeyRef", "key") for c in api_spec["containers"] for e in c.get("env", [])
+                if dig(e, "valueFrom", "secretKeyRef", "name") == target}
+        need(read == written, es, f"writes keys {sorted(written)} of Secret {target}, the API pods read {sorted(read)}")
+    # Mesh: every pod the chart runs joins it the same way, and its policies
+    # admit what must get through.
+    meshed = merged["mesh"]["istio"]["enabled"] or merged["mesh"]["linkerd"]["enabled"]
+    if meshed:
+        key = "sidecar.istio.io/nativeSidecar" if merged["mesh"]["istio"]["enabled"] else \
+            "config.alpha.linkerd.io/proxy-enable-native-sidecar"
+        for o in pods:
+            ann = (o[0]["metadata"].get("annotations") if o[0]["kind"] == "Pod" else
+                   dig(o[0], "spec", "template", "metadata", "annotations")) or {}
+            need(ann.get(key) == "true", o[0], f"not a native sidecar ({key}): a Job would never finish, "
+                                               "and the app could start before its proxy or outlive it")
+        port = "15012" if merged["mesh"]["istio"]["enabled"] else "8086"
+        for np in by_kind.get("NetworkPolicy", []):
+            egress = json.dumps(np["spec"].get("egress"))
+            need(f'"port": {port}' in egress, np, f"no egress to the mesh control plane (port {port}): the proxy never gets ready")
+    for pa in by_kind.get("PeerAuthentication", []):
+        need(pa["spec"]["mtls"]["mode"] == "STRICT", pa, "mTLS must be STRICT")
+        need(matches(pa["spec"]["selector"]["matchLabels"], api["spec"]["template"]["metadata"]["labels"]), pa,
+             "selector does not select the API pods")
+        for p_, mode in (pa["spec"].get("portLevelMtls") or {}).items():
+            need(int(p_) == ports.get("admin"), pa, f"port {p_} relaxed to {mode['mode']}: only the admin port may be")
+    for ap in by_kind.get("AuthorizationPolicy", []):
+        need(ap["spec"]["action"] == "ALLOW" and matches(ap["spec"]["selector"]["matchLabels"],
+                                                         api["spec"]["template"]["metadata"]["labels"]), ap,
+             "must be an ALLOW policy on the API pods")
+        allowed = {}
+        for r in ap["spec"]["rules"]:
+            for op in r["to"]:
+                for p_ in op["operation"]["ports"]:
+                    need(int(p_) in ports.values(), ap, f"port {p_} is no container port {ports}")
+                    allowed.setdefault(int(p_), []).append(r.get("from"))
+        principal = f"{merged['mesh']['istio']['trustDomain']}/ns/{api['metadata']['namespace']}/sa/{api_spec['serviceAccountName']}"
+        need(any(f and principal in f[0]["source"]["principals"] for f in allowed.get(ports["http"], [])), ap,
+             f"the test and load pods ({principal}) cannot call the API port")
+        for o, spec, labels in pods:
+            if labels.get("app.kubernetes.io/component") == "test":
+                need(spec.get("serviceAccountName") == api_spec["serviceAccountName"], o,
+                     "a test pod under another identity than the one the AuthorizationPolicy admits")
+        for sm in by_kind.get("ServiceMonitor", []):
+            for ep in sm["spec"]["endpoints"]:
+                target = next(p_["targetPort"] for p_ in svc["spec"]["ports"] if p_["name"] == ep["port"])
+                need(ports[target] in allowed, ap, f"no rule admits Prometheus on port {ports[target]}, which it scrapes")
+                plaintext = ep.get("scheme", "http") == "http"
+                relaxed = {int(k) for pa in by_kind.get("PeerAuthentication", []) for k in (pa["spec"].get("portLevelMtls") or {})}
+                need(not plaintext or ports[target] in relaxed, ap,
+                     f"Prometheus scrapes port {ports[target]} in plaintext but mTLS is STRICT there")
+    # KEDA reads this release's own series.
+    for so in by_kind.get("ScaledObject", []):
+        q = next(t for t in so["spec"]["triggers"] if t["type"] == "prometheus")["metadata"]["query"]
+        need(f'namespace="{so["metadata"]["namespace"]}"' in q and f'job="{svc["metadata"]["name"]}"' in q, so,
+             f"the Prometheus trigger does not select this release's namespace and job: {q}")
+    # The load test aims at the Service, on its port.
+    for o, spec, labels in pods:
+        for c in spec["containers"]:
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            if "LOAD_BASE_URL" in env:
+                url = urllib.parse.urlparse(env["LOAD_BASE_URL"])
+                need(url.hostname == svc["metadata"]["name"] and url.port == svc["spec"]["ports"][0]["port"], o,
+                     f"LOAD_BASE_URL {env['LOAD_BASE_URL']} is not the API Service")
 
 
 def schema_coverage(schema: dict, values: dict, path: str = "") -> list[str]:
@@ -648,6 +763,38 @@ def cmd_chart() -> None:
             {"ingress": {"enabled": True}}, "TRUSTED_PROXIES"),
         "an alert label that the rules set themselves": (
             {"prometheusRule": {"enabled": True, "alertLabels": {"environment": "prod"}}}, "environment"),
+        # Issue 15's optional parts.
+        "the HPA and a KEDA ScaledObject both on": (
+            {"keda": {"enabled": True}, "serviceMonitor": {"enabled": True}}, "exclusive"),
+        "KEDA without the scrape its trigger reads": (
+            {"keda": {"enabled": True}, "autoscaling": {"enabled": False}}, "serviceMonitor.enabled"),
+        "a cost label that overrides a selector label": (
+            {"commonLabels": {"app.kubernetes.io/name": "billing"}}, "commonLabels"),
+        "an ExternalSecret with nothing in it": ({"externalSecret": {"enabled": True}}, "externalSecret.data"),
+        "the Redis address from the ExternalSecret and the in-cluster Redis": (
+            {"redis": {"enabled": True}, "externalSecret": {"enabled": True, "data": [
+                {"env": "REDIS_URL", "remoteRef": {"key": "k"}}]}}, "exclusive"),
+        "REDIS_URL and REDIS_CLUSTER_NODES both from the ExternalSecret": (
+            {"externalSecret": {"enabled": True, "data": [{"env": "REDIS_URL", "remoteRef": {"key": "k"}},
+                                                          {"env": "REDIS_CLUSTER_NODES", "remoteRef": {"key": "k"}}]}}, "exclusive"),
+        "a JWT secret without an audience (the service would refuse to start)": (
+            {"externalSecret": {"enabled": True, "data": [{"env": "AUTH_JWT_HS256_SECRET", "remoteRef": {"key": "k"}}]}},
+            "AUTH_JWT_AUDIENCE"),
+        "a setting the ExternalSecret may not carry": (
+            {"externalSecret": {"enabled": True, "data": [{"env": "MAX_N", "remoteRef": {"key": "k"}}]}}, "externalSecret/data/0/env"),
+        "Istio and Linkerd both": ({"mesh": {"istio": {"enabled": True}, "linkerd": {"enabled": True}}}, "exclusive"),
+        "Istio admitting no one to the API": (
+            {"mesh": {"istio": {"enabled": True, "ingressPrincipals": []}}}, "ingressPrincipals"),
+        "Istio STRICT mTLS with Prometheus outside the mesh and no admin port": (
+            {"mesh": {"istio": {"enabled": True}}, "serviceMonitor": {"enabled": True}}, "admin.enabled"),
+        "paging with no PagerDuty routing key Secret": (
+            {"alertmanagerConfig": {"enabled": True, "pagerduty": {"routingKeySecret": {"name": ""}}}}, "routingKeySecret"),
+        "the load test from one address without a trusted proxy": ({"loadTest": {"enabled": True}}, "TRUSTED_PROXIES"),
+        "chaos experiments in production": (
+            {"chaos": {"enabled": True}, "redis": {"enabled": True}, "config": {"TRUSTED_PROXIES": "10.0.0.0/8"}}, "production"),
+        "Redis chaos without the in-cluster Redis it targets": (
+            {"chaos": {"enabled": True}, "config": {"TRUSTED_PROXIES": "10.0.0.0/8"},
+             "prometheusRule": {"environment": "staging"}}, "redis.enabled"),
     }
     for why, (values, word) in must_fail.items():
         try:
@@ -763,6 +910,13 @@ def cmd_argocd() -> None:
         envs.add(dest["namespace"])
         info(f"{app['metadata']['name']}: {where} -> {len(objects)} objects in {dest['namespace']}, rendered and validated")
     need(len(envs) == len(apps), {"kind": "argocd", "metadata": {"name": "-"}}, "two Applications share a namespace")
+    # The project admits every kind the chart can render (any values file,
+    # the optional parts on), and nothing else.
+    renderable = {(group_of(o), o["kind"]) for label in VALUES_FILES for o in render(values_of(label))[0]}
+    for proj in projects.values():
+        listed = {(w["group"], w["kind"]) for w in proj["spec"].get("namespaceResourceWhitelist", [])}
+        need(renderable == listed, proj, f"namespaceResourceWhitelist differs from what the chart can render: "
+                                         f"missing {sorted(renderable - listed)}, never rendered {sorted(listed - renderable)}")
     check_promotion_workflow()
 
 
@@ -804,10 +958,18 @@ NODE_VALIDATOR = r"""
 import * as argocd from "@kubernetes-models/argo-cd/argoproj.io/v1alpha1";
 import * as rollouts from "@kubernetes-models/argo-rollouts/argoproj.io/v1alpha1";
 import * as promop from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1";
+import * as promopAlpha from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1alpha1";
+import * as keda from "@kubernetes-models/keda/keda.sh/v1alpha1";
+import * as istio from "@kubernetes-models/istio/security.istio.io/v1";
+import * as eso from "@kubernetes-models/external-secrets/external-secrets.io/v1";
 import { readFileSync } from "node:fs";
 const models = {
   "argoproj.io/v1alpha1": { ...rollouts, ...argocd },
   "monitoring.coreos.com/v1": promop,
+  "monitoring.coreos.com/v1alpha1": promopAlpha,
+  "keda.sh/v1alpha1": keda,
+  "security.istio.io/v1": istio,
+  "external-secrets.io/v1": eso,
 };
 const docs = JSON.parse(readFileSync(0, "utf8"));
 let bad = 0;
@@ -820,7 +982,17 @@ for (const [where, obj] of docs) {
 process.exit(bad ? 1 : 0);
 """
 NPM_MODELS = ["@kubernetes-models/argo-cd@4.0.0", "@kubernetes-models/argo-rollouts@2.0.0",
-              "@kubernetes-models/prometheus-operator@6.0.0"]
+              "@kubernetes-models/prometheus-operator@6.0.0", "@kubernetes-models/keda@2.0.0",
+              "@kubernetes-models/istio@3.0.1", "@kubernetes-models/external-secrets@2.0.0"]
+
+
+def chaos_validate(docs: list[tuple[str, dict]]) -> list[str]:
+    """Chaos Mesh objects against the CRD schema vendored from Chaos Mesh
+    (deploy/schemas/README.md): no validator package for it works offline."""
+    import jsonschema  # noqa: PLC0415 (check-jsonschema's dependency, in the venv)
+    validator = jsonschema.Draft7Validator(json.loads(CHAOS_SCHEMA.read_text()))
+    return [f"INVALID {where}: {e.json_path}: {e.message}" for where, obj in docs
+            for e in validator.iter_errors(obj)]
 
 
 def node_validate(docs: list[tuple[str, dict]]) -> subprocess.CompletedProcess:
@@ -837,15 +1009,22 @@ def cmd_crd_schemas() -> None:
     for f in sorted((ROOT / "argocd").glob("*.yaml")):
         for d in load_all(f.read_text(), str(f.relative_to(ROOT))):
             docs.append((f"{f.relative_to(ROOT)} {d['kind']}/{d['metadata']['name']}", d))
+    for f in sorted((ROOT / "deploy" / "external-secrets").glob("*.yaml")):
+        for d in load_all(f.read_text(), str(f.relative_to(ROOT))):
+            docs.append((f"{f.relative_to(ROOT)} {d['kind']}/{d['metadata']['name']}", d))
     for label in VALUES_FILES:
         objects, _ = render(values_of(label))
         for o in objects:
             if (group_of(o), o["kind"]) in CRD_KINDS:
                 docs.append((f"{label} {o['kind']}/{o['metadata']['name']}", strip_source(o)))
+    chaos = [(w, d) for w, d in docs if group_of(d) == "chaos-mesh.org"]
+    docs = [(w, d) for w, d in docs if group_of(d) != "chaos-mesh.org"]
     proc = node_validate(docs)
-    if proc.returncode != 0:
+    problems = chaos_validate(chaos)
+    if proc.returncode != 0 or problems:
         fail("custom resources that their CRD schema rejects:\n    " + "\n    ".join(
-            line for line in (proc.stdout + proc.stderr).splitlines() if not line.startswith("ok ")))
+            [line for line in (proc.stdout + proc.stderr).splitlines() if not line.startswith("ok ")] + problems))
+    need(chaos, {"kind": "chaos", "metadata": {"name": "-"}}, "no Chaos Mesh object rendered by any values file")
     # The validator must be able to say no: a broken Application and Rollout.
     app = next(d for w, d in docs if d["kind"] == "Application")
     broken = json.loads(json.dumps(app))
@@ -853,10 +1032,38 @@ def cmd_crd_schemas() -> None:
     ro = next(d for w, d in docs if d["kind"] == "Rollout")
     broken_ro = json.loads(json.dumps(ro))
     broken_ro["spec"]["strategy"]["canary"]["steps"] = [{"setWeight": "ten"}]
-    for what, obj in (("Application with an object as targetRevision", broken), ("Rollout with setWeight 'ten'", broken_ro)):
+    broken_more = []
+
+    def first(kind):
+        return json.loads(json.dumps(next(d for w, d in docs if d["kind"] == kind)))
+    so = first("ScaledObject")
+    so["spec"]["triggers"][0].pop("type")
+    broken_more.append(("ScaledObject with a trigger without a type", so))
+    pa = first("PeerAuthentication")
+    pa["spec"]["mtls"]["mode"] = "STRICTEST"
+    broken_more.append(("PeerAuthentication with mode STRICTEST", pa))
+    ap = first("AuthorizationPolicy")
+    ap["spec"]["action"] = "PERMIT"
+    broken_more.append(("AuthorizationPolicy with action PERMIT", ap))
+    es = first("ExternalSecret")
+    es["spec"]["data"][0]["remoteRef"] = {"property": "no-key"}
+    broken_more.append(("ExternalSecret whose remoteRef has no key", es))
+    amc = first("AlertmanagerConfig")
+    amc["spec"]["receivers"][0]["webhookConfigs"][0]["urlSecret"] = "https://hooks.example.com/token-in-git"
+    broken_more.append(("AlertmanagerConfig with the webhook URL as a string instead of a Secret reference", amc))
+    for what, obj in [("Application with an object as targetRevision", broken), ("Rollout with setWeight 'ten'", broken_ro)] \
+            + broken_more:
         if node_validate([(what, obj)]).returncode == 0:
             fail(f"the schema validation accepted a {what}: it checks nothing")
-    kinds = sorted({d["kind"] for _, d in docs})
+    sched = json.loads(json.dumps(chaos[0][1]))
+    sched["spec"]["type"] = 42
+    pod_kill = json.loads(json.dumps(next(d for w, d in chaos if "pod-kill" in d["metadata"]["name"])))
+    next(t for t in pod_kill["spec"]["workflow"]["templates"] if t["name"] == "fault")["podChaos"]["gracePeriod"] = "soon"
+    for what, obj in (("Schedule whose type is a number", sched), ("PodChaos with gracePeriod 'soon'", pod_kill)):
+        if not chaos_validate([(what, obj)]):
+            fail(f"the Chaos Mesh schema accepted a {what}: it checks nothing")
+    kinds = sorted({d["kind"] for _, d in docs + chaos})
+    docs += chaos
     info(f"{len(docs)} custom resources valid against their CRD schemas ({', '.join(kinds)}); "
          "broken ones are rejected")
 
@@ -1477,7 +1684,9 @@ def cmd_images() -> None:
             need(("docker-compose", "/") in ecosystems, D, "Dependabot (docker-compose, /) must watch compose.yaml")
             covered[image_ref(svc["image"])] = "compose.yaml"
     chart_dir = "/" + str(CHART.relative_to(ROOT))
-    objects, _ = render({"redis": {"enabled": True}})
+    # Every pod the chart can run: the API, the in-cluster Redis, the test pod, the load test.
+    objects, _ = render({"redis": {"enabled": True}, "loadTest": {"enabled": True},
+                         "config": {"TRUSTED_PROXIES": "10.0.0.0/8"}})
     deployed = {c["image"] for o in objects if o["kind"] in POD_KINDS for c in pod_spec_of(o)[0]["containers"]}
     own = load_file(CHART / "values.yaml")["image"]["repository"]
     for img in deployed:
@@ -1960,7 +2169,10 @@ def pod_environment(objects: list[dict]) -> dict[str, str]:
     for ef in container.get("envFrom", []):
         cm = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == ef["configMapRef"]["name"])
         env.update(cm["data"])
-    stand_ins = {"REDIS_URL": "redis://127.0.0.1:1/0", "REDIS_PASSWORD": "secret"}
+    stand_ins = {"REDIS_URL": "redis://127.0.0.1:1/0", "REDIS_CLUSTER_NODES": "redis://127.0.0.1:1",
+                 "REDIS_PASSWORD": "secret",
+                 # As long as a real one must be (>= 32 bytes).
+                 "AUTH_JWT_HS256_SECRET": "stand-in-secret-for-check-deploy-0123456789"}
     for e in container.get("env", []):
         if "value" in e:
             env[e["name"]] = re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), ""), e["value"])
