@@ -2240,6 +2240,59 @@ def cmd_config() -> None:
              "exited 0 on SIGTERM")
 
 
+def cmd_loadtest() -> None:
+    """The staging load test (files/loadtest.py, as the chart's ConfigMap
+    renders it, with the Job's environment) against the real binary: it passes
+    against a healthy service reached through a trusted proxy, and fails when
+    the service does not trust the pod (every request one client: the
+    X-Forwarded-For check and the 429s fail it) and when answers fail (n above
+    the service's MAX_N)."""
+    binary = service_binary()
+    signal.signal(signal.SIGTERM, _on_signal)
+    atexit.register(_cleanup)
+    tmp = Path(tempfile.mkdtemp(prefix="check-deploy-loadtest-"))
+    atexit.register(shutil.rmtree, tmp, True)
+    values = values_of("staging") | {"loadTest": {"enabled": True, "durationSeconds": 5}}
+    objects, _ = render(values, namespace="fibonacci-api-staging")
+    cm = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-loadtest"))
+    need(cm["data"]["loadtest.py"].strip() == (CHART / "files" / "loadtest.py").read_text().strip(), cm,
+         "the ConfigMap's script differs from files/loadtest.py")
+    script = tmp / "loadtest.py"
+    script.write_text(cm["data"]["loadtest.py"])
+    job = next(o for o in objects if o["kind"] == "Job")
+    need(dig(job, "metadata", "annotations", "argocd.argoproj.io/hook") == "PostSync", job,
+         "staging runs it as an Argo CD PostSync hook")
+    job_env = {e["name"]: e["value"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    pod_env = pod_environment(objects)
+
+    def run(what: str, service_env: dict, expect_ok: bool, must_say: str = "") -> str:
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "REDIS_", "RATE_LIMIT"))}
+        env |= {k: v for k, v in pod_env.items() if not k.startswith(("REDIS_", "OTEL_EXPORTER"))}
+        env |= {"LISTEN_ADDR": f"127.0.0.1:{port}", "RUST_LOG": "warn", "SHUTDOWN_DRAIN_SECONDS": "0"} | service_env
+        log = tmp / f"service-{port}.log"
+        svc = start([str(binary)], log, env=env)
+        poll("the service's /health", lambda: http(f"http://127.0.0.1:{port}/health", timeout=1)[0] == 200, 30)
+        run_env = dict(os.environ) | job_env | {"LOAD_BASE_URL": f"http://127.0.0.1:{port}"}
+        proc = subprocess.run([sys.executable, str(script)], env=run_env, capture_output=True, text=True, timeout=120)
+        svc.terminate()
+        svc.wait(timeout=20)
+        out = proc.stdout + proc.stderr
+        ok = proc.returncode == 0
+        if ok != expect_ok or must_say not in out:
+            fail(f"{what}: exit {proc.returncode}, expected {'0' if expect_ok else 'non-zero'}"
+                 f"{' saying ' + repr(must_say) if must_say else ''}:\n    " + "\n    ".join(out.splitlines()[-25:]))
+        summary = next((line for line in out.splitlines() if line.startswith("summary ")), "summary {}")
+        return summary[8:]
+    trusted = {"TRUSTED_PROXIES": "127.0.0.0/8"}
+    healthy = run("a healthy service through a trusted proxy", trusted, True)
+    info(f"healthy service, staging's RATE_LIMITS {pod_env['RATE_LIMITS']}, the pod a trusted proxy: passes; {healthy}")
+    untrusted = run("the pod outside TRUSTED_PROXIES", {"TRUSTED_PROXIES": ""}, False, "X-Forwarded-For believed")
+    info(f"the pod outside TRUSTED_PROXIES: fails (one client: X-Forwarded-For check, then 429s); {untrusted}")
+    broken = run("a service that refuses part of the asked range", trusted | {"MAX_N": "500"}, False, "error ratio")
+    info(f"a service whose MAX_N is below the range the test asks for: fails on answers and error ratio; {broken}")
+
+
 # --------------------------------------------------------------------------- container image
 
 # The image is the binary on distroless cc (glibc, CA bundle): 37 MB when this
@@ -2378,6 +2431,7 @@ def cmd_image() -> None:
 COMMANDS = {
     "chart": cmd_chart, "argocd": cmd_argocd, "alerts-sync": cmd_alerts_sync, "gen-alerts": cmd_gen_alerts,
     "dashboard": cmd_dashboard, "sli-sync": cmd_sli_sync, "image": cmd_image, "images": cmd_images, "alert-routes": cmd_alert_routes, "crd-schemas": cmd_crd_schemas, "promql-scenarios": cmd_promql_scenarios, "dockerfile": cmd_dockerfile, "queries": cmd_queries, "config": cmd_config,
+    "loadtest": cmd_loadtest,
 }
 
 if __name__ == "__main__":
