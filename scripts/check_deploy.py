@@ -851,13 +851,44 @@ def application_chart(app: dict, proj: dict) -> tuple[Path, dict, str]:
     return chart, values, where
 
 
+def expand_application_set(appset: dict) -> list[dict]:
+    """The Applications an ApplicationSet's list generator makes: its template
+    with every {{.key}} of each element substituted (Go templates, as
+    goTemplate: true with missingkey=error: an unknown key fails here too)."""
+    spec = appset["spec"]
+    need(spec.get("goTemplate") is True and "missingkey=error" in (spec.get("goTemplateOptions") or []), appset,
+         "goTemplate: true with missingkey=error, so a typo in a key fails instead of rendering empty")
+    elements = [e for g in spec["generators"] for e in dig(g, "list", "elements", default=[])]
+    need(elements, appset, "only list generators are checked here, and this one has no elements")
+    template = json.dumps(spec["template"])
+    apps = []
+    for e in elements:
+        def sub(m, e=e):
+            need(m.group(1) in e, appset, f"template uses {{{{.{m.group(1)}}}}}, which element {e} does not have")
+            return str(e[m.group(1)])
+        app = {"apiVersion": appset["apiVersion"], "kind": "Application"} | json.loads(
+            re.sub(r"\{\{\s*\.([A-Za-z0-9_]+)\s*\}\}", sub, template))
+        app["metadata"]["namespace"] = appset["metadata"]["namespace"]
+        app["__source"] = f"{appset['__source']} element {e}"
+        apps.append(app)
+    names = [a["metadata"]["name"] for a in apps]
+    need(len(set(names)) == len(names), appset, f"generated Application names collide: {names}")
+    return apps
+
+
 def cmd_argocd() -> None:
     docs = []
-    for f in sorted((ROOT / "argocd").glob("*.yaml")):
+    for f in sorted((ROOT / "argocd").glob("*.yaml")) + sorted((ROOT / "argocd" / "multi-region").glob("*.yaml")):
         for d in load_all(f.read_text(), str(f.relative_to(ROOT))):
             d["__source"] = str(f.relative_to(ROOT))
             docs.append(d)
     apps = [d for d in docs if d.get("kind") == "Application"]
+    for appset in (d for d in docs if d.get("kind") == "ApplicationSet"):
+        check_crd_object(appset, docs)
+        generated = expand_application_set(appset)
+        info(f"{appset['metadata']['name']} ({appset['__source']}): generates "
+             + ", ".join(a["metadata"]["name"] for a in generated))
+        apps += generated
     projects = {d["metadata"]["name"]: d for d in docs if d.get("kind") == "AppProject"}
     need(apps, {"kind": "argocd", "metadata": {"name": "-"}}, "no Application in argocd/")
     for d in docs:
@@ -907,9 +938,9 @@ def cmd_argocd() -> None:
             need((group_of(o), o["kind"]) in allowed, o,
                  f"kind not in AppProject {proj['metadata']['name']}'s namespaceResourceWhitelist: ArgoCD would refuse to sync it")
             need(o["metadata"]["namespace"] == dest["namespace"], o, "renders into another namespace than the destination")
-        envs.add(dest["namespace"])
+        envs.add((dest.get("server") or dest.get("name"), dest["namespace"]))
         info(f"{app['metadata']['name']}: {where} -> {len(objects)} objects in {dest['namespace']}, rendered and validated")
-    need(len(envs) == len(apps), {"kind": "argocd", "metadata": {"name": "-"}}, "two Applications share a namespace")
+    need(len(envs) == len(apps), {"kind": "argocd", "metadata": {"name": "-"}}, "two Applications deploy to one namespace of one cluster")
     # The project admits every kind the chart can render (any values file,
     # the optional parts on), and nothing else.
     renderable = {(group_of(o), o["kind"]) for label in VALUES_FILES for o in render(values_of(label))[0]}
@@ -928,16 +959,25 @@ def check_promotion_workflow() -> None:
     steps = wf["jobs"]["promote"]["steps"]
     runs = "\n".join(s.get("run", "") for s in steps)
     app_path = wf["env"].get("PRODUCTION_APP")
+    regions_path = wf["env"].get("PRODUCTION_REGIONS")
+    need(regions_path and (ROOT / regions_path).is_file(), W, "env.PRODUCTION_REGIONS must name the production ApplicationSet")
     need(app_path and (ROOT / app_path).is_file(), W, "env.PRODUCTION_APP must name production's Application file")
     bump = next((s for s in steps if "$PRODUCTION_APP" in s.get("run", "")), None)
-    need(bump and "$PRODUCTION_VALUES" in bump["run"], W,
-         "one step must set the image (values-production.yaml) and the chart version (the Application) together")
+    need(bump and "$PRODUCTION_VALUES" in bump["run"] and "$PRODUCTION_REGIONS" in bump["run"], W,
+         "one step must set the image (values-production.yaml) and the chart version (the Application and the "
+         "regional ApplicationSet) together")
+    need(re.search(r'\.spec\.template\.spec\.sources\[\] \| select\(\.chart == "fibonacci-api"\) \| \.targetRevision\) = '
+                   r'strenv\(VERSION\)', bump["run"]), W, "the ApplicationSet's chart version must be bumped too")
     need(re.search(r'select\(\.chart == "fibonacci-api"\) \| \.targetRevision\) = strenv\(VERSION\)', bump["run"]), W,
          "the chart source's targetRevision must be set to the promoted version")
     need(re.search(r"\.image\.digest = strenv\(DIGEST\)", bump["run"]), W, "the image digest must be pinned")
     pr = next(s for s in steps if "create-pull-request" in s.get("uses", ""))
-    need("PRODUCTION_APP" in pr["with"]["add-paths"] and "PRODUCTION_VALUES" in pr["with"]["add-paths"], W,
-         "the pull request must carry both files")
+    need(all(k in pr["with"]["add-paths"] for k in ("PRODUCTION_APP", "PRODUCTION_VALUES", "PRODUCTION_REGIONS")), W,
+         "the pull request must carry the three files")
+    appset = load_file(ROOT / regions_path)
+    versions = {s_["targetRevision"] for s_ in appset["spec"]["template"]["spec"]["sources"] if s_.get("chart")}
+    single = {s_["targetRevision"] for s_ in load_file(ROOT / app_path)["spec"]["sources"] if s_.get("chart")}
+    need(versions == single, W, f"production's chart version differs: {regions_path} {versions}, {app_path} {single}")
     need(runs.count("cosign verify") >= 2 and "${CHART}:${VERSION}" in runs, W,
          "the image's and the chart's signatures must both be verified")
     # The Application the bump edits has exactly one chart source for the select() to hit.
@@ -1006,7 +1046,7 @@ def cmd_crd_schemas() -> None:
     """Every custom resource the chart and argocd/ ship, validated against its
     CRD's schema (@kubernetes-models/{argo-cd,argo-rollouts,prometheus-operator})."""
     docs = []
-    for f in sorted((ROOT / "argocd").glob("*.yaml")):
+    for f in sorted((ROOT / "argocd").glob("*.yaml")) + sorted((ROOT / "argocd" / "multi-region").glob("*.yaml")):
         for d in load_all(f.read_text(), str(f.relative_to(ROOT))):
             docs.append((f"{f.relative_to(ROOT)} {d['kind']}/{d['metadata']['name']}", d))
     for f in sorted((ROOT / "deploy" / "external-secrets").glob("*.yaml")):
