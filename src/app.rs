@@ -103,6 +103,7 @@ fn cors(origins: &[HeaderValue]) -> Option<CorsLayer> {
                 "ratelimit-remaining".parse().expect("static"),
                 "ratelimit-reset".parse().expect("static"),
                 "ratelimit-policy".parse().expect("static"),
+                "x-request-id".parse().expect("static"),
             ])
             .max_age(std::time::Duration::from_secs(3600))
     })

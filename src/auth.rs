@@ -1,26 +1,45 @@
 //! Optional JWT bearer authentication: who the caller is, when the operator asks.
 //!
 //! Off by default. One key source is configured: an HS256 secret, a PEM public key
-//! (RSA → RS256, P-256 → ES256), or a JWKS file (keys chosen by the token's `kid`).
-//! Tokens must be signed by that key with its algorithm, unexpired, and carry a `sub`;
-//! `aud` and `iss` are checked when configured. The verified subject becomes the
-//! rate-limit key, so a caller's budget follows it across addresses.
+//! (RSA → RS256, P-256 → ES256), a JWKS file, or an identity provider's JWKS URL (kept
+//! current: [`jwks`]); keys are chosen by the token's `kid` and fix the algorithm
+//! ([`keys`]). Tokens must be signed by such a key, unexpired, carry a `sub`, and be
+//! meant for this service (`aud`; any audience only when the operator says `*`); `iss`
+//! is checked when configured. The verified subject becomes the rate-limit key, so a
+//! caller's budget follows it across addresses.
+//!
+//! Signatures are the costly part, so they are checked last and as rarely as possible
+//! ([`gate`]): a token verified a moment ago is looked up, not checked again, and an
+//! address the limiter refused a moment ago (keyed on the address, as failed
+//! authentications are) is refused again until its `Retry-After` without its token
+//! being looked at.
 
-use std::{fmt, path::Path};
+mod gate;
+pub mod jwks;
+mod keys;
+
+use std::{
+    fmt,
+    path::Path,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
 
 use http::HeaderValue;
-use jsonwebtoken::{
-    decode, decode_header,
-    errors::ErrorKind,
-    jwk::{AlgorithmParameters, JwkSet},
-    Algorithm, DecodingKey, Validation,
-};
+use jsonwebtoken::{decode, decode_header, errors::ErrorKind};
 use serde::Deserialize;
+
+pub use jwks::{JwksOptions, MAX_JWKS_BYTES};
+pub use keys::MAX_JWKS_KEYS;
+
+use crate::ratelimit::{ClientKey, Decision, Window};
+use keys::{KeySet, Lookup, Rules};
 
 /// Subjects longer than this are refused: they become rate-limit keys.
 const MAX_SUBJECT_BYTES: usize = 256;
-/// Clock skew tolerated on `exp` and `nbf`, in seconds.
-const LEEWAY_SECS: u64 = 30;
 
 /// Why a request was not authenticated; `Display` is what the client is told.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -39,6 +58,12 @@ pub enum AuthError {
     NoSubject,
     #[error("invalid token")]
     Invalid,
+    /// No keys yet (the JWKS has not loaded): the token cannot be judged either way.
+    #[error("the identity provider's keys are not loaded yet: retry shortly")]
+    Unavailable,
+    /// The address is over its rate limit, so the token was not looked at.
+    #[error("token not checked")]
+    NotChecked,
 }
 
 impl AuthError {
@@ -52,37 +77,18 @@ impl AuthError {
             Self::WrongIssuer => "wrong_issuer",
             Self::NoSubject => "no_subject",
             Self::Invalid => "invalid",
+            Self::Unavailable => "keys_unavailable",
+            Self::NotChecked => "not_checked",
         }
     }
 }
 
-struct Key {
-    kid: Option<String>,
-    key: DecodingKey,
-    validation: Validation,
-}
-
-/// Verifies bearer tokens against the configured key(s).
-pub struct Authenticator {
-    keys: Vec<Key>,
-}
-
-impl fmt::Debug for Authenticator {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let algorithms: Vec<_> = self
-            .keys
-            .iter()
-            .map(|k| k.validation.algorithms[0])
-            .collect();
-        f.debug_struct("Authenticator")
-            .field("algorithms", &algorithms)
-            .finish()
-    }
-}
-
-#[derive(Deserialize)]
-struct Claims {
-    sub: Option<String>,
+/// Whose tokens are accepted: `aud` must name this service, unless the operator
+/// explicitly accepts any (`AUTH_JWT_AUDIENCE=*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Audience {
+    Any,
+    Exactly(String),
 }
 
 /// Where the keys come from; exactly one is set.
@@ -91,126 +97,263 @@ pub struct KeySource<'a> {
     pub hs256_secret: Option<&'a str>,
     pub public_key_file: Option<&'a Path>,
     pub jwks_file: Option<&'a Path>,
+    pub jwks_url: Option<&'a str>,
 }
 
-fn validation(algorithm: Algorithm, audience: Option<&str>, issuer: Option<&str>) -> Validation {
-    let mut v = Validation::new(algorithm);
-    v.leeway = LEEWAY_SECS;
-    v.validate_nbf = true;
-    let mut required = vec!["exp", "sub"];
-    match audience {
-        Some(aud) => {
-            v.set_audience(&[aud]);
-            required.push("aud");
+/// What authentication decided about a request.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The verified subject.
+    Subject(Arc<str>),
+    Refused(AuthError),
+    /// The address was refused by the limiter a moment ago and still would be: this is
+    /// that decision again, reached without looking at the token.
+    Throttled(Decision),
+}
+
+enum Keys {
+    Fixed(Arc<KeySet>),
+    Remote(Arc<jwks::RemoteKeys>),
+}
+
+impl Keys {
+    fn current(&self) -> Option<Arc<KeySet>> {
+        match self {
+            Self::Fixed(set) => Some(set.clone()),
+            Self::Remote(remote) => remote.current(),
         }
-        None => v.validate_aud = false,
     }
-    if let Some(iss) = issuer {
-        v.set_issuer(&[iss]);
-        required.push("iss");
+}
+
+/// Verifies bearer tokens against the configured key(s).
+pub struct Authenticator {
+    keys: Keys,
+    verified: gate::VerifiedTokens,
+    throttled: gate::ThrottledAddresses,
+    /// Signatures checked so far: the costly part of authentication.
+    signature_checks: AtomicU64,
+}
+
+impl fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut debug = f.debug_struct("Authenticator");
+        match &self.keys {
+            Keys::Fixed(set) => debug.field("algorithms", &set.algorithms()),
+            Keys::Remote(remote) => debug.field("jwks_url", &remote.shown),
+        }
+        .finish_non_exhaustive()
     }
-    v.set_required_spec_claims(&required);
-    v
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    sub: Option<String>,
+    exp: Option<f64>,
+}
+
+/// The token68 of an `Authorization: Bearer <token>` header. The scheme is
+/// case-insensitive (RFC 9110 §11.1) and one or more spaces may follow it (§11.4).
+fn bearer_token(authorization: Option<&HeaderValue>) -> Result<&str, AuthError> {
+    let value = authorization
+        .ok_or(AuthError::Missing)?
+        .to_str()
+        .map_err(|_| AuthError::Malformed)?;
+    let (scheme, rest) = value.split_once(' ').ok_or(AuthError::Malformed)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(AuthError::Malformed);
+    }
+    let token = rest.trim_matches([' ', '\t']);
+    let body = token.trim_end_matches('=');
+    let token68 = !body.is_empty()
+        && body
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~+/".contains(&b));
+    token68.then_some(token).ok_or(AuthError::Malformed)
 }
 
 impl Authenticator {
     /// Builds the verifier; `Err` says what is wrong with the key source, for start-up.
+    /// A JWKS URL is not fetched here: see [`Authenticator::start`].
     pub fn new(
         source: KeySource<'_>,
-        audience: Option<&str>,
+        audience: Audience,
         issuer: Option<&str>,
     ) -> Result<Self, String> {
-        let read = |path: &Path| {
-            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+        let rules = Rules {
+            audience,
+            issuer: issuer.map(str::to_owned),
         };
-        let keys = match (
-            source.hs256_secret,
-            source.public_key_file,
-            source.jwks_file,
-        ) {
-            (Some(secret), None, None) => {
-                if secret.len() < 32 {
-                    return Err("an HS256 secret of at least 32 bytes".into());
-                }
-                vec![Key {
-                    kid: None,
-                    key: DecodingKey::from_secret(secret.as_bytes()),
-                    validation: validation(Algorithm::HS256, audience, issuer),
-                }]
+        let read = |path: &Path| {
+            let bytes =
+                std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            if bytes.len() > MAX_JWKS_BYTES {
+                return Err(format!(
+                    "{} to be at most {MAX_JWKS_BYTES} bytes",
+                    path.display()
+                ));
             }
-            (None, Some(path), None) => {
-                let pem = read(path)?;
-                let (key, algorithm) = DecodingKey::from_rsa_pem(&pem)
-                    .map(|k| (k, Algorithm::RS256))
-                    .or_else(|_| DecodingKey::from_ec_pem(&pem).map(|k| (k, Algorithm::ES256)))
-                    .map_err(|_| {
+            Ok(bytes)
+        };
+        let keys =
+            match (
+                source.hs256_secret,
+                source.public_key_file,
+                source.jwks_file,
+                source.jwks_url,
+            ) {
+                (Some(secret), None, None, None) => {
+                    Keys::Fixed(Arc::new(KeySet::hs256(secret, &rules)?))
+                }
+                (None, Some(path), None, None) => Keys::Fixed(Arc::new(
+                    KeySet::pem(&read(path)?, &rules)
+                        .map_err(|what| format!("{} to hold {what}", path.display()))?,
+                )),
+                (None, None, Some(path), None) => Keys::Fixed(Arc::new(
+                    KeySet::jwks(&read(path)?, &rules).map_err(|why| {
                         format!(
-                            "{} to hold an RSA or P-256 public key in PEM",
+                            "{} to be a JWKS with a usable signing key: {why}",
                             path.display()
                         )
-                    })?;
-                vec![Key {
-                    kid: None,
-                    key,
-                    validation: validation(algorithm, audience, issuer),
-                }]
-            }
-            (None, None, Some(path)) => {
-                let set: JwkSet = serde_json::from_slice(&read(path)?)
-                    .map_err(|e| format!("{} to be a JWKS document ({e})", path.display()))?;
-                let keys = set
-                    .keys
-                    .iter()
-                    .filter_map(|jwk| {
-                        let algorithm = match &jwk.algorithm {
-                            AlgorithmParameters::RSA(_) => Algorithm::RS256,
-                            AlgorithmParameters::EllipticCurve(_) => Algorithm::ES256,
-                            _ => return None,
-                        };
-                        Some(Key {
-                            kid: jwk.common.key_id.clone(),
-                            key: DecodingKey::from_jwk(jwk).ok()?,
-                            validation: validation(algorithm, audience, issuer),
-                        })
-                    })
-                    .collect::<Vec<_>>();
-                if keys.is_empty() {
-                    return Err(format!(
-                        "{} to hold at least one RSA or EC key",
-                        path.display()
-                    ));
+                    })?,
+                )),
+                (None, None, None, Some(url)) => {
+                    let uri = jwks::parse_url(url)?;
+                    Keys::Remote(Arc::new(jwks::RemoteKeys::new(uri, redact_url(url), rules)))
                 }
-                keys
-            }
-            _ => {
-                return Err(
-                    "exactly one of an HS256 secret, a public key file or a JWKS file".into(),
-                )
-            }
-        };
-        Ok(Self { keys })
+                _ => return Err(
+                    "exactly one of an HS256 secret, a public key file, a JWKS file or a JWKS URL"
+                        .into(),
+                ),
+            };
+        Ok(Self {
+            keys,
+            verified: gate::VerifiedTokens::new(),
+            throttled: gate::ThrottledAddresses::new(),
+            signature_checks: AtomicU64::new(0),
+        })
     }
 
-    /// The verified subject of the bearer token in `authorization`.
-    pub fn verify(&self, authorization: Option<&HeaderValue>) -> Result<String, AuthError> {
-        let header = authorization.ok_or(AuthError::Missing)?;
-        let value = header.to_str().map_err(|_| AuthError::Malformed)?;
-        let token = value
-            .strip_prefix("Bearer ")
-            .or_else(|| value.strip_prefix("bearer "))
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or(AuthError::Malformed)?;
-        let kid = decode_header(token).map_err(|_| AuthError::Invalid)?.kid;
-        let key = match &kid {
-            Some(kid) => self
-                .keys
-                .iter()
-                .find(|k| k.kid.as_deref() == Some(kid.as_str())),
-            None => None,
+    /// Replaces how a JWKS URL is kept current (before [`Authenticator::start`]).
+    pub fn with_jwks_options(mut self, options: JwksOptions) -> Self {
+        if let Keys::Remote(remote) = &mut self.keys {
+            Arc::get_mut(remote)
+                .expect("options are set before the keys are shared")
+                .options = options;
         }
-        .or_else(|| (self.keys.len() == 1).then(|| &self.keys[0]))
-        .ok_or(AuthError::Invalid)?;
+        self
+    }
+
+    /// Starts fetching a JWKS URL in the background (idempotent; nothing to do for other
+    /// key sources). Needs a tokio runtime.
+    pub fn start(&self) {
+        if let Keys::Remote(remote) = &self.keys {
+            remote.start();
+        }
+    }
+
+    /// Whether tokens can be judged: false until a JWKS URL has loaded once.
+    pub fn ready(&self) -> bool {
+        self.start();
+        self.keys.current().is_some()
+    }
+
+    /// Why the last JWKS fetch failed, while none has succeeded since.
+    pub fn jwks_error(&self) -> Option<String> {
+        match &self.keys {
+            Keys::Remote(remote) => remote.last_error(),
+            Keys::Fixed(_) => None,
+        }
+    }
+
+    /// How many token signatures this instance has checked.
+    pub fn signature_checks(&self) -> u64 {
+        self.signature_checks.load(Ordering::Relaxed)
+    }
+
+    /// Authenticates a request from `address`, cheapest checks first: a token verified
+    /// a moment ago is looked up; an address refused by the limiter a moment ago is
+    /// refused again without its token being looked at; only then is a signature checked.
+    pub async fn authenticate(
+        &self,
+        authorization: Option<&HeaderValue>,
+        address: &ClientKey,
+    ) -> Outcome {
+        let now = Instant::now();
+        let token = bearer_token(authorization);
+        let keys = self.keys.current();
+        if let Some(subject) = self.verified_before(&token, &keys, now) {
+            return Outcome::Subject(subject);
+        }
+        if let Some((window, wait)) = self.throttled.get(address, now) {
+            return Outcome::Throttled(Decision::Rejected {
+                window,
+                retry_after: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+            });
+        }
+        match self.verify_token(token, keys, now).await {
+            Ok(subject) => Outcome::Subject(subject),
+            Err(e) => Outcome::Refused(e),
+        }
+    }
+
+    /// Remembers that the limiter refused `address` (keyed on the address) for
+    /// `retry_after` ms, so that until then its tokens cost no signature checks.
+    pub fn throttle(&self, address: &ClientKey, window: Window, retry_after: u64) {
+        self.throttled.insert(
+            address,
+            window,
+            Instant::now() + Duration::from_millis(retry_after),
+        );
+    }
+
+    /// The verified subject of the bearer token in `authorization` (no address checks).
+    pub async fn verify(&self, authorization: Option<&HeaderValue>) -> Result<Arc<str>, AuthError> {
+        let now = Instant::now();
+        let token = bearer_token(authorization);
+        let keys = self.keys.current();
+        match self.verified_before(&token, &keys, now) {
+            Some(subject) => Ok(subject),
+            None => self.verify_token(token, keys, now).await,
+        }
+    }
+
+    /// The subject, if this token was verified a moment ago under these keys.
+    fn verified_before(
+        &self,
+        token: &Result<&str, AuthError>,
+        keys: &Option<Arc<KeySet>>,
+        now: Instant,
+    ) -> Option<Arc<str>> {
+        match (token, keys) {
+            (Ok(token), Some(keys)) => self.verified.get(token, keys.generation, now),
+            _ => None,
+        }
+    }
+
+    async fn verify_token(
+        &self,
+        token: Result<&str, AuthError>,
+        keys: Option<Arc<KeySet>>,
+        now: Instant,
+    ) -> Result<Arc<str>, AuthError> {
+        let token = token?;
+        let header = decode_header(token).map_err(|_| AuthError::Invalid)?;
+        let mut keys = keys.ok_or_else(|| {
+            self.start();
+            AuthError::Unavailable
+        })?;
+        if let (Lookup::UnknownKid, Keys::Remote(remote)) =
+            (keys.find(header.kid.as_deref(), header.alg), &self.keys)
+        {
+            keys = remote
+                .after_unknown_kid(&keys)
+                .await
+                .ok_or(AuthError::Invalid)?;
+        }
+        let Lookup::Found(key) = keys.find(header.kid.as_deref(), header.alg) else {
+            return Err(AuthError::Invalid);
+        };
+        self.signature_checks.fetch_add(1, Ordering::Relaxed);
         let data =
             decode::<Claims>(token, &key.key, &key.validation).map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
@@ -219,17 +362,49 @@ impl Authenticator {
                 ErrorKind::MissingRequiredClaim(claim) if claim == "sub" => AuthError::NoSubject,
                 _ => AuthError::Invalid,
             })?;
-        data.claims
+        let subject: Arc<str> = data
+            .claims
             .sub
             .filter(|s| !s.is_empty() && s.len() <= MAX_SUBJECT_BYTES)
-            .ok_or(AuthError::NoSubject)
+            .ok_or(AuthError::NoSubject)?
+            .into();
+        if let Some(exp) = data.claims.exp {
+            let unix_now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64();
+            let left = Duration::try_from_secs_f64(exp - unix_now).unwrap_or_default();
+            self.verified
+                .insert(token, subject.clone(), keys.generation, now, now + left);
+        }
+        Ok(subject)
     }
+}
+
+/// `url` as logs and `Debug` may show it: no user, password or query (all may hold
+/// secrets); `<redacted>` when it cannot even be parsed.
+pub fn redact_url(url: &str) -> String {
+    const REDACTED: &str = "<redacted>";
+    let Some((scheme, rest)) = url.trim().split_once("://") else {
+        return REDACTED.into();
+    };
+    // Everything before the last `@` is user information, whatever it contains.
+    let (credentials, rest) = match rest.rsplit_once('@') {
+        Some((_, host_and_path)) => (format!("{REDACTED}@"), host_and_path),
+        None => (String::new(), rest),
+    };
+    let (rest, query) = match rest.split_once('?') {
+        Some((before, _)) => (before, format!("?{REDACTED}")),
+        None => (rest, String::new()),
+    };
+    let rest = rest.split('#').next().unwrap_or_default();
+    format!("{scheme}://{credentials}{rest}{query}")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use jsonwebtoken::{encode, EncodingKey, Header};
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
     use serde_json::json;
 
     const SECRET: &str = "a-test-secret-that-is-at-least-32-bytes-long";
@@ -260,20 +435,20 @@ mod tests {
             .join(name)
     }
 
-    #[test]
-    fn hs256_rules() {
+    #[tokio::test]
+    async fn hs256_rules() {
         let auth = Authenticator::new(
             KeySource {
                 hs256_secret: Some(SECRET),
                 ..Default::default()
             },
-            Some("fibonacci-api"),
+            Audience::Exactly("fibonacci-api".into()),
             Some("https://issuer.example"),
         )
         .unwrap();
         let good = json!({"sub": "alice", "exp": now() + 300, "aud": "fibonacci-api", "iss": "https://issuer.example"});
         assert_eq!(
-            auth.verify(Some(&bearer(&hs256(good.clone())))),
+            auth.verify(Some(&bearer(&hs256(good.clone())))).await,
             Ok("alice".into())
         );
         let with = |key: &str, value: serde_json::Value| {
@@ -330,7 +505,7 @@ mod tests {
             ),
         ];
         for (header, expected, why) in cases {
-            assert_eq!(auth.verify(header.as_ref()), Err(expected), "{why}");
+            assert_eq!(auth.verify(header.as_ref()).await, Err(expected), "{why}");
         }
         // alg=none and algorithm switching are refused: the key fixes the algorithm.
         let none = format!(
@@ -339,7 +514,7 @@ mod tests {
             base64url(&good.to_string())
         );
         assert_eq!(
-            auth.verify(Some(&bearer(&none))),
+            auth.verify(Some(&bearer(&none))).await,
             Err(AuthError::Invalid),
             "alg none"
         );
@@ -361,8 +536,8 @@ mod tests {
         out
     }
 
-    #[test]
-    fn rs256_and_es256_public_keys() {
+    #[tokio::test]
+    async fn rs256_and_es256_public_keys() {
         for (private, public, algorithm) in [
             ("rsa-private.pem", "rsa-public.pem", Algorithm::RS256),
             ("ec-private.pem", "ec-public.pem", Algorithm::ES256),
@@ -372,7 +547,7 @@ mod tests {
                     public_key_file: Some(&fixture(public)),
                     ..Default::default()
                 },
-                None,
+                Audience::Any,
                 None,
             )
             .unwrap();
@@ -388,7 +563,7 @@ mod tests {
             )
             .unwrap();
             assert_eq!(
-                auth.verify(Some(&bearer(&token))),
+                auth.verify(Some(&bearer(&token))).await,
                 Ok("svc".into()),
                 "{algorithm:?}"
             );
@@ -400,15 +575,15 @@ mod tests {
             )
             .unwrap();
             assert_eq!(
-                auth.verify(Some(&bearer(&forged))),
+                auth.verify(Some(&bearer(&forged))).await,
                 Err(AuthError::Invalid),
                 "{algorithm:?} confusion"
             );
         }
     }
 
-    #[test]
-    fn jwks_keys_are_chosen_by_kid() {
+    #[tokio::test]
+    async fn jwks_keys_are_chosen_by_kid() {
         use jsonwebtoken::jwk::{Jwk, JwkSet};
         let mut keys = Vec::new();
         let mut signers = Vec::new();
@@ -433,7 +608,7 @@ mod tests {
                 jwks_file: Some(&path),
                 ..Default::default()
             },
-            None,
+            Audience::Any,
             None,
         )
         .unwrap();
@@ -443,14 +618,14 @@ mod tests {
             header.kid = Some((*kid).to_owned());
             let token = encode(&header, &json!({"sub": kid, "exp": now() + 60}), key).unwrap();
             assert_eq!(
-                auth.verify(Some(&bearer(&token))),
-                Ok((*kid).to_owned()),
+                auth.verify(Some(&bearer(&token))).await,
+                Ok((*kid).into()),
                 "{kid}"
             );
             header.kid = Some("unknown".into());
             let token = encode(&header, &json!({"sub": kid, "exp": now() + 60}), key).unwrap();
             assert_eq!(
-                auth.verify(Some(&bearer(&token))),
+                auth.verify(Some(&bearer(&token))).await,
                 Err(AuthError::Invalid),
                 "{kid} under an unknown kid"
             );
@@ -464,7 +639,7 @@ mod tests {
                 hs256_secret: Some("short"),
                 ..Default::default()
             },
-            None,
+            Audience::Any,
             None,
         );
         assert!(short.is_err(), "a short HS256 secret");
@@ -473,7 +648,7 @@ mod tests {
                 public_key_file: Some(Path::new("/nonexistent.pem")),
                 ..Default::default()
             },
-            None,
+            Audience::Any,
             None,
         );
         assert!(missing.unwrap_err().contains("/nonexistent.pem"));
@@ -483,7 +658,7 @@ mod tests {
                 public_key_file: Some(&fixture("rsa-public.pem")),
                 ..Default::default()
             },
-            None,
+            Audience::Any,
             None,
         );
         assert!(both.is_err(), "two key sources");

@@ -23,7 +23,7 @@ use tracing::Instrument;
 
 use crate::{
     fib::{self, Fingerprint},
-    metrics::{Metrics, CACHE_REQUESTS, COMPUTE_DURATION},
+    metrics::{Metrics, CACHE_REQUESTS, COMPUTE_DURATION, REQUESTED_N},
     redis_client::RedisClient,
 };
 
@@ -91,9 +91,24 @@ impl TierCounters {
     }
 }
 
+/// Where an answer came from: the `answered_from` label of `fibonacci_requested_n`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The memory tier, including requests that waited for another one's fill.
+    Memory = 0,
+    Redis = 1,
+    Computation = 2,
+}
+
+impl Source {
+    const LABELS: [&'static str; 3] = ["memory", "redis", "computation"];
+}
+
 /// Answers for any n, from the cheapest tier that has them.
 pub struct FibonacciStore {
     tiers: Arc<Tiers>,
+    /// Requested n of every answer, by where it came from.
+    requested: [Histogram; 3],
     /// How long a miss may take (Redis, then computation) before the caller gets an
     /// error; hits never wait, so they carry no timer.
     deadline: Duration,
@@ -138,6 +153,9 @@ impl FibonacciStore {
                 computing: Semaphore::new(cores),
                 pending: Arc::new(Semaphore::new(16 * cores)),
             }),
+            requested: metrics.scope(|| {
+                Source::LABELS.map(|from| metrics::histogram!(REQUESTED_N, "answered_from" => from))
+            }),
             deadline: Duration::from_secs(3600),
         }
     }
@@ -150,11 +168,17 @@ impl FibonacciStore {
 
     /// The response body for F(n).
     pub async fn get(&self, n: u64) -> Result<Bytes, StoreError> {
+        let (body, source) = self.lookup(n).await?;
+        self.requested[source as usize].record(n as f64);
+        Ok(body)
+    }
+
+    async fn lookup(&self, n: u64) -> Result<(Bytes, Source), StoreError> {
         let tiers = &self.tiers;
         let lookup = tracing::debug_span!("cache.memory", n);
         if let Some(body) = lookup.in_scope(|| tiers.memory.get(&n)) {
             tiers.memory_counters.hit.increment(1);
-            return Ok(body);
+            return Ok((body, Source::Memory));
         }
         tiers.memory_counters.miss.increment(1);
         // Waiting happens in the task too: whichever waiter finds the placeholder gone
@@ -177,24 +201,24 @@ impl FibonacciStore {
 
 impl Tiers {
     /// A miss: wait for whoever is already filling n, or fill it from Redis or computation.
-    async fn wait_or_fill(self: Arc<Self>, n: u64) -> Result<Bytes, StoreError> {
+    async fn wait_or_fill(self: Arc<Self>, n: u64) -> Result<(Bytes, Source), StoreError> {
         let guard = match self.memory.get_value_or_guard_async(&n).await {
             // Another request for the same n was already filling it: its answer is ours.
-            Ok(body) => return Ok(body),
+            Ok(body) => return Ok((body, Source::Memory)),
             Err(guard) => guard,
         };
-        let body = match self.lookup_redis(n).await {
-            Some(body) => body,
+        let (body, source) = match self.lookup_redis(n).await {
+            Some(body) => (body, Source::Redis),
             None => {
                 let digits = self.compute(n).await?;
                 let body = body(n, &digits);
                 self.write_back(n, digits);
-                body
+                (body, Source::Computation)
             }
         };
         // Err only if the entry was removed meanwhile; the answer is still right.
         let _ = guard.insert(body.clone());
-        Ok(body)
+        Ok((body, source))
     }
 
     async fn lookup_redis(&self, n: u64) -> Option<Bytes> {

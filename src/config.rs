@@ -4,13 +4,13 @@
 //! value stops start-up with one line naming the *variable* and what it accepts, rather
 //! than clap's multi-line usage text that names the flag.
 
-use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
+use std::{fmt, net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 
 use crate::{
-    auth::{Authenticator, KeySource},
+    auth::{redact_url, Audience, Authenticator, KeySource},
     ratelimit::Policy,
 };
 
@@ -69,7 +69,10 @@ pub enum Command {
 }
 
 /// Raw settings as given; see the README's configuration table for their meaning.
-#[derive(Debug, Args)]
+///
+/// Secrets (`REDIS_URL`, `AUTH_JWT_HS256_SECRET`, `AUTH_JWT_JWKS_URL`) hide their values
+/// from `--help` and from `Debug`.
+#[derive(Args)]
 pub struct Settings {
     #[arg(long, env = "LISTEN_ADDR", default_value = defaults::LISTEN_ADDR)]
     pub listen_addr: String,
@@ -81,7 +84,7 @@ pub struct Settings {
     pub rate_limits: String,
     #[arg(long, env = "TRUSTED_PROXIES", default_value = "")]
     pub trusted_proxies: String,
-    #[arg(long, env = "REDIS_URL")]
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
     #[arg(long, env = "REDIS_TIMEOUT_MS", default_value = defaults::REDIS_TIMEOUT_MS)]
     pub redis_timeout_ms: String,
@@ -117,6 +120,8 @@ pub struct Settings {
     pub auth_jwt_public_key_file: Option<String>,
     #[arg(long, env = "AUTH_JWT_JWKS_FILE")]
     pub auth_jwt_jwks_file: Option<String>,
+    #[arg(long, env = "AUTH_JWT_JWKS_URL", hide_env_values = true)]
+    pub auth_jwt_jwks_url: Option<String>,
     #[arg(long, env = "AUTH_JWT_AUDIENCE")]
     pub auth_jwt_audience: Option<String>,
     #[arg(long, env = "AUTH_JWT_ISSUER")]
@@ -130,8 +135,8 @@ pub enum LogFormat {
     Text,
 }
 
-/// Validated configuration of one service instance.
-#[derive(Debug, Clone)]
+/// Validated configuration of one service instance (`Debug` redacts the secrets).
+#[derive(Clone)]
 pub struct Config {
     pub listen_addr: SocketAddr,
     pub admin_listen_addr: Option<SocketAddr>,
@@ -160,6 +165,62 @@ pub struct Config {
     pub rate_limit_ipv6_48_factor: u32,
     /// JWT bearer authentication of `/fibonacci`; `None` leaves it open.
     pub auth: Option<Arc<Authenticator>>,
+}
+
+/// What `Debug` and error lines show instead of a secret.
+const REDACTED: &str = "<redacted>";
+
+/// Writes `Debug` for a struct listing every field, destructured without `..`: a new
+/// field does not compile until it is listed here, either shown or `secret`.
+macro_rules! debug_struct {
+    ($this:expr, $f:expr, $name:ident { $($field:ident),* $(,)? } secret { $($secret:ident => $redact:expr),* $(,)? }) => {{
+        let $name { $($field,)* $($secret,)* } = $this;
+        let mut debug = $f.debug_struct(stringify!($name));
+        $(debug.field(stringify!($field), $field);)*
+        $(debug.field(stringify!($secret), &$redact($secret));)*
+        debug.finish()
+    }};
+}
+
+fn redact_secret(value: &Option<String>) -> Option<&'static str> {
+    value.as_ref().map(|_| REDACTED)
+}
+
+fn redact_optional_url(value: &Option<String>) -> Option<String> {
+    value.as_deref().map(redact_url)
+}
+
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        debug_struct!(self, f, Settings {
+            listen_addr, admin_listen_addr, max_n, rate_limits, trusted_proxies,
+            redis_timeout_ms, cache_max_bytes, shutdown_drain_seconds, log_format,
+            cors_allowed_origins, request_timeout_ms, header_read_timeout_ms,
+            max_connections, max_connections_per_address, connection_rate_per_address,
+            write_timeout_ms, max_in_flight, rate_limit_max_keys, rate_limit_ipv6_48_factor,
+            auth_jwt_public_key_file, auth_jwt_jwks_file, auth_jwt_audience, auth_jwt_issuer,
+        } secret {
+            redis_url => redact_optional_url,
+            auth_jwt_hs256_secret => redact_secret,
+            auth_jwt_jwks_url => redact_optional_url,
+        })
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        debug_struct!(self, f, Config {
+            listen_addr, admin_listen_addr, max_n, rate_limits, trusted_proxies,
+            redis_timeout, cache_max_bytes, shutdown_drain, log_format, cors_allowed_origins,
+            request_timeout, header_read_timeout, max_connections, max_connections_per_address,
+            connection_rate_per_address, write_timeout, max_in_flight, rate_limit_max_keys,
+            rate_limit_ipv6_48_factor,
+            // Its own `Debug` shows the algorithms or the redacted JWKS URL, never a key.
+            auth,
+        } secret {
+            redis_url => redact_optional_url,
+        })
+    }
 }
 
 /// A setting that cannot be used; its `Display` is the one line printed at start-up.
@@ -233,42 +294,76 @@ fn non_empty(value: &Option<String>) -> Option<&str> {
 impl Settings {
     /// The JWT verifier, when a key source is configured.
     fn auth(&self) -> Result<Option<Arc<Authenticator>>, ConfigError> {
+        const SOURCES: &str =
+            "AUTH_JWT_HS256_SECRET, AUTH_JWT_PUBLIC_KEY_FILE, AUTH_JWT_JWKS_FILE or AUTH_JWT_JWKS_URL";
         let secret = non_empty(&self.auth_jwt_hs256_secret);
         let public_key = non_empty(&self.auth_jwt_public_key_file);
-        let jwks = non_empty(&self.auth_jwt_jwks_file);
+        let jwks_file = non_empty(&self.auth_jwt_jwks_file);
+        let jwks_url = non_empty(&self.auth_jwt_jwks_url);
         let (audience, issuer) = (
             non_empty(&self.auth_jwt_audience),
             non_empty(&self.auth_jwt_issuer),
         );
-        let (var, shown) = match (secret, public_key, jwks) {
-            (None, None, None) => {
+        // (variable, value as an error line may show it)
+        let given: Vec<(&'static str, String)> = [
+            ("AUTH_JWT_HS256_SECRET", secret.map(|_| REDACTED.to_owned())),
+            ("AUTH_JWT_PUBLIC_KEY_FILE", public_key.map(str::to_owned)),
+            ("AUTH_JWT_JWKS_FILE", jwks_file.map(str::to_owned)),
+            ("AUTH_JWT_JWKS_URL", jwks_url.map(redact_url)),
+        ]
+        .into_iter()
+        .filter_map(|(var, shown)| Some((var, shown?)))
+        .collect();
+        let (var, shown) = match given.as_slice() {
+            [] => {
                 return match (audience, issuer) {
                     (None, None) => Ok(None),
                     (Some(aud), _) => Err(ConfigError::new(
                         "AUTH_JWT_AUDIENCE",
                         aud,
-                        "to be set together with AUTH_JWT_HS256_SECRET, AUTH_JWT_PUBLIC_KEY_FILE or AUTH_JWT_JWKS_FILE",
+                        format!("to be set together with {SOURCES}"),
                     )),
                     (None, Some(iss)) => Err(ConfigError::new(
                         "AUTH_JWT_ISSUER",
                         iss,
-                        "to be set together with AUTH_JWT_HS256_SECRET, AUTH_JWT_PUBLIC_KEY_FILE or AUTH_JWT_JWKS_FILE",
+                        format!("to be set together with {SOURCES}"),
                     )),
                 };
             }
-            (Some(_), None, None) => ("AUTH_JWT_HS256_SECRET", "<redacted>"),
-            (None, Some(path), None) => ("AUTH_JWT_PUBLIC_KEY_FILE", path),
-            (None, None, Some(path)) => ("AUTH_JWT_JWKS_FILE", path),
-            _ => ("AUTH_JWT_*", "several key sources"),
+            [one] => one.clone(),
+            several => {
+                let names: Vec<_> = several.iter().map(|(var, _)| *var).collect();
+                return Err(ConfigError::new(
+                    "AUTH_JWT_*",
+                    &names.join(" and "),
+                    format!("exactly one of {SOURCES}"),
+                ));
+            }
+        };
+        // A token minted for another service (same IdP, another `aud`) must not pass.
+        let audience = match audience {
+            None => {
+                return Err(ConfigError::new(
+                    "AUTH_JWT_AUDIENCE",
+                    "",
+                    format!(
+                        "the audience (aud) of this service's tokens when {var} is set, \
+                         e.g. fibonacci-api; or * to accept tokens meant for any service"
+                    ),
+                ))
+            }
+            Some("*") => Audience::Any,
+            Some(aud) => Audience::Exactly(aud.to_owned()),
         };
         let source = KeySource {
             hs256_secret: secret,
             public_key_file: public_key.map(Path::new),
-            jwks_file: jwks.map(Path::new),
+            jwks_file: jwks_file.map(Path::new),
+            jwks_url,
         };
         Authenticator::new(source, audience, issuer)
             .map(|a| Some(Arc::new(a)))
-            .map_err(|expected| ConfigError::new(var, shown, expected))
+            .map_err(|expected| ConfigError::new(var, &shown, expected))
     }
 
     /// Validates every setting, stopping at the first bad one.
@@ -429,6 +524,7 @@ impl Default for Config {
             auth_jwt_hs256_secret: None,
             auth_jwt_public_key_file: None,
             auth_jwt_jwks_file: None,
+            auth_jwt_jwks_url: None,
             auth_jwt_audience: None,
             auth_jwt_issuer: None,
         }
@@ -516,6 +612,76 @@ mod tests {
     fn redis_url_is_never_echoed() {
         let err = settings(&["--redis-url", "http://user:hunter2@x"]).unwrap_err();
         assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn every_secret_hides_its_value_in_help() {
+        use clap::CommandFactory;
+        const SECRET_LOOKING: [&str; 5] = ["URL", "SECRET", "NODES", "PASSWORD", "TOKEN"];
+        let command = Cli::command();
+        let secrets: Vec<_> = command
+            .get_arguments()
+            .filter_map(|arg| Some((arg, arg.get_env()?.to_str()?.to_owned())))
+            .filter(|(_, env)| SECRET_LOOKING.iter().any(|s| env.contains(s)))
+            .collect();
+        for (arg, env) in &secrets {
+            assert!(
+                arg.is_hide_env_values_set(),
+                "{env} shows its value in --help"
+            );
+        }
+        let names: Vec<_> = secrets.iter().map(|(_, env)| env.as_str()).collect();
+        for known in ["REDIS_URL", "AUTH_JWT_HS256_SECRET", "AUTH_JWT_JWKS_URL"] {
+            assert!(names.contains(&known), "{known} among {names:?}");
+        }
+    }
+
+    #[test]
+    fn auth_needs_an_audience_or_an_explicit_star() {
+        let secret = "a-secret-of-at-least-thirty-two-bytes";
+        let err = settings(&["--auth-jwt-hs256-secret", secret]).unwrap_err();
+        assert_eq!(err.var, "AUTH_JWT_AUDIENCE", "{err}");
+        assert!(err.to_string().contains('*') && !err.to_string().contains(secret));
+        for audience in ["*", "fibonacci-api"] {
+            let config = settings(&[
+                "--auth-jwt-hs256-secret",
+                secret,
+                "--auth-jwt-audience",
+                audience,
+            ]);
+            assert!(config.is_ok_and(|c| c.auth.is_some()), "{audience}");
+        }
+    }
+
+    #[test]
+    fn urls_are_redacted_for_display() {
+        let cases = [
+            (
+                "redis://:pw@redis:6379/0",
+                "redis://<redacted>@redis:6379/0",
+            ),
+            (
+                "rediss://user:p@ss@redis:6380/1#insecure",
+                "rediss://<redacted>@redis:6380/1",
+            ),
+            ("redis://redis:6379", "redis://redis:6379"),
+            (
+                "redis+unix:///run/redis.sock?db=1&pass=pw",
+                "redis+unix:///run/redis.sock?<redacted>",
+            ),
+            (
+                "https://idp.example/jwks?key=pw",
+                "https://idp.example/jwks?<redacted>",
+            ),
+            (
+                "https://a:pw/x@idp.example/jwks",
+                "https://<redacted>@idp.example/jwks",
+            ),
+            ("pw-without-a-scheme", "<redacted>"),
+        ];
+        for (url, shown) in cases {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
     }
 
     #[test]

@@ -27,6 +27,10 @@ pub enum ApiError {
     },
     #[error("unauthorized: {0}")]
     Unauthorized(#[from] crate::auth::AuthError),
+    #[error(
+        "tokens cannot be checked yet: the identity provider's keys are not loaded; retry shortly"
+    )]
+    AuthUnavailable,
     #[error("the service is at capacity: retry shortly")]
     Overloaded,
     #[error("the request took too long and was cancelled: retry shortly")]
@@ -55,7 +59,9 @@ impl ApiError {
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::Overloaded | Self::Timeout => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Overloaded | Self::Timeout | Self::AuthUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -85,6 +91,7 @@ impl IntoResponse for ApiError {
                 retry_after_secs, ..
             } => Some(*retry_after_secs),
             Self::Overloaded | Self::Timeout => Some(1),
+            Self::AuthUnavailable => Some(5),
             _ => None,
         };
         if let Some(secs) = retry_after {

@@ -60,6 +60,9 @@ impl Application {
     /// Builds the state and binds the listeners (port 0 picks a free port).
     pub async fn build(config: Config) -> std::io::Result<Self> {
         let app = App::new(config).map_err(std::io::Error::other)?;
+        if let Some(auth) = &app.config.auth {
+            auth.start(); // a JWKS URL starts loading now, in the background
+        }
         let listener = server::bind(app.config.listen_addr)?;
         let admin_listener = match app.config.admin_listen_addr {
             Some(addr) => Some(server::bind(addr)?),

@@ -23,6 +23,7 @@ pub const RATE_LIMIT_REJECTIONS: &str = "rate_limit_rejections_total";
 pub const RATE_LIMITER_KEYS: &str = "rate_limiter_keys";
 pub const REDIS_UP: &str = "redis_up";
 pub const BUILD_INFO: &str = "build_info";
+pub const REQUESTED_N: &str = "fibonacci_requested_n";
 pub const CONNECTIONS_OPEN: &str = "http_connections_open";
 pub const CONNECTIONS_REFUSED: &str = "http_connections_refused_total";
 
@@ -38,6 +39,10 @@ const HTTP_BUCKETS: &[f64] = &[
 const COMPUTE_BUCKETS: &[f64] = &[
     0.00001, 0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
+
+/// What is asked for, by order of magnitude: the business view of the traffic (and,
+/// by `answered_from`, the cache's hit ratio per range of n).
+const REQUESTED_N_BUCKETS: &[f64] = &[10.0, 100.0, 1_000.0, 10_000.0, 100_000.0, 1_000_000.0];
 
 /// The label set of one HTTP series; every part is from a closed set.
 type HttpKey = (&'static str, &'static str, u16);
@@ -61,6 +66,9 @@ impl Metrics {
             .set_buckets_for_metric(Matcher::Full(HTTP_DURATION.into()), HTTP_BUCKETS)
             .and_then(|b| {
                 b.set_buckets_for_metric(Matcher::Full(COMPUTE_DURATION.into()), COMPUTE_BUCKETS)
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Full(REQUESTED_N.into()), REQUESTED_N_BUCKETS)
             })
             .expect("bucket lists are non-empty")
             .build_recorder();

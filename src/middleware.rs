@@ -19,8 +19,9 @@ use tracing::{field::Empty, Instrument};
 
 use crate::{
     app::App,
-    auth::AuthError,
+    auth::{AuthError, Outcome},
     error::ApiError,
+    metrics::RATE_LIMIT_REJECTIONS,
     ratelimit::{client, ClientKey, Decision},
     shutdown::Phase,
     telemetry,
@@ -67,6 +68,30 @@ fn method_label(method: &http::Method) -> &'static str {
     }
 }
 
+/// The correlation id of a request: the caller's `X-Request-Id` if it is sane, else one
+/// of ours; echoed, logged and put on the span.
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Whether an incoming id can be trusted into logs and headers: 1 to 64 characters of
+/// `[A-Za-z0-9._:-]` (UUIDs, ULIDs, trace ids, the usual proxy formats).
+fn is_sane_request_id(id: &HeaderValue) -> bool {
+    let bytes = id.as_bytes();
+    (1..=64).contains(&bytes.len())
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// A fresh id: this process's random prefix and a counter, 32 hex digits. Unique without
+/// a random draw per request; unpredictability is not needed of a correlation id.
+fn new_request_id() -> HeaderValue {
+    static PREFIX: std::sync::LazyLock<u64> =
+        std::sync::LazyLock::new(|| getrandom::u64().unwrap_or_default());
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    HeaderValue::try_from(format!("{:016x}{n:016x}", *PREFIX)).expect("hex digits")
+}
+
 /// Status recorded for a request whose client went away before it was answered
 /// (nginx's convention for "client closed request"); no response is ever sent with it.
 pub const CLIENT_CLOSED_REQUEST: u16 = 499;
@@ -80,6 +105,7 @@ struct InFlight<'a> {
     route: &'static str,
     started: Instant,
     client: IpAddr,
+    request_id: HeaderValue,
     span: tracing::Span,
     answered: bool,
 }
@@ -90,6 +116,7 @@ impl<'a> InFlight<'a> {
         method: &'static str,
         route: &'static str,
         client: IpAddr,
+        request_id: HeaderValue,
         span: tracing::Span,
     ) -> Self {
         app.metrics.in_flight().increment(1.0);
@@ -99,6 +126,7 @@ impl<'a> InFlight<'a> {
             route,
             started: Instant::now(),
             client,
+            request_id,
             span,
             answered: false,
         }
@@ -110,6 +138,8 @@ impl<'a> InFlight<'a> {
         self.app.metrics.in_flight().decrement(1.0);
         let elapsed = self.started.elapsed();
         let (method, route, client) = (self.method, self.route, self.client);
+        // Sane by construction: ASCII.
+        let request_id = self.request_id.to_str().unwrap_or_default();
         self.app
             .metrics
             .record_request(method, route, status, elapsed.as_secs_f64());
@@ -124,6 +154,7 @@ impl<'a> InFlight<'a> {
                 status,
                 latency_ms = elapsed.as_secs_f64() * 1000.0,
                 client = %client,
+                request_id,
                 "request"
             )
         });
@@ -154,6 +185,10 @@ pub async fn observe(State(app): State<Arc<App>>, mut req: Request, next: Next) 
         &app.config.trusted_proxies,
     );
     req.extensions_mut().insert(Client(client));
+    let request_id = match req.headers().get(X_REQUEST_ID) {
+        Some(id) if is_sane_request_id(id) => id.clone(),
+        _ => new_request_id(),
+    };
     let span = tracing::info_span!(
         "request",
         otel.name = %format_args!("{method} {route}"),
@@ -163,13 +198,17 @@ pub async fn observe(State(app): State<Arc<App>>, mut req: Request, next: Next) 
         http.route = route,
         url.path = %req.uri().path(),
         client.address = %client,
+        "http.request.header.x-request-id" = request_id.to_str().unwrap_or_default(),
         http.response.status_code = Empty,
     );
     telemetry::continue_trace(&span, req.headers());
 
-    let mut in_flight = InFlight::start(&app, method, route, client, span.clone());
+    let mut in_flight = InFlight::start(&app, method, route, client, request_id, span.clone());
     let mut response = next.run(req).instrument(span).await;
     add_security_headers(&mut response);
+    response
+        .headers_mut()
+        .insert(X_REQUEST_ID, in_flight.request_id.clone());
     if app.lifecycle.phase() == Phase::Draining {
         // Keep-alive clients would otherwise send their next request on a connection
         // the drain is about to close; this tells them to open a new one elsewhere.
@@ -206,18 +245,55 @@ pub async fn admit(State(app): State<Arc<App>>, req: Request, next: Next) -> Res
         .extensions()
         .get::<Client>()
         .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0);
-    let identity = match &app.config.auth {
-        None => Ok(ClientKey::of(client)),
-        Some(auth) => auth
-            .verify(req.headers().get(header::AUTHORIZATION))
-            .map(|subject| ClientKey::Subject(subject.into())),
+    let address = ClientKey::of(client);
+    let (identity, throttled) = match &app.config.auth {
+        None => (Ok(address.clone()), None),
+        Some(auth) => match auth
+            .authenticate(req.headers().get(header::AUTHORIZATION), &address)
+            .await
+        {
+            Outcome::Subject(subject) => (Ok(ClientKey::Subject(subject)), None),
+            Outcome::Refused(AuthError::Unavailable) => {
+                return ApiError::AuthUnavailable.into_response()
+            }
+            Outcome::Refused(e) => (Err(e), None),
+            Outcome::Throttled(decision) => (Err(AuthError::NotChecked), Some(decision)),
+        },
     };
     // A failed authentication is counted against the address, so guessing is limited too.
-    let key = identity.clone().unwrap_or_else(|_| ClientKey::of(client));
+    let key = identity.clone().unwrap_or_else(|_| address.clone());
     let Some(limiter) = &app.limiter else {
         return run_authenticated(identity, client, req, next).await;
     };
-    let (mut response, limit, remaining, reset) = match limiter.check(&key).await {
+    let decision = match throttled {
+        // The limiter's own answer of a moment ago, reached without a signature check.
+        Some(decision) => {
+            if let Decision::Rejected { window, .. } = &decision {
+                app.metrics
+                    .scope(
+                        || metrics::counter!(RATE_LIMIT_REJECTIONS, "window" => window.unit.name()),
+                    )
+                    .increment(1);
+            }
+            decision
+        }
+        None => {
+            let decision = limiter.check(&key).await;
+            if let (
+                Decision::Rejected {
+                    window,
+                    retry_after,
+                },
+                Err(_),
+                Some(auth),
+            ) = (&decision, &identity, &app.config.auth)
+            {
+                auth.throttle(&address, *window, *retry_after);
+            }
+            decision
+        }
+    };
+    let (mut response, limit, remaining, reset) = match decision {
         Decision::Allowed {
             remaining,
             limit,

@@ -80,7 +80,7 @@ fn matches_if_none_match(headers: &HeaderMap, etag: &HeaderValue) -> bool {
         (status = 429, description = "Over a rate limit; see Retry-After", body = crate::routes::openapi::ErrorBody,
             headers(("Retry-After" = u64, description = "Whole seconds (at least 1) after which a retry is allowed"),
                     ("RateLimit-Limit" = u64), ("RateLimit-Remaining" = u64), ("RateLimit-Reset" = u64), ("RateLimit-Policy" = String))),
-        (status = 503, description = "Overloaded or timed out; see Retry-After", body = crate::routes::openapi::ErrorBody,
+        (status = 503, description = "Overloaded, timed out, or (AUTH_JWT_JWKS_URL) the signing keys not loaded yet; see Retry-After", body = crate::routes::openapi::ErrorBody,
             headers(("Retry-After" = u64))),
     ))]
 pub async fn fibonacci(State(app): State<Arc<App>>, req: Request) -> Result<Response, ApiError> {

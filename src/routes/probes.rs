@@ -36,21 +36,26 @@ pub async fn livez() -> Json<Status> {
 }
 
 /// Kubernetes readiness: 503 while starting or draining, so load balancers stop sending
-/// traffic before the process stops taking it. Redis is deliberately not consulted: an
-/// outage degrades the cache, it must not empty the load balancer.
+/// traffic before the process stops taking it, and with `AUTH_JWT_JWKS_URL` until its
+/// keys first load. Redis is deliberately not consulted: an outage degrades the cache,
+/// it must not empty the load balancer.
 #[utoipa::path(get, path = "/readyz", tag = "probes",
     responses(
         (status = 200, description = "Ready for traffic", body = Status),
-        (status = 503, description = "Starting or draining", body = crate::routes::openapi::ErrorBody),
+        (status = 503, description = "Starting, draining, or waiting for the first JWKS fetch", body = crate::routes::openapi::ErrorBody),
     ))]
 pub async fn readyz(State(app): State<Arc<App>>) -> Response {
+    // Not ready until the first JWKS fetch succeeds: during a rollout, old pods keep
+    // the traffic while the identity provider is unreachable, instead of new pods
+    // answering every token with 503.
+    let keys_loaded = app.config.auth.as_ref().is_none_or(|auth| auth.ready());
     match app.lifecycle.phase() {
-        Phase::Serving => Json(Status { status: "ready" }).into_response(),
+        Phase::Serving if keys_loaded => Json(Status { status: "ready" }).into_response(),
         phase => {
-            let why = if phase == Phase::Starting {
-                "starting"
-            } else {
-                "draining: shutting down"
+            let why = match phase {
+                Phase::Serving => "waiting for the first JWKS fetch (AUTH_JWT_JWKS_URL)",
+                Phase::Starting => "starting",
+                _ => "draining: shutting down",
             };
             (
                 StatusCode::SERVICE_UNAVAILABLE,

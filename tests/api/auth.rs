@@ -1,13 +1,10 @@
-//! Optional JWT authentication: 401s that explain without leaking, and rate limits
-//! keyed on the token's subject.
+//! Optional JWT authentication: 401s that explain without leaking, rate limits keyed on
+//! the token's subject, and clients over their limits costing no signature work.
 
-use std::{net::IpAddr, sync::Arc};
+use std::{net::IpAddr, path::PathBuf};
 
-use fibonacci_api::{
-    auth::{Authenticator, KeySource},
-    config::Config,
-    ratelimit::Policy,
-};
+use clap::Parser;
+use fibonacci_api::config::{Cli, Config};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use reqwest::StatusCode;
 use serde_json::json;
@@ -33,21 +30,37 @@ fn token(sub: &str, exp_offset: i64, aud: &str) -> String {
     .unwrap()
 }
 
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// The configuration the flags `args` give, as the binary would build it, on port 0.
+pub fn config_from(args: &[&str]) -> Config {
+    let mut argv = vec!["fibonacci-api"];
+    argv.extend_from_slice(args);
+    let config = Cli::try_parse_from(argv)
+        .expect("the flags parse")
+        .settings
+        .into_config()
+        .expect("the flags are valid");
+    Config {
+        listen_addr: test_config().listen_addr,
+        shutdown_drain: test_config().shutdown_drain,
+        ..config
+    }
+}
+
 async fn app_with_auth(limits: &str) -> TestApp {
-    let auth = Authenticator::new(
-        KeySource {
-            hs256_secret: Some(SECRET),
-            ..Default::default()
-        },
-        Some("fibonacci-api"),
-        None,
-    )
-    .unwrap();
-    spawn_app(Config {
-        auth: Some(Arc::new(auth)),
-        rate_limits: Some(Policy::parse(limits).unwrap()),
-        ..test_config()
-    })
+    spawn_app(config_from(&[
+        "--auth-jwt-hs256-secret",
+        SECRET,
+        "--auth-jwt-audience",
+        "fibonacci-api",
+        "--rate-limits",
+        limits,
+    ]))
     .await
 }
 
@@ -148,6 +161,214 @@ async fn failed_authentication_is_rate_limited_by_address() {
         call(&app, "127.0.0.15", Some("garbage")).await.status(),
         StatusCode::TOO_MANY_REQUESTS,
         "guessing tokens is limited like anything else"
+    );
+    app.stop().await;
+}
+
+/// RFC 9110 §11.1: the scheme is case-insensitive; §11.4: one or more spaces separate it
+/// from the token68.
+#[tokio::test]
+async fn the_bearer_scheme_is_case_insensitive() {
+    let app = app_with_auth("100/minute").await;
+    let good = token("alice", 300, "fibonacci-api");
+    let client = client_from(None);
+    let cases = [
+        (format!("Bearer {good}"), StatusCode::OK, "canonical"),
+        (format!("bearer {good}"), StatusCode::OK, "lower case"),
+        (format!("BEARER {good}"), StatusCode::OK, "upper case"),
+        (format!("bEaReR {good}"), StatusCode::OK, "mixed case"),
+        (
+            format!("Bearer    {good}"),
+            StatusCode::OK,
+            "several spaces",
+        ),
+        (
+            format!("Bearer{good}"),
+            StatusCode::UNAUTHORIZED,
+            "no space",
+        ),
+        (
+            format!("Bearer {good} {good}"),
+            StatusCode::UNAUTHORIZED,
+            "two tokens",
+        ),
+        (
+            format!("Bearerx {good}"),
+            StatusCode::UNAUTHORIZED,
+            "another scheme",
+        ),
+        (
+            format!("Basic {good}"),
+            StatusCode::UNAUTHORIZED,
+            "basic auth",
+        ),
+    ];
+    for (authorization, expected, why) in cases {
+        let response = client
+            .get(app.url("/fibonacci?n=10"))
+            .header("authorization", &authorization)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), expected, "{why}: {authorization:.20}…");
+    }
+    app.stop().await;
+}
+
+fn rs256(sub: &str) -> String {
+    let key =
+        EncodingKey::from_rsa_pem(&std::fs::read(fixture("rsa-private.pem")).unwrap()).unwrap();
+    encode(
+        &Header::new(Algorithm::RS256),
+        &json!({"sub": sub, "exp": now() + 300, "aud": "fibonacci-api"}),
+        &key,
+    )
+    .unwrap()
+}
+
+/// A well-formed RS256 token whose signature does not match: checking it is real work.
+fn forged_rs256(sub: &str) -> String {
+    let genuine = rs256("someone");
+    let mut parts: Vec<String> = genuine.split('.').map(str::to_owned).collect();
+    parts[1] = rs256(sub).split('.').nth(1).unwrap().to_owned();
+    parts.join(".")
+}
+
+async fn rs256_app(limits: &str) -> TestApp {
+    spawn_app(config_from(&[
+        "--auth-jwt-public-key-file",
+        fixture("rsa-public.pem").to_str().unwrap(),
+        "--auth-jwt-audience",
+        "fibonacci-api",
+        "--rate-limits",
+        limits,
+    ]))
+    .await
+}
+
+fn seconds(response: &reqwest::Response, header: &str) -> u64 {
+    response.headers()[header]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+fn signature_checks(app: &TestApp) -> u64 {
+    app.state.config.auth.as_ref().unwrap().signature_checks()
+}
+
+/// Issue 12, item 3: an address over its limit is refused before any signature work.
+#[tokio::test]
+async fn an_address_over_its_limit_costs_no_signature_work() {
+    let app = rs256_app("3/minute").await;
+    let alice = rs256("alice");
+    assert_eq!(
+        call(&app, "127.0.0.21", Some(&alice)).await.status(),
+        StatusCode::OK,
+        "alice is verified once"
+    );
+    for i in 0..3 {
+        assert_eq!(
+            call(&app, "127.0.0.21", Some(&forged_rs256("mallory")))
+                .await
+                .status(),
+            StatusCode::UNAUTHORIZED,
+            "forgery {i}: counted against the address"
+        );
+    }
+    let normal = call(&app, "127.0.0.21", Some(&forged_rs256("mallory"))).await;
+    assert_eq!(normal.status(), StatusCode::TOO_MANY_REQUESTS);
+    let checks = signature_checks(&app);
+    for i in 0..20 {
+        let response = call(&app, "127.0.0.21", Some(&forged_rs256("mallory"))).await;
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS, "{i}");
+        for header in ["ratelimit-limit", "ratelimit-remaining", "ratelimit-policy"] {
+            assert_eq!(
+                response.headers()[header],
+                normal.headers()[header],
+                "{header} as on the limiter's own 429"
+            );
+        }
+        let retry_after = seconds(&response, "retry-after");
+        assert!(
+            (1..=seconds(&normal, "retry-after")).contains(&retry_after),
+            "Retry-After {retry_after}: what is left of the limiter's"
+        );
+        assert!(
+            seconds(&response, "ratelimit-reset") <= seconds(&normal, "ratelimit-reset"),
+            "RateLimit-Reset as on the limiter's own 429"
+        );
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .contains("3 requests per minute"),
+            "{body}"
+        );
+    }
+    let carol = call(&app, "127.0.0.21", Some(&rs256("carol"))).await;
+    assert_eq!(
+        carol.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "a never-seen token from an address over its limit is not even checked"
+    );
+    assert_eq!(
+        signature_checks(&app),
+        checks,
+        "no signature was verified for an address over its limit"
+    );
+    assert_eq!(
+        call(&app, "127.0.0.21", Some(&alice)).await.status(),
+        StatusCode::OK,
+        "a token already verified needs no signature work: alice behind the same NAT keeps her own budget"
+    );
+    assert_eq!(
+        call(&app, "127.0.0.22", Some(&rs256("carol")))
+            .await
+            .status(),
+        StatusCode::OK,
+        "another address is not affected"
+    );
+    let scrape = app.scrape().await;
+    assert_eq!(
+        scrape.get("rate_limit_rejections_total", &[("window", "minute")]),
+        22.0,
+        "every 429 is counted, the cheap ones included"
+    );
+    app.stop().await;
+}
+
+/// Issue 12, item 3: a valid token over its subject's limit costs a lookup, not a signature.
+#[tokio::test]
+async fn a_subject_over_its_limit_costs_no_signature_work() {
+    let app = rs256_app("2/minute").await;
+    let alice = rs256("alice");
+    let mut seen = Vec::new();
+    for _ in 0..6 {
+        seen.push(call(&app, "127.0.0.23", Some(&alice)).await.status());
+    }
+    assert_eq!(
+        seen,
+        [
+            StatusCode::OK,
+            StatusCode::OK,
+            StatusCode::TOO_MANY_REQUESTS,
+            StatusCode::TOO_MANY_REQUESTS,
+            StatusCode::TOO_MANY_REQUESTS,
+            StatusCode::TOO_MANY_REQUESTS,
+        ]
+    );
+    assert_eq!(
+        signature_checks(&app),
+        1,
+        "one verification for six requests with one token"
+    );
+    assert_eq!(
+        call(&app, "127.0.0.23", Some(&rs256("bob"))).await.status(),
+        StatusCode::OK,
+        "a subject over its limit does not block its address"
     );
     app.stop().await;
 }

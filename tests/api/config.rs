@@ -2,15 +2,31 @@
 
 use std::process::Command;
 
+/// Runs the binary with `env`, expecting it to stop by itself (a bad setting). One still
+/// running after 20 s has started serving instead: it is killed and the test fails.
 fn run_with(env: &[(&str, &str)]) -> std::process::Output {
+    use std::{
+        process::Stdio,
+        time::{Duration, Instant},
+    };
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_fibonacci-api"));
     cmd.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default());
-    cmd.env("LISTEN_ADDR", "127.0.0.1:0");
-    for (k, v) in env {
-        cmd.env(k, v);
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("LISTEN_ADDR", "127.0.0.1:0")
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("the binary runs");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{env:?}: the service started instead of refusing");
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
-    cmd.output().expect("the binary runs")
+    child.wait_with_output().unwrap()
 }
 
 #[test]
@@ -58,4 +74,129 @@ fn the_healthcheck_subcommand_fails_when_nothing_answers() {
         .output()
         .unwrap();
     assert!(!out.status.success(), "nothing listens on {port}");
+}
+
+fn assert_refused(env: &[(&str, &str)], named: &str, why: &str) -> String {
+    let out = run_with(env);
+    assert_eq!(out.status.code(), Some(2), "{why}: exit status");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let lines: Vec<_> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{why}: one line, got {stderr:?}");
+    assert!(
+        lines[0].contains(&format!("invalid {named}=")) && lines[0].contains("expected"),
+        "{why}: {stderr:?}"
+    );
+    stderr
+}
+
+const SECRET_32: &str = "hunter2-jwt-secret-of-32-bytes-or-more";
+
+#[test]
+fn auth_without_an_audience_refuses_to_start() {
+    let stderr = assert_refused(
+        &[("AUTH_JWT_HS256_SECRET", SECRET_32)],
+        "AUTH_JWT_AUDIENCE",
+        "a token minted for another service must not be accepted by default",
+    );
+    assert!(
+        stderr.contains('*'),
+        "the line says how to opt out: {stderr}"
+    );
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+}
+
+#[test]
+fn a_bad_jwks_url_refuses_to_start() {
+    for (url, why) in [
+        ("not a url", "not a URL"),
+        (
+            "http://idp.example/.well-known/jwks.json",
+            "plain http to a remote host: anyone on the path could swap the keys",
+        ),
+        ("ftp://idp.example/jwks", "not http(s)"),
+    ] {
+        assert_refused(
+            &[
+                ("AUTH_JWT_JWKS_URL", url),
+                ("AUTH_JWT_AUDIENCE", "fibonacci-api"),
+            ],
+            "AUTH_JWT_JWKS_URL",
+            why,
+        );
+    }
+    let stderr = assert_refused(
+        &[
+            ("AUTH_JWT_JWKS_URL", "https://idp.example/jwks"),
+            ("AUTH_JWT_PUBLIC_KEY_FILE", "/some/key.pem"),
+            ("AUTH_JWT_AUDIENCE", "fibonacci-api"),
+        ],
+        "AUTH_JWT_*",
+        "two key sources",
+    );
+    assert!(stderr.contains("AUTH_JWT_JWKS_URL"), "{stderr}");
+}
+
+/// `--help` shows each setting's current environment value, except for secrets.
+#[test]
+fn help_never_shows_secret_values() {
+    let secrets = [
+        ("REDIS_URL", "redis://:hunter2-redis@redis.internal:6379/0"),
+        (
+            "REDIS_CLUSTER_NODES",
+            "redis://:hunter2-cluster@10.0.0.1:6379,redis://:hunter2-cluster@10.0.0.2:6379",
+        ),
+        ("AUTH_JWT_HS256_SECRET", SECRET_32),
+        (
+            "AUTH_JWT_JWKS_URL",
+            "https://client:hunter2-jwks@idp.example/jwks?token=hunter2-query",
+        ),
+    ];
+    let out = Command::new(env!("CARGO_BIN_EXE_fibonacci-api"))
+        .env_clear()
+        .env("MAX_N", "777")
+        .envs(secrets)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        help.contains("MAX_N=777"),
+        "--help shows ordinary env values, so the check below means something: {help}"
+    );
+    for (var, _) in secrets {
+        if var == "REDIS_CLUSTER_NODES" && !help.contains(var) {
+            continue; // not a setting of this build
+        }
+        assert!(help.contains(var), "{var} is documented in --help");
+    }
+    assert!(!help.contains("hunter2"), "a secret in --help: {help}");
+}
+
+/// `Debug` of the raw settings and of the validated configuration (what a `{:?}` in a
+/// log line or a panic message would print) redacts every secret.
+#[test]
+fn debug_output_redacts_secrets() {
+    use clap::Parser;
+    use fibonacci_api::config::Cli;
+    let cli = Cli::try_parse_from([
+        "fibonacci-api",
+        "--redis-url",
+        "redis://app:hunter2-redis@redis.internal:6379/0",
+        "--auth-jwt-hs256-secret",
+        SECRET_32,
+        "--auth-jwt-audience",
+        "fibonacci-api",
+    ])
+    .unwrap();
+    let settings = format!("{:?}", cli.settings);
+    assert!(!settings.contains("hunter2"), "Settings: {settings}");
+    assert!(
+        settings.contains("redis.internal:6379"),
+        "the non-secret part stays useful: {settings}"
+    );
+    let config = cli.settings.into_config().unwrap();
+    let config = format!("{config:?}");
+    assert!(!config.contains("hunter2"), "Config: {config}");
+    assert!(config.contains("redis.internal:6379"), "{config}");
 }

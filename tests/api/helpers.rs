@@ -393,10 +393,8 @@ pub async fn spawn_binary(env: &[(&str, String)]) -> Binary {
             if echo {
                 eprintln!("[binary] {line}");
             }
-            if let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) {
-                if json["message"] == "serving" {
-                    let _ = serving_tx.send(json["addr"].as_str().unwrap_or_default().to_owned());
-                }
+            if let Some(addr) = serving_addr(&line) {
+                let _ = serving_tx.send(addr);
             }
             sink.lock().unwrap().push(line);
         }
@@ -414,10 +412,36 @@ pub async fn spawn_binary(env: &[(&str, String)]) -> Binary {
     }
 }
 
+/// The bound address from the "serving" line, in JSON or text format.
+fn serving_addr(line: &str) -> Option<String> {
+    if let Ok(json) = serde_json::from_str::<serde_json::Value>(line) {
+        return (json["message"] == "serving")
+            .then(|| json["addr"].as_str().unwrap_or_default().to_owned());
+    }
+    let rest = line.split(" serving ").nth(1)?;
+    let addr = rest.split("addr=\"").nth(1)?;
+    Some(addr.split('"').next()?.to_owned())
+}
+
 impl Binary {
+    /// Sends SIGTERM and returns at once (the drain is the caller's to watch).
+    pub fn sigterm(&self) {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+
     /// `http://addr`.
     pub fn base(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The log lines so far, as written.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
     }
 
     /// The log lines so far, parsed (non-JSON lines are skipped).

@@ -422,13 +422,8 @@ async fn a_client_that_pipelines_and_never_reads_is_cut_off_at_the_write_deadlin
     let request = "GET /fibonacci?n=100000 HTTP/1.1\r\nHost: x\r\n\r\n".repeat(300);
     let _ = stream.write_all(request.as_bytes()).await;
     let open = || async { app.scrape().await.get("http_connections_open", &[]) };
-    // The stalled connection and the scrape's own; then only the scrape's.
-    eventually(
-        Duration::from_secs(10),
-        "the stalled connection is being served",
-        || async { open().await == 2.0 },
-    )
-    .await;
+    // Only the scrape's own connection once the server has cut the reader off (or before
+    // it was even accepted: then the read below waits for the cut).
     eventually(
         Duration::from_secs(10),
         "the server to cut the reader off",
@@ -437,8 +432,9 @@ async fn a_client_that_pipelines_and_never_reads_is_cut_off_at_the_write_deadlin
     .await;
     let received = read_until_closed(&mut stream, Duration::from_secs(10))
         .await
-        .expect("the connection ends");
+        .expect("the server closes the connection");
     let answered = received.matches("HTTP/1.1 200").count();
+    assert!(answered >= 1, "it was being served: {answered} answers");
     assert!(
         answered < 300,
         "cut off, not served to the end: {answered} answers"

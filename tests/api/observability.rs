@@ -340,3 +340,100 @@ async fn requests_abandoned_by_their_clients_are_counted_as_499_and_leave_the_ga
     );
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_id_is_taken_if_sane_or_made_then_echoed_and_logged() {
+    let service = crate::helpers::spawn_binary(&[]).await;
+    let client = reqwest::Client::new();
+    let send = |id: Option<&str>| {
+        let mut request = client.get(format!("{}/fibonacci?n=8", service.base()));
+        if let Some(id) = id {
+            request = request.header("x-request-id", id);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 200);
+            response.headers()["x-request-id"]
+                .to_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    let ours = "4bf92f35-77b3-4da6.a3ce:929d_0e0e";
+    assert_eq!(send(Some(ours)).await, ours, "a sane incoming id is kept");
+    let generated = |id: &str| id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit());
+    let long = "a".repeat(65);
+    for bad in [long.as_str(), "has space", "semi;colon", "new\tline", "ü"] {
+        let echoed = send(Some(bad)).await;
+        assert!(
+            generated(&echoed),
+            "{bad:?} replaced by a generated id, got {echoed:?}"
+        );
+    }
+    let (a, b) = (send(None).await, send(None).await);
+    assert!(
+        generated(&a) && generated(&b) && a != b,
+        "fresh ids: {a} {b}"
+    );
+    let (_, lines) = service.terminate();
+    let logged: Vec<String> = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["message"] == "request")
+        .map(|l| l["request_id"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert!(logged.contains(&ours.to_owned()), "{logged:?}");
+    assert!(logged.contains(&a) && logged.contains(&b), "{logged:?}");
+}
+
+#[tokio::test]
+async fn requested_n_is_counted_by_range_and_by_where_the_answer_came_from() {
+    let app = spawn_app(Config {
+        rate_limits: None,
+        ..test_config()
+    })
+    .await;
+    for n in ["5", "5", "500", "bad", "2000"] {
+        app.fib(n).await;
+    }
+    let scrape = app.scrape().await;
+    let buckets = |from: &str| -> Vec<(f64, f64)> {
+        scrape
+            .samples
+            .iter()
+            .find(|s| {
+                s.metric == "fibonacci_requested_n" && s.labels.get("answered_from") == Some(from)
+            })
+            .map(|s| match &s.value {
+                prometheus_parse::Value::Histogram(b) => {
+                    b.iter().map(|b| (b.less_than, b.count)).collect()
+                }
+                _ => vec![],
+            })
+            .unwrap_or_default()
+    };
+    let computed = buckets("computation");
+    assert_eq!(
+        computed.iter().find(|b| b.0 == 10.0).unwrap().1,
+        1.0,
+        "n=5 computed once: {computed:?}"
+    );
+    assert_eq!(
+        computed.iter().find(|b| b.0 == 1000.0).unwrap().1,
+        2.0,
+        "and n=500: {computed:?}"
+    );
+    let memory = buckets("memory");
+    assert_eq!(
+        memory.iter().find(|b| b.0 == 10.0).unwrap().1,
+        1.0,
+        "n=5 again, from memory: {memory:?}"
+    );
+    assert_eq!(
+        scrape.count("fibonacci_requested_n", &[("answered_from", "computation")])
+            + scrape.count("fibonacci_requested_n", &[("answered_from", "memory")]),
+        3.0,
+        "answers only: 400s are not counted"
+    );
+    app.stop().await;
+}

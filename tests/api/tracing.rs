@@ -116,6 +116,7 @@ async fn traced_request_round_trip(
     let traced = client
         .get(format!("{}/fibonacci?n=321", service.base()))
         .header("traceparent", format!("00-{TRACE_ID}-{PARENT_ID}-01"))
+        .header("x-request-id", "req-42")
         .send()
         .await
         .unwrap();
@@ -160,6 +161,7 @@ async fn traced_request_round_trip(
         ("url.path", "/fibonacci"),
         ("http.response.status_code", "200"),
         ("client.address", "127.0.0.1"),
+        ("http.request.header.x-request-id", "req-42"),
     ] {
         assert_eq!(
             attribute(server, key).as_deref(),
@@ -207,4 +209,77 @@ async fn spans_arrive_over_http_and_log_lines_carry_the_trace_id() {
         .unwrap_or_else(|| panic!("no request log line with the trace id in {lines:#?}"));
     assert_eq!(request_line["status"], 200);
     assert_eq!(request_line["span_id"].as_str().map(str::len), Some(16));
+}
+
+/// Every export the binary makes to an OTLP/HTTP receiver, whole (resources included).
+async fn export_receiver() -> (SocketAddr, Arc<Mutex<Vec<ExportTraceServiceRequest>>>) {
+    let exports = Arc::new(Mutex::new(Vec::new()));
+    let sink = exports.clone();
+    let router = Router::new().route(
+        "/v1/traces",
+        post(move |body: Bytes| async move {
+            let request = ExportTraceServiceRequest::decode(body).expect("OTLP protobuf");
+            sink.lock().unwrap().push(request);
+            ExportTraceServiceResponse::default().encode_to_vec()
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    (addr, exports)
+}
+
+/// The resource attributes of what the binary exported with `env`, after one request.
+async fn exported_resources(env: &[(&str, String)]) -> Vec<(String, String)> {
+    let (addr, exports) = export_receiver().await;
+    let mut env = env.to_vec();
+    env.push(("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{addr}")));
+    let service = spawn_binary(&env).await;
+    let response = reqwest::get(format!("{}/fibonacci?n=3", service.base()))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let (status, _) = service.terminate();
+    assert!(status.success());
+    let exports = exports.lock().unwrap();
+    exports
+        .iter()
+        .flat_map(|e| &e.resource_spans)
+        .filter_map(|r| r.resource.as_ref())
+        .flat_map(|r| &r.attributes)
+        .filter_map(|a| match a.value.as_ref()?.value.as_ref()? {
+            Value::StringValue(v) => Some((a.key.clone(), v.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otel_settings_change_what_is_exported() {
+    let named = exported_resources(&[
+        ("OTEL_SERVICE_NAME", "fib-renamed".into()),
+        (
+            "OTEL_RESOURCE_ATTRIBUTES",
+            "deployment.environment=test".into(),
+        ),
+    ])
+    .await;
+    assert!(
+        named.contains(&("service.name".into(), "fib-renamed".into())),
+        "OTEL_SERVICE_NAME: {named:?}"
+    );
+    assert!(
+        named.contains(&("deployment.environment".into(), "test".into())),
+        "OTEL_RESOURCE_ATTRIBUTES: {named:?}"
+    );
+    let default = exported_resources(&[]).await;
+    assert!(
+        default.contains(&("service.name".into(), "fibonacci-api".into())),
+        "unnamed, the crate's name: {default:?}"
+    );
+    let disabled = exported_resources(&[("OTEL_SDK_DISABLED", "true".into())]).await;
+    assert!(
+        disabled.is_empty(),
+        "OTEL_SDK_DISABLED=true exports nothing: {disabled:?}"
+    );
 }
