@@ -1297,7 +1297,9 @@ def cmd_dashboard() -> None:
     def walk(node, where):
         if isinstance(node, dict):
             ds = node.get("datasource")
-            if isinstance(ds, dict) and ds.get("uid") not in ("${datasource}", "$datasource"):
+            # Prometheus through ${datasource}, Loki (the logs panel) through ${loki_datasource}.
+            if isinstance(ds, dict) and (ds.get("uid"), ds.get("type")) not in (
+                    ("${datasource}", "prometheus"), ("$datasource", "prometheus"), ("${loki_datasource}", "loki")):
                 bad_uids.append(f"{where}: {ds}")
             if isinstance(ds, str) and ds not in ("${datasource}", "$datasource"):
                 bad_uids.append(f"{where}: {ds}")
@@ -1379,6 +1381,52 @@ def sli_slow_ratio(sel: str, by: str, window: str, le_regex: str) -> str:
             f" / {agg} (rate(http_request_duration_seconds_count{{{sel}}}[{window}])))")
 
 
+# The business metric (issue 15 item 10): fibonacci_requested_n, a histogram of
+# the n of successful answers with buckets at these bounds, labelled
+# answered_from = memory | redis | computation. The dashboard shows it per range
+# of n, one query per range, written once here (check sli-sync compares).
+REQUESTED_N_BUCKETS = [10, 100, 1000, 10000, 100000, 1000000]
+
+
+def le_regex(bound) -> str:
+    """Both renderings of a bucket bound: the exporter's (le="10") and
+    Prometheus 3's normalised one (le="10.0", le="1e+06")."""
+    if bound == "+Inf":
+        return r"\+Inf"
+    g = f"{float(bound):g}"
+    forms = [str(bound), rf"{bound}\.0"] + ([g.replace("+", r"\+")] if "e" in g else [])
+    return "|".join(forms)
+
+
+def requested_n_ranges() -> list[tuple]:
+    bounds = [None] + REQUESTED_N_BUCKETS + ["+Inf"]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def requested_n_range_label(lo, hi) -> str:
+    if lo is None:
+        return f"n ≤ {hi:,}"
+    return f"n > {lo:,}" if hi == "+Inf" else f"{lo + 1:,} ≤ n ≤ {hi:,}"
+
+
+def _requested_n(sel: str, bound, window: str) -> str:
+    return f"sum(rate(fibonacci_requested_n_bucket{{{sel}, le=~`{le_regex(bound)}`}}[{window}]))"
+
+
+def requested_n_range_rate(sel: str, lo, hi, window: str) -> str:
+    """Answers per second whose n is in (lo, hi]: the difference of two cumulative buckets."""
+    top = _requested_n(sel, hi, window)
+    return top if lo is None else f"{top} - {_requested_n(sel, lo, window)}"
+
+
+def requested_n_range_memory_ratio(sel: str, lo, hi, window: str) -> str:
+    """Share of the answers in (lo, hi] served from memory; 0 (not empty) when
+    none were, as long as the range had answers at all."""
+    mem = requested_n_range_rate(f'{sel}, answered_from="memory"', lo, hi, window)
+    everything = requested_n_range_rate(sel, lo, hi, window)
+    return f"(({mem}) or 0 * ({everything})) / ({everything})"
+
+
 def promql_norm(q: str) -> str:
     return re.sub(r"\s+", "", q)
 
@@ -1420,9 +1468,22 @@ def cmd_sli_sync() -> None:
             f"1 - ({sli_slow_ratio(dfib, '', '$__rate_interval', '${latency_threshold:regex}')})",
     }
     for (title, ref), want in expected.items():
+        if title.startswith(("Answers by", "Memory cache")):
+            continue  # by legend, below
         need(title in panels, {"kind": "dashboard", "metadata": {"name": title}}, "panel missing")
         t = next(t for t in panels[title]["targets"] if t["refId"] == ref)
         same(f"dashboard panel {title!r} {ref}", t["expr"], want)
+    for lo, hi in requested_n_ranges():
+        expected[("Answers by requested n", requested_n_range_label(lo, hi))] = \
+            requested_n_range_rate(dsel, lo, hi, "$__rate_interval")
+        expected[("Memory cache hit ratio by requested n", requested_n_range_label(lo, hi))] = \
+            requested_n_range_memory_ratio(dsel, lo, hi, "$__rate_interval")
+    for (title, ref), want in expected.items():
+        if title.startswith(("Answers by", "Memory cache")):
+            need(title in panels, {"kind": "dashboard", "metadata": {"name": title}}, "panel missing")
+            t = next((t for t in panels[title]["targets"] if t["legendFormat"] == ref), None)
+            need(t, {"kind": "dashboard", "metadata": {"name": title}}, f"no query for the range {ref}")
+            same(f"dashboard panel {title!r} {ref}", t["expr"], want)
     objects, _ = render(values_of("all-features"))
     for o in objects:
         if o["kind"] == "AnalysisTemplate":
@@ -1586,8 +1647,176 @@ def cmd_promql_scenarios() -> None:
             {"expr": grafana_expr(ann["expr"], values), "eval_time": "9m", "exp_samples": []},
         ]}]
     run_promtool_tests(tmp, "dashboard", [], tests)
+
+    # 4. the business panels (fibonacci_requested_n) from both renderings of
+    #    the buckets: the exporter's le="10", Prometheus 3's le="10.0"/"1e+06".
+    d = json.loads(DASHBOARD.read_text())
+    panels = {p["title"]: p for p in dashboard_panels(d)}
+    per_second = {"memory": [2, 1, 0, 0, 0, 0, 0], "computation": [0, 1, 1, 0, 0, 0, 0]}
+    want_rate, want_hit = [2, 2, 1, 0, 0, 0, 0], [1, 0.5, 0, None, None, None, None]
+    tests = []
+    for style in ("exporter", "prometheus3"):
+        inputs = []
+        for source, rates in per_second.items():
+            cumulative = 0
+            for (lo, hi), r in zip(requested_n_ranges(), rates):
+                cumulative += r
+                if hi == "+Inf":
+                    le = "+Inf"
+                elif style == "exporter":
+                    le = str(hi)
+                else:
+                    le = f"{float(hi):g}" if "e" in f"{float(hi):g}" else f"{hi}.0"
+                inputs.append(series("fibonacci_requested_n_bucket", rel | {"pod": "fibonacci-api-7d9f8b6c5-x2x4k",
+                                     "answered_from": source, "le": le}, f"0+{cumulative * 15}x40"))
+        exprs = []
+        for (lo, hi), rate_, hit in zip(requested_n_ranges(), want_rate, want_hit):
+            label = requested_n_range_label(lo, hi)
+            q = next(t["expr"] for t in panels["Answers by requested n"]["targets"] if t["legendFormat"] == label)
+            exprs.append({"expr": f"round({grafana_expr(q, values)}, 0.001)", "eval_time": "8m",
+                          "exp_samples": [{"labels": "{}", "value": rate_}]})
+            if hit is not None:
+                q = next(t["expr"] for t in panels["Memory cache hit ratio by requested n"]["targets"] if t["legendFormat"] == label)
+                exprs.append({"expr": f"round({grafana_expr(q, values)}, 0.001)", "eval_time": "8m",
+                              "exp_samples": [{"labels": "{}", "value": hit}]})
+        tests.append({"name": f"business panels, {style} bucket labels", "interval": "15s", "input_series": inputs,
+                      "promql_expr_test": exprs})
+    run_promtool_tests(tmp, "business-panels", [], tests)
+    info("business panels with le=\"10\" and le=\"10.0\"/\"1e+06\" buckets: answers per range of n 2, 2, 1, 0...; "
+         "memory hit ratio 100% for n <= 10, 50% for 11-100, 0% (not empty) for 101-1,000")
     info("dashboard during a total outage: 5xx ratio 100%, availability 0, latency SLI 0; "
          f"annotation {ann['name']!r} shows the pod created at 5 m, and not the Redis pod")
+
+
+ALLOY = ROOT / "deploy" / "alloy" / "config.alloy"
+DATASOURCES = ROOT / "grafana" / "provisioning" / "datasources" / "datasources.yaml"
+
+
+def alloy_components(text: str) -> tuple[dict[str, str], list[str]]:
+    """Alloy's configuration syntax, enough to check references: the top-level
+    blocks (`type.name "label" { ... }`) and every `a.b.c.export` reference."""
+    text = re.sub(r"//[^\n]*", "", text)
+    need(text.count("{") == text.count("}"), {"kind": "alloy", "metadata": {"name": ALLOY.name}}, "unbalanced braces")
+    blocks, depth, i = {}, 0, 0
+    for m in re.finditer(r'([a-z_.]+)\s+"([A-Za-z0-9_]+)"\s*\{|[{}]', text):
+        if m.group(1) and depth == 0:
+            blocks[f"{m.group(1)}.{m.group(2)}"] = m.group(1)
+            depth += 1
+        elif m.group(0).endswith("{"):
+            depth += 1
+        else:
+            depth -= 1
+    refs = re.findall(r"=\s*\[?\s*((?:[a-z_]+\.)+[A-Za-z0-9_]+)\.(?:receiver|targets|output)\b", text)
+    return blocks, refs
+
+
+def cmd_logs_config() -> None:
+    """Logs in Loki, linked to traces: compose runs Loki and Alloy with the
+    files this repository ships; Alloy's pipeline references only components it
+    defines and ends in Loki; Grafana's data sources link both ways (a log
+    line's trace_id opens the trace in Jaeger, a trace opens its logs in Loki),
+    every uid they name exists, the fields they match are the ones Alloy
+    attaches, and the dashboard's logs panel selects labels Alloy sets."""
+    A = {"kind": "alloy", "metadata": {"name": str(ALLOY.relative_to(ROOT))}}
+    text = ALLOY.read_text()
+    blocks, refs = alloy_components(text)
+    for r in refs:
+        need(r in blocks, A, f"references {r}, which is not defined (defined: {sorted(blocks)})")
+    need(any(t == "loki.write" for t in blocks.values()), A, "no loki.write: the lines go nowhere")
+    url = re.search(r'url\s*=\s*"([^"]+)"', text).group(1)
+    compose = load_file(ROOT / "compose.yaml")
+    services = compose["services"]
+    need(urllib.parse.urlparse(url).hostname in services, A, f"pushes to {url}: no such compose service")
+    for svc, path in (("loki", "deploy/loki/loki.yaml"), ("alloy", "deploy/alloy/config.alloy")):
+        vols = [v.split(":")[0] for v in services[svc].get("volumes", [])]
+        need(f"./{path}" in vols, {"kind": "compose", "metadata": {"name": svc}}, f"does not mount ./{path}")
+    need(services["api"]["environment"].get("LOG_FORMAT") == "json", {"kind": "compose", "metadata": {"name": "api"}},
+         "LOG_FORMAT must be json: Alloy parses JSON lines")
+    loki_cfg = load_file(ROOT / "deploy" / "loki" / "loki.yaml")
+    need(dig(loki_cfg, "limits_config", "allow_structured_metadata") is True, A,
+         "Loki must accept structured metadata (trace_id, request_id)")
+    structured = set(re.findall(r"^\s*([a-z_]+)\s*=\s*\"\",?$",
+                                re.search(r"stage\.structured_metadata\s*\{(.*?)\n  \}", text, re.S).group(1), re.M))
+    labels = set(re.findall(r"^\s*([a-z_]+)\s*=\s*\"\",?$",
+                            re.search(r"stage\.labels\s*\{(.*?)\n  \}", text, re.S).group(1), re.M))
+    labels |= set(re.findall(r'target_label\s*=\s*"([a-z_]+)"', text))
+    need({"trace_id", "request_id"} <= structured, A, f"trace_id and request_id must be structured metadata: {structured}")
+    # Grafana's data sources.
+    D = {"kind": "datasources", "metadata": {"name": str(DATASOURCES.relative_to(ROOT))}}
+    dss = {d["uid"]: d for d in load_file(DATASOURCES)["datasources"]}
+    lokis = [d for d in dss.values() if d["type"] == "loki"]
+    need(lokis, D, "no Loki data source")
+    loki = lokis[0]
+    need(urllib.parse.urlparse(loki["url"]).hostname in services, D, f"Loki at {loki['url']}: no such compose service")
+    fields = {f["matcherRegex"]: f for f in dig(loki, "jsonData", "derivedFields", default=[])}
+    need("trace_id" in fields, D, "no derived field for trace_id: log lines would not open their trace")
+    for name, f in fields.items():
+        need(f.get("matcherType") == "label" and name in structured | labels, D,
+             f"derived field {name}: must match a label or structured metadata field Alloy attaches ({sorted(structured)})")
+        need(f.get("datasourceUid") in dss, D, f"derived field {name} links to data source uid {f.get('datasourceUid')!r}, "
+                                               f"which is not provisioned ({sorted(dss)})")
+        need("$${__value.raw}" in f.get("url", ""), D, f"derived field {name}: url must use $${{__value.raw}} "
+                                                        "($$ escapes provisioning's own $ expansion)")
+    need(dss[fields["trace_id"]["datasourceUid"]]["type"] in ("jaeger", "tempo"), D, "trace_id must open a tracing data source")
+    tracing = dss[fields["trace_id"]["datasourceUid"]]
+    t2l = dig(tracing, "jsonData", "tracesToLogsV2") or {}
+    need(t2l.get("datasourceUid") == loki["uid"], D, f"{tracing['name']}: tracesToLogsV2 must name the Loki uid {loki['uid']}")
+    need(t2l.get("filterByTraceID") is True, D, f"{tracing['name']}: tracesToLogsV2.filterByTraceID must be true")
+    for tag in t2l.get("tags", []):
+        need(tag.get("value", tag["key"]) in labels, D, f"tracesToLogsV2 tag {tag} maps to {tag.get('value')}, not a Loki label "
+                                                        f"Alloy sets ({sorted(labels)})")
+    # The dashboard's logs panel selects what Alloy labels.
+    d = json.loads(DASHBOARD.read_text())
+    for p in dashboard_panels(d):
+        for t in p.get("targets", []):
+            if dig(t, "datasource", "type") == "loki":
+                used = set(re.findall(r"([a-z_]+)\s*=~?\s*\"", t["expr"]))
+                need(used <= labels | {"namespace"}, D, f"logs panel {p['title']!r} selects {used - labels}, "
+                                                          f"labels Alloy does not set ({sorted(labels)})")
+    info(f"Alloy: {len(blocks)} components, {len(refs)} references all defined, JSON lines -> labels {sorted(labels)} + "
+         f"structured metadata {sorted(structured)} -> {url}; Grafana: derived fields {sorted(fields)} -> "
+         f"{', '.join(sorted({f['datasourceUid'] for f in fields.values()}))}, {tracing['name']} -> logs in {loki['name']}")
+
+
+def cmd_log_lines() -> None:
+    """The fields Alloy reads (stage.json) are in the lines the service really
+    writes: the real binary with LOG_FORMAT=json and tracing on (to a local
+    port that accepts nothing), one request with an X-Request-Id."""
+    binary = service_binary()
+    atexit.register(_cleanup)
+    tmp = Path(tempfile.mkdtemp(prefix="check-deploy-logs-"))
+    atexit.register(shutil.rmtree, tmp, True)
+    wanted = dict(re.findall(r'^\s*([a-z_]+)\s*=\s*"([^"]+)",?$',
+                             re.search(r"stage\.json\s*\{(.*?)\n  \}", ALLOY.read_text(), re.S).group(1), re.M))
+    port, sink = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "REDIS_", "RATE_LIMIT"))}
+    env |= {"LISTEN_ADDR": f"127.0.0.1:{port}", "LOG_FORMAT": "json", "RUST_LOG": "info", "SHUTDOWN_DRAIN_SECONDS": "0",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink}", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
+    log = tmp / "service.log"
+    svc = start([str(binary)], log, env=env)
+    poll("the service's /health", lambda: http(f"http://127.0.0.1:{port}/health", timeout=1)[0] == 200, 30)
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/fibonacci?n=10", headers={"X-Request-Id": "check-deploy.42"})
+    urllib.request.urlopen(req, timeout=5).read()
+
+    def line():
+        for raw in log.read_text(errors="replace").splitlines():
+            try:
+                doc = json.loads(raw)
+            except ValueError:
+                continue
+            if doc.get("request_id") == "check-deploy.42":
+                return doc
+        return None
+    doc = poll("the request's log line", line, 10)
+    svc.terminate()
+    svc.wait(timeout=20)
+    missing = [f"{src} (for {name})" for name, src in wanted.items() if src not in doc]
+    need(not missing, {"kind": "alloy", "metadata": {"name": ALLOY.name}},
+         f"stage.json reads fields the service does not write: {missing}; a request's line: {doc}")
+    need(re.fullmatch(r"[0-9a-f]{32}", doc["trace_id"]), {"kind": "log line", "metadata": {"name": "-"}},
+         f"trace_id {doc['trace_id']!r} is not a W3C trace id: Jaeger could not open it")
+    info(f"a request's JSON line has every field Alloy reads ({', '.join(sorted(wanted.values()))}); "
+         f"request_id {doc['request_id']}, trace_id {doc['trace_id']}")
 
 
 # --------------------------------------------------------------------------- Dockerfile
@@ -2041,6 +2270,8 @@ def collect_queries() -> list[tuple[str, str]]:
     variables = dashboard_variable_values(d)
     for p in dashboard_panels(d):
         for t in p.get("targets", []):
+            if dig(t, "datasource", "type") == "loki":
+                continue  # LogQL: check config-files proves its labels are the shipper's
             queries.append((f"dashboard panel {p['title']!r} {t['refId']}", grafana_expr(t["expr"], variables)))
     for a in d.get("annotations", {}).get("list", []):
         if a.get("expr"):
@@ -2067,6 +2298,11 @@ def collect_queries() -> list[tuple[str, str]]:
                      .replace("<<.LabelMatchers>>", 'namespace="fibonacci-api",pod=~".*"').replace("<<.GroupBy>>", "pod"))
                 queries.append(("prometheus-adapter metricsQuery", q))
                 queries.append(("prometheus-adapter seriesQuery", rule["seriesQuery"]))
+    for o in render(values_of("keda-linkerd"), namespace="fibonacci-api")[0]:
+        if o["kind"] == "ScaledObject":
+            for t in o["spec"]["triggers"]:
+                if t["type"] == "prometheus":
+                    queries.append((f"KEDA ScaledObject trigger {t['name']}", t["metadata"]["query"]))
     return queries
 
 
@@ -2543,7 +2779,7 @@ def cmd_image() -> None:
 COMMANDS = {
     "chart": cmd_chart, "argocd": cmd_argocd, "alerts-sync": cmd_alerts_sync, "gen-alerts": cmd_gen_alerts,
     "dashboard": cmd_dashboard, "sli-sync": cmd_sli_sync, "image": cmd_image, "images": cmd_images, "alert-routes": cmd_alert_routes, "crd-schemas": cmd_crd_schemas, "promql-scenarios": cmd_promql_scenarios, "dockerfile": cmd_dockerfile, "queries": cmd_queries, "config": cmd_config,
-    "loadtest": cmd_loadtest,
+    "loadtest": cmd_loadtest, "logs-config": cmd_logs_config, "log-lines": cmd_log_lines,
 }
 
 if __name__ == "__main__":
