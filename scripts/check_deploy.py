@@ -63,6 +63,8 @@ VALUES_FILES = {
     "production": CHART / "values-production.yaml",
     "all-features": CHART / "ci" / "all-features-values.yaml",
     "external-redis": CHART / "ci" / "external-redis-values.yaml",
+    "keda-linkerd": CHART / "ci" / "keda-linkerd-values.yaml",
+    "chaos": CHART / "ci" / "chaos-values.yaml",
 }
 
 CRD_KINDS = {
@@ -73,7 +75,15 @@ CRD_KINDS = {
     ("argoproj.io", "Application"),
     ("argoproj.io", "AppProject"),
     ("argoproj.io", "ApplicationSet"),
+    ("monitoring.coreos.com", "AlertmanagerConfig"),
+    ("keda.sh", "ScaledObject"),
+    ("security.istio.io", "PeerAuthentication"),
+    ("security.istio.io", "AuthorizationPolicy"),
+    ("external-secrets.io", "ExternalSecret"),
+    ("external-secrets.io", "ClusterSecretStore"),
+    ("chaos-mesh.org", "Schedule"),
 }
+CHAOS_SCHEMA = ROOT / "deploy" / "schemas" / "chaos-mesh.org_v1alpha1_schedule.json"
 
 # Metrics that dashboards and alerts may use although the service does not
 # export them: they come from the cluster, so the live check cannot scrape them.
@@ -411,6 +421,13 @@ def check_references(objects: list[dict]) -> None:
         need((ref["kind"], ref["name"]) in names, hpa, f"scaleTargetRef {ref['kind']}/{ref['name']} is not rendered")
         need(not dig(next(o for o in objects if o["kind"] == ref["kind"] and o["metadata"]["name"] == ref["name"]),
                      "spec", "replicas"), hpa, "the HPA's target sets spec.replicas: a sync would fight the HPA")
+    for so in by_kind.get("ScaledObject", []):
+        ref = so["spec"]["scaleTargetRef"]
+        target = next((o for o in objects if o["kind"] == ref.get("kind", "Deployment") and o["metadata"]["name"] == ref["name"]), None)
+        need(target, so, f"scaleTargetRef {ref.get('kind')}/{ref['name']} is not rendered")
+        need(not dig(target, "spec", "replicas"), so, "the ScaledObject's target sets spec.replicas: a sync would fight KEDA")
+        need(not [h for h in by_kind.get("HorizontalPodAutoscaler", []) if h["spec"]["scaleTargetRef"]["name"] == ref["name"]], so,
+             "an HPA and a ScaledObject (which makes its own HPA) scale the same workload")
     for pdb in by_kind.get("PodDisruptionBudget", []):
         sel = dig(pdb, "spec", "selector", "matchLabels")
         need(any(matches(sel, labels) for o, _, labels in pods if o["kind"] != "Pod"), pdb, "selects no pods")
@@ -562,6 +579,104 @@ def check_failure_paths(label: str, values: dict, objects: list[dict], notes: st
                          f"alert {r['alert']}: environment label {r['labels'].get('environment')!r}, "
                          f"values say {merged['prometheusRule']['environment']!r}")
     check_notes(label, values, objects, notes)
+    check_optional_parts(label, merged, objects)
+
+
+SECRET_SETTINGS = ("REDIS_URL", "REDIS_CLUSTER_NODES", "REDIS_PASSWORD", "AUTH_JWT_HS256_SECRET")
+
+
+def check_optional_parts(label: str, merged: dict, objects: list[dict]) -> None:
+    """Issue 15's optional parts, as the platform team adopting them would
+    check them: cost labels everywhere, secrets never in a ConfigMap, mesh
+    policies that admit the scrape, the probes and the test pods, KEDA on the
+    release's own series, the load test aimed at the Service."""
+    by_kind: dict[str, list[dict]] = {}
+    for o in objects:
+        by_kind.setdefault(o["kind"], []).append(o)
+    pods = [(o, *pod_spec_of(o)) for o in objects if o["kind"] in POD_KINDS]
+    api = next(o for o in objects if o["kind"] in ("Deployment", "Rollout")
+               and dig(o, "spec", "template", "metadata", "labels", "app.kubernetes.io/component") == "api")
+    api_spec = api["spec"]["template"]["spec"]
+    ports = {p["name"]: p["containerPort"] for p in api_spec["containers"][0]["ports"]}
+    svc = next(o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == api["metadata"]["name"])
+    # Cost attribution: every object and every pod carries commonLabels.
+    for o in objects:
+        have = o["metadata"].get("labels") or {}
+        need(all(have.get(k) == str(v) for k, v in merged["commonLabels"].items()), o,
+             f"commonLabels {merged['commonLabels']} missing from its labels")
+    for o, _, labels in pods:
+        need(all(labels.get(k) == str(v) for k, v in merged["commonLabels"].items()), o,
+             "commonLabels missing from its pod template")
+    # Secrets never in a ConfigMap.
+    for cm in by_kind.get("ConfigMap", []):
+        leaked = [k for k in (cm.get("data") or {}) if k in SECRET_SETTINGS]
+        need(not leaked, cm, f"secret settings {leaked} in a ConfigMap")
+    # The ExternalSecret writes exactly the keys the pods read.
+    for es in by_kind.get("ExternalSecret", []):
+        target = es["spec"]["target"]["name"]
+        written = {d["secretKey"] for d in es["spec"]["data"]}
+        read = {dig(e, "valueFrom", "secretKeyRef", "key") for c in api_spec["containers"] for e in c.get("env", [])
+                if dig(e, "valueFrom", "secretKeyRef", "name") == target}
+        need(read == written, es, f"writes keys {sorted(written)} of Secret {target}, the API pods read {sorted(read)}")
+    # Mesh: every pod the chart runs joins it the same way, and its policies
+    # admit what must get through.
+    meshed = merged["mesh"]["istio"]["enabled"] or merged["mesh"]["linkerd"]["enabled"]
+    if meshed:
+        key = "sidecar.istio.io/nativeSidecar" if merged["mesh"]["istio"]["enabled"] else \
+            "config.alpha.linkerd.io/proxy-enable-native-sidecar"
+        for o in pods:
+            ann = (o[0]["metadata"].get("annotations") if o[0]["kind"] == "Pod" else
+                   dig(o[0], "spec", "template", "metadata", "annotations")) or {}
+            need(ann.get(key) == "true", o[0], f"not a native sidecar ({key}): a Job would never finish, "
+                                               "and the app could start before its proxy or outlive it")
+        port = "15012" if merged["mesh"]["istio"]["enabled"] else "8086"
+        for np in by_kind.get("NetworkPolicy", []):
+            egress = json.dumps(np["spec"].get("egress"))
+            need(f'"port": {port}' in egress, np, f"no egress to the mesh control plane (port {port}): the proxy never gets ready")
+    for pa in by_kind.get("PeerAuthentication", []):
+        need(pa["spec"]["mtls"]["mode"] == "STRICT", pa, "mTLS must be STRICT")
+        need(matches(pa["spec"]["selector"]["matchLabels"], api["spec"]["template"]["metadata"]["labels"]), pa,
+             "selector does not select the API pods")
+        for p_, mode in (pa["spec"].get("portLevelMtls") or {}).items():
+            need(int(p_) == ports.get("admin"), pa, f"port {p_} relaxed to {mode['mode']}: only the admin port may be")
+    for ap in by_kind.get("AuthorizationPolicy", []):
+        need(ap["spec"]["action"] == "ALLOW" and matches(ap["spec"]["selector"]["matchLabels"],
+                                                         api["spec"]["template"]["metadata"]["labels"]), ap,
+             "must be an ALLOW policy on the API pods")
+        allowed = {}
+        for r in ap["spec"]["rules"]:
+            for op in r["to"]:
+                for p_ in op["operation"]["ports"]:
+                    need(int(p_) in ports.values(), ap, f"port {p_} is no container port {ports}")
+                    allowed.setdefault(int(p_), []).append(r.get("from"))
+        principal = f"{merged['mesh']['istio']['trustDomain']}/ns/{api['metadata']['namespace']}/sa/{api_spec['serviceAccountName']}"
+        need(any(f and principal in f[0]["source"]["principals"] for f in allowed.get(ports["http"], [])), ap,
+             f"the test and load pods ({principal}) cannot call the API port")
+        for o, spec, labels in pods:
+            if labels.get("app.kubernetes.io/component") == "test":
+                need(spec.get("serviceAccountName") == api_spec["serviceAccountName"], o,
+                     "a test pod under another identity than the one the AuthorizationPolicy admits")
+        for sm in by_kind.get("ServiceMonitor", []):
+            for ep in sm["spec"]["endpoints"]:
+                target = next(p_["targetPort"] for p_ in svc["spec"]["ports"] if p_["name"] == ep["port"])
+                need(ports[target] in allowed, ap, f"no rule admits Prometheus on port {ports[target]}, which it scrapes")
+                plaintext = ep.get("scheme", "http") == "http"
+                relaxed = {int(k) for pa in by_kind.get("PeerAuthentication", []) for k in (pa["spec"].get("portLevelMtls") or {})}
+                need(not plaintext or ports[target] in relaxed, ap,
+                     f"Prometheus scrapes port {ports[target]} in plaintext but mTLS is STRICT there")
+    # KEDA reads this release's own series.
+    for so in by_kind.get("ScaledObject", []):
+        q = next(t for t in so["spec"]["triggers"] if t["type"] == "prometheus")["metadata"]["query"]
+        need(f'namespace="{so["metadata"]["namespace"]}"' in q and f'job="{svc["metadata"]["name"]}"' in q, so,
+             f"the Prometheus trigger does not select this release's namespace and job: {q}")
+    # The load test aims at the Service, on its port.
+    for o, spec, labels in pods:
+        for c in spec["containers"]:
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            if "LOAD_BASE_URL" in env:
+                url = urllib.parse.urlparse(env["LOAD_BASE_URL"])
+                need(url.hostname == svc["metadata"]["name"] and url.port == svc["spec"]["ports"][0]["port"], o,
+                     f"LOAD_BASE_URL {env['LOAD_BASE_URL']} is not the API Service")
 
 
 def schema_coverage(schema: dict, values: dict, path: str = "") -> list[str]:
@@ -648,6 +763,38 @@ def cmd_chart() -> None:
             {"ingress": {"enabled": True}}, "TRUSTED_PROXIES"),
         "an alert label that the rules set themselves": (
             {"prometheusRule": {"enabled": True, "alertLabels": {"environment": "prod"}}}, "environment"),
+        # Issue 15's optional parts.
+        "the HPA and a KEDA ScaledObject both on": (
+            {"keda": {"enabled": True}, "serviceMonitor": {"enabled": True}}, "exclusive"),
+        "KEDA without the scrape its trigger reads": (
+            {"keda": {"enabled": True}, "autoscaling": {"enabled": False}}, "serviceMonitor.enabled"),
+        "a cost label that overrides a selector label": (
+            {"commonLabels": {"app.kubernetes.io/name": "billing"}}, "commonLabels"),
+        "an ExternalSecret with nothing in it": ({"externalSecret": {"enabled": True}}, "externalSecret.data"),
+        "the Redis address from the ExternalSecret and the in-cluster Redis": (
+            {"redis": {"enabled": True}, "externalSecret": {"enabled": True, "data": [
+                {"env": "REDIS_URL", "remoteRef": {"key": "k"}}]}}, "exclusive"),
+        "REDIS_URL and REDIS_CLUSTER_NODES both from the ExternalSecret": (
+            {"externalSecret": {"enabled": True, "data": [{"env": "REDIS_URL", "remoteRef": {"key": "k"}},
+                                                          {"env": "REDIS_CLUSTER_NODES", "remoteRef": {"key": "k"}}]}}, "exclusive"),
+        "a JWT secret without an audience (the service would refuse to start)": (
+            {"externalSecret": {"enabled": True, "data": [{"env": "AUTH_JWT_HS256_SECRET", "remoteRef": {"key": "k"}}]}},
+            "AUTH_JWT_AUDIENCE"),
+        "a setting the ExternalSecret may not carry": (
+            {"externalSecret": {"enabled": True, "data": [{"env": "MAX_N", "remoteRef": {"key": "k"}}]}}, "externalSecret/data/0/env"),
+        "Istio and Linkerd both": ({"mesh": {"istio": {"enabled": True}, "linkerd": {"enabled": True}}}, "exclusive"),
+        "Istio admitting no one to the API": (
+            {"mesh": {"istio": {"enabled": True, "ingressPrincipals": []}}}, "ingressPrincipals"),
+        "Istio STRICT mTLS with Prometheus outside the mesh and no admin port": (
+            {"mesh": {"istio": {"enabled": True}}, "serviceMonitor": {"enabled": True}}, "admin.enabled"),
+        "paging with no PagerDuty routing key Secret": (
+            {"alertmanagerConfig": {"enabled": True, "pagerduty": {"routingKeySecret": {"name": ""}}}}, "routingKeySecret"),
+        "the load test from one address without a trusted proxy": ({"loadTest": {"enabled": True}}, "TRUSTED_PROXIES"),
+        "chaos experiments in production": (
+            {"chaos": {"enabled": True}, "redis": {"enabled": True}, "config": {"TRUSTED_PROXIES": "10.0.0.0/8"}}, "production"),
+        "Redis chaos without the in-cluster Redis it targets": (
+            {"chaos": {"enabled": True}, "config": {"TRUSTED_PROXIES": "10.0.0.0/8"},
+             "prometheusRule": {"environment": "staging"}}, "redis.enabled"),
     }
     for why, (values, word) in must_fail.items():
         try:
@@ -704,13 +851,44 @@ def application_chart(app: dict, proj: dict) -> tuple[Path, dict, str]:
     return chart, values, where
 
 
+def expand_application_set(appset: dict) -> list[dict]:
+    """The Applications an ApplicationSet's list generator makes: its template
+    with every {{.key}} of each element substituted (Go templates, as
+    goTemplate: true with missingkey=error: an unknown key fails here too)."""
+    spec = appset["spec"]
+    need(spec.get("goTemplate") is True and "missingkey=error" in (spec.get("goTemplateOptions") or []), appset,
+         "goTemplate: true with missingkey=error, so a typo in a key fails instead of rendering empty")
+    elements = [e for g in spec["generators"] for e in dig(g, "list", "elements", default=[])]
+    need(elements, appset, "only list generators are checked here, and this one has no elements")
+    template = json.dumps(spec["template"])
+    apps = []
+    for e in elements:
+        def sub(m, e=e):
+            need(m.group(1) in e, appset, f"template uses {{{{.{m.group(1)}}}}}, which element {e} does not have")
+            return str(e[m.group(1)])
+        app = {"apiVersion": appset["apiVersion"], "kind": "Application"} | json.loads(
+            re.sub(r"\{\{\s*\.([A-Za-z0-9_]+)\s*\}\}", sub, template))
+        app["metadata"]["namespace"] = appset["metadata"]["namespace"]
+        app["__source"] = f"{appset['__source']} element {e}"
+        apps.append(app)
+    names = [a["metadata"]["name"] for a in apps]
+    need(len(set(names)) == len(names), appset, f"generated Application names collide: {names}")
+    return apps
+
+
 def cmd_argocd() -> None:
     docs = []
-    for f in sorted((ROOT / "argocd").glob("*.yaml")):
+    for f in sorted((ROOT / "argocd").glob("*.yaml")) + sorted((ROOT / "argocd" / "multi-region").glob("*.yaml")):
         for d in load_all(f.read_text(), str(f.relative_to(ROOT))):
             d["__source"] = str(f.relative_to(ROOT))
             docs.append(d)
     apps = [d for d in docs if d.get("kind") == "Application"]
+    for appset in (d for d in docs if d.get("kind") == "ApplicationSet"):
+        check_crd_object(appset, docs)
+        generated = expand_application_set(appset)
+        info(f"{appset['metadata']['name']} ({appset['__source']}): generates "
+             + ", ".join(a["metadata"]["name"] for a in generated))
+        apps += generated
     projects = {d["metadata"]["name"]: d for d in docs if d.get("kind") == "AppProject"}
     need(apps, {"kind": "argocd", "metadata": {"name": "-"}}, "no Application in argocd/")
     for d in docs:
@@ -760,9 +938,16 @@ def cmd_argocd() -> None:
             need((group_of(o), o["kind"]) in allowed, o,
                  f"kind not in AppProject {proj['metadata']['name']}'s namespaceResourceWhitelist: ArgoCD would refuse to sync it")
             need(o["metadata"]["namespace"] == dest["namespace"], o, "renders into another namespace than the destination")
-        envs.add(dest["namespace"])
+        envs.add((dest.get("server") or dest.get("name"), dest["namespace"]))
         info(f"{app['metadata']['name']}: {where} -> {len(objects)} objects in {dest['namespace']}, rendered and validated")
-    need(len(envs) == len(apps), {"kind": "argocd", "metadata": {"name": "-"}}, "two Applications share a namespace")
+    need(len(envs) == len(apps), {"kind": "argocd", "metadata": {"name": "-"}}, "two Applications deploy to one namespace of one cluster")
+    # The project admits every kind the chart can render (any values file,
+    # the optional parts on), and nothing else.
+    renderable = {(group_of(o), o["kind"]) for label in VALUES_FILES for o in render(values_of(label))[0]}
+    for proj in projects.values():
+        listed = {(w["group"], w["kind"]) for w in proj["spec"].get("namespaceResourceWhitelist", [])}
+        need(renderable == listed, proj, f"namespaceResourceWhitelist differs from what the chart can render: "
+                                         f"missing {sorted(renderable - listed)}, never rendered {sorted(listed - renderable)}")
     check_promotion_workflow()
 
 
@@ -774,16 +959,25 @@ def check_promotion_workflow() -> None:
     steps = wf["jobs"]["promote"]["steps"]
     runs = "\n".join(s.get("run", "") for s in steps)
     app_path = wf["env"].get("PRODUCTION_APP")
+    regions_path = wf["env"].get("PRODUCTION_REGIONS")
+    need(regions_path and (ROOT / regions_path).is_file(), W, "env.PRODUCTION_REGIONS must name the production ApplicationSet")
     need(app_path and (ROOT / app_path).is_file(), W, "env.PRODUCTION_APP must name production's Application file")
     bump = next((s for s in steps if "$PRODUCTION_APP" in s.get("run", "")), None)
-    need(bump and "$PRODUCTION_VALUES" in bump["run"], W,
-         "one step must set the image (values-production.yaml) and the chart version (the Application) together")
+    need(bump and "$PRODUCTION_VALUES" in bump["run"] and "$PRODUCTION_REGIONS" in bump["run"], W,
+         "one step must set the image (values-production.yaml) and the chart version (the Application and the "
+         "regional ApplicationSet) together")
+    need(re.search(r'\.spec\.template\.spec\.sources\[\] \| select\(\.chart == "fibonacci-api"\) \| \.targetRevision\) = '
+                   r'strenv\(VERSION\)', bump["run"]), W, "the ApplicationSet's chart version must be bumped too")
     need(re.search(r'select\(\.chart == "fibonacci-api"\) \| \.targetRevision\) = strenv\(VERSION\)', bump["run"]), W,
          "the chart source's targetRevision must be set to the promoted version")
     need(re.search(r"\.image\.digest = strenv\(DIGEST\)", bump["run"]), W, "the image digest must be pinned")
     pr = next(s for s in steps if "create-pull-request" in s.get("uses", ""))
-    need("PRODUCTION_APP" in pr["with"]["add-paths"] and "PRODUCTION_VALUES" in pr["with"]["add-paths"], W,
-         "the pull request must carry both files")
+    need(all(k in pr["with"]["add-paths"] for k in ("PRODUCTION_APP", "PRODUCTION_VALUES", "PRODUCTION_REGIONS")), W,
+         "the pull request must carry the three files")
+    appset = load_file(ROOT / regions_path)
+    versions = {s_["targetRevision"] for s_ in appset["spec"]["template"]["spec"]["sources"] if s_.get("chart")}
+    single = {s_["targetRevision"] for s_ in load_file(ROOT / app_path)["spec"]["sources"] if s_.get("chart")}
+    need(versions == single, W, f"production's chart version differs: {regions_path} {versions}, {app_path} {single}")
     need(runs.count("cosign verify") >= 2 and "${CHART}:${VERSION}" in runs, W,
          "the image's and the chart's signatures must both be verified")
     # The Application the bump edits has exactly one chart source for the select() to hit.
@@ -804,10 +998,18 @@ NODE_VALIDATOR = r"""
 import * as argocd from "@kubernetes-models/argo-cd/argoproj.io/v1alpha1";
 import * as rollouts from "@kubernetes-models/argo-rollouts/argoproj.io/v1alpha1";
 import * as promop from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1";
+import * as promopAlpha from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1alpha1";
+import * as keda from "@kubernetes-models/keda/keda.sh/v1alpha1";
+import * as istio from "@kubernetes-models/istio/security.istio.io/v1";
+import * as eso from "@kubernetes-models/external-secrets/external-secrets.io/v1";
 import { readFileSync } from "node:fs";
 const models = {
   "argoproj.io/v1alpha1": { ...rollouts, ...argocd },
   "monitoring.coreos.com/v1": promop,
+  "monitoring.coreos.com/v1alpha1": promopAlpha,
+  "keda.sh/v1alpha1": keda,
+  "security.istio.io/v1": istio,
+  "external-secrets.io/v1": eso,
 };
 const docs = JSON.parse(readFileSync(0, "utf8"));
 let bad = 0;
@@ -820,7 +1022,17 @@ for (const [where, obj] of docs) {
 process.exit(bad ? 1 : 0);
 """
 NPM_MODELS = ["@kubernetes-models/argo-cd@4.0.0", "@kubernetes-models/argo-rollouts@2.0.0",
-              "@kubernetes-models/prometheus-operator@6.0.0"]
+              "@kubernetes-models/prometheus-operator@6.0.0", "@kubernetes-models/keda@2.0.0",
+              "@kubernetes-models/istio@3.0.1", "@kubernetes-models/external-secrets@2.0.0"]
+
+
+def chaos_validate(docs: list[tuple[str, dict]]) -> list[str]:
+    """Chaos Mesh objects against the CRD schema vendored from Chaos Mesh
+    (deploy/schemas/README.md): no validator package for it works offline."""
+    import jsonschema  # noqa: PLC0415 (check-jsonschema's dependency, in the venv)
+    validator = jsonschema.Draft7Validator(json.loads(CHAOS_SCHEMA.read_text()))
+    return [f"INVALID {where}: {e.json_path}: {e.message}" for where, obj in docs
+            for e in validator.iter_errors(obj)]
 
 
 def node_validate(docs: list[tuple[str, dict]]) -> subprocess.CompletedProcess:
@@ -834,7 +1046,10 @@ def cmd_crd_schemas() -> None:
     """Every custom resource the chart and argocd/ ship, validated against its
     CRD's schema (@kubernetes-models/{argo-cd,argo-rollouts,prometheus-operator})."""
     docs = []
-    for f in sorted((ROOT / "argocd").glob("*.yaml")):
+    for f in sorted((ROOT / "argocd").glob("*.yaml")) + sorted((ROOT / "argocd" / "multi-region").glob("*.yaml")):
+        for d in load_all(f.read_text(), str(f.relative_to(ROOT))):
+            docs.append((f"{f.relative_to(ROOT)} {d['kind']}/{d['metadata']['name']}", d))
+    for f in sorted((ROOT / "deploy" / "external-secrets").glob("*.yaml")):
         for d in load_all(f.read_text(), str(f.relative_to(ROOT))):
             docs.append((f"{f.relative_to(ROOT)} {d['kind']}/{d['metadata']['name']}", d))
     for label in VALUES_FILES:
@@ -842,10 +1057,14 @@ def cmd_crd_schemas() -> None:
         for o in objects:
             if (group_of(o), o["kind"]) in CRD_KINDS:
                 docs.append((f"{label} {o['kind']}/{o['metadata']['name']}", strip_source(o)))
+    chaos = [(w, d) for w, d in docs if group_of(d) == "chaos-mesh.org"]
+    docs = [(w, d) for w, d in docs if group_of(d) != "chaos-mesh.org"]
     proc = node_validate(docs)
-    if proc.returncode != 0:
+    problems = chaos_validate(chaos)
+    if proc.returncode != 0 or problems:
         fail("custom resources that their CRD schema rejects:\n    " + "\n    ".join(
-            line for line in (proc.stdout + proc.stderr).splitlines() if not line.startswith("ok ")))
+            [line for line in (proc.stdout + proc.stderr).splitlines() if not line.startswith("ok ")] + problems))
+    need(chaos, {"kind": "chaos", "metadata": {"name": "-"}}, "no Chaos Mesh object rendered by any values file")
     # The validator must be able to say no: a broken Application and Rollout.
     app = next(d for w, d in docs if d["kind"] == "Application")
     broken = json.loads(json.dumps(app))
@@ -853,10 +1072,38 @@ def cmd_crd_schemas() -> None:
     ro = next(d for w, d in docs if d["kind"] == "Rollout")
     broken_ro = json.loads(json.dumps(ro))
     broken_ro["spec"]["strategy"]["canary"]["steps"] = [{"setWeight": "ten"}]
-    for what, obj in (("Application with an object as targetRevision", broken), ("Rollout with setWeight 'ten'", broken_ro)):
+    broken_more = []
+
+    def first(kind):
+        return json.loads(json.dumps(next(d for w, d in docs if d["kind"] == kind)))
+    so = first("ScaledObject")
+    so["spec"]["triggers"][0].pop("type")
+    broken_more.append(("ScaledObject with a trigger without a type", so))
+    pa = first("PeerAuthentication")
+    pa["spec"]["mtls"]["mode"] = "STRICTEST"
+    broken_more.append(("PeerAuthentication with mode STRICTEST", pa))
+    ap = first("AuthorizationPolicy")
+    ap["spec"]["action"] = "PERMIT"
+    broken_more.append(("AuthorizationPolicy with action PERMIT", ap))
+    es = first("ExternalSecret")
+    es["spec"]["data"][0]["remoteRef"] = {"property": "no-key"}
+    broken_more.append(("ExternalSecret whose remoteRef has no key", es))
+    amc = first("AlertmanagerConfig")
+    amc["spec"]["receivers"][0]["webhookConfigs"][0]["urlSecret"] = "https://hooks.example.com/token-in-git"
+    broken_more.append(("AlertmanagerConfig with the webhook URL as a string instead of a Secret reference", amc))
+    for what, obj in [("Application with an object as targetRevision", broken), ("Rollout with setWeight 'ten'", broken_ro)] \
+            + broken_more:
         if node_validate([(what, obj)]).returncode == 0:
             fail(f"the schema validation accepted a {what}: it checks nothing")
-    kinds = sorted({d["kind"] for _, d in docs})
+    sched = json.loads(json.dumps(chaos[0][1]))
+    sched["spec"]["type"] = 42
+    pod_kill = json.loads(json.dumps(next(d for w, d in chaos if "pod-kill" in d["metadata"]["name"])))
+    next(t for t in pod_kill["spec"]["workflow"]["templates"] if t["name"] == "fault")["podChaos"]["gracePeriod"] = "soon"
+    for what, obj in (("Schedule whose type is a number", sched), ("PodChaos with gracePeriod 'soon'", pod_kill)):
+        if not chaos_validate([(what, obj)]):
+            fail(f"the Chaos Mesh schema accepted a {what}: it checks nothing")
+    kinds = sorted({d["kind"] for _, d in docs + chaos})
+    docs += chaos
     info(f"{len(docs)} custom resources valid against their CRD schemas ({', '.join(kinds)}); "
          "broken ones are rejected")
 
@@ -953,6 +1200,78 @@ def cmd_alert_routes() -> None:
             routed += 1
     info(f"amtool: config valid; {routed} rendered alerts routed as promised "
          "(production critical -> pager, warning -> tickets; staging -> chat, never the pager)")
+    check_alertmanager_config_routes()
+
+
+def operator_alertmanager_config(amc: dict) -> dict:
+    """The Alertmanager configuration the Prometheus Operator generates from one
+    AlertmanagerConfig (its default OnNamespace matcher strategy): the object's
+    route under a catch-all root, with a namespace matcher and `continue: true`,
+    receivers named <namespace>/<name>/<receiver>. Secret references become
+    stand-in values: only the routing is under test."""
+    ns, name = amc["metadata"]["namespace"], amc["metadata"]["name"]
+
+    def rname(r):
+        return f"{ns}/{name}/{r}"
+
+    def matchers(ms):
+        return [f'{m["name"]}{m.get("matchType", "=")}"{m["value"]}"' for m in ms or []]
+
+    def route(r, top=False):
+        out = {"receiver": rname(r["receiver"]),
+               "matchers": ([f'namespace="{ns}"'] if top else []) + matchers(r.get("matchers"))}
+        for k, v in (("groupBy", "group_by"), ("groupWait", "group_wait"), ("groupInterval", "group_interval"),
+                     ("repeatInterval", "repeat_interval")):
+            if k in r:
+                out[v] = r[k]
+        if top:
+            out["continue"] = True
+        if r.get("routes"):
+            out["routes"] = [route(x) for x in r["routes"]]
+        return out
+    receivers = [{"name": "null"}]
+    for r in amc["spec"]["receivers"]:
+        rc = {"name": rname(r["name"])}
+        if r.get("webhookConfigs"):
+            rc["webhook_configs"] = [{"url": "https://tickets.example.invalid/hook"} for _ in r["webhookConfigs"]]
+        if r.get("pagerdutyConfigs"):
+            rc["pagerduty_configs"] = [{"routing_key": "stand-in"} for _ in r["pagerdutyConfigs"]]
+        receivers.append(rc)
+    return {"route": {"receiver": "null", "routes": [route(amc["spec"]["route"], top=True)]}, "receivers": receivers}
+
+
+def check_alertmanager_config_routes() -> None:
+    """The chart's AlertmanagerConfig, as the operator turns it into Alertmanager
+    configuration, checked with amtool: every alert the chart renders for
+    production pages when critical and opens a ticket when a warning; for
+    staging (prometheusRule.environment staging) nothing ever pages; alerts of
+    another namespace never reach this release's receivers."""
+    tmp = Path(tempfile.mkdtemp(prefix="check-deploy-amc-"))
+    atexit.register(shutil.rmtree, tmp, True)
+    routed = 0
+    for label, env in (("production", "production"), ("staging", "staging")):
+        values = deep_merge(values_of(label), {"alertmanagerConfig": {"enabled": True}})
+        objects, _ = render(values, namespace=f"fibonacci-api-{label}")
+        amc = next(o for o in objects if o["kind"] == "AlertmanagerConfig")
+        ns, prefix = amc["metadata"]["namespace"], f"{amc['metadata']['namespace']}/{amc['metadata']['name']}/"
+        cfg = tmp / f"{label}.yaml"
+        cfg.write_text(yaml.safe_dump(operator_alertmanager_config(strip_source(amc)), sort_keys=False))
+        proc = subprocess.run(["amtool", "check-config", str(cfg)], capture_output=True, text=True)
+        need(proc.returncode == 0, amc, f"amtool check-config of the operator's translation:\n{proc.stdout}{proc.stderr}")
+        rules = [r for o in objects if o["kind"] == "PrometheusRule" for g in o["spec"]["groups"]
+                 for r in g["rules"] if "alert" in r]
+        for r in rules:
+            for namespace, want_any in ((ns, True), ("someone-else", False)):
+                labels = dict(r["labels"], alertname=r["alert"], namespace=namespace, job="fibonacci-api")
+                proc = subprocess.run(["amtool", "config", "routes", "test", f"--config.file={cfg}"]
+                                      + [f"{k}={v}" for k, v in sorted(labels.items())], capture_output=True, text=True)
+                got = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr
+                want = "null" if not want_any else prefix + (
+                    "pager" if r["labels"]["severity"] == "critical" and env == "production" else "tickets")
+                need(got == want, amc, f"{label}: alert {r['alert']} {labels} reaches {got!r}, expected {want!r}")
+                routed += 1
+    info(f"AlertmanagerConfig (as the operator translates it), amtool: {routed} alert x namespace cases routed as promised "
+         "(production critical -> PagerDuty, warning -> webhook; staging never pages; other namespaces untouched)")
 
 
 # --------------------------------------------------------------------------- dashboard
@@ -978,7 +1297,9 @@ def cmd_dashboard() -> None:
     def walk(node, where):
         if isinstance(node, dict):
             ds = node.get("datasource")
-            if isinstance(ds, dict) and ds.get("uid") not in ("${datasource}", "$datasource"):
+            # Prometheus through ${datasource}, Loki (the logs panel) through ${loki_datasource}.
+            if isinstance(ds, dict) and (ds.get("uid"), ds.get("type")) not in (
+                    ("${datasource}", "prometheus"), ("$datasource", "prometheus"), ("${loki_datasource}", "loki")):
                 bad_uids.append(f"{where}: {ds}")
             if isinstance(ds, str) and ds not in ("${datasource}", "$datasource"):
                 bad_uids.append(f"{where}: {ds}")
@@ -1060,6 +1381,52 @@ def sli_slow_ratio(sel: str, by: str, window: str, le_regex: str) -> str:
             f" / {agg} (rate(http_request_duration_seconds_count{{{sel}}}[{window}])))")
 
 
+# The business metric (issue 15 item 10): fibonacci_requested_n, a histogram of
+# the n of successful answers with buckets at these bounds, labelled
+# answered_from = memory | redis | computation. The dashboard shows it per range
+# of n, one query per range, written once here (check sli-sync compares).
+REQUESTED_N_BUCKETS = [10, 100, 1000, 10000, 100000, 1000000]
+
+
+def le_regex(bound) -> str:
+    """Both renderings of a bucket bound: the exporter's (le="10") and
+    Prometheus 3's normalised one (le="10.0", le="1e+06")."""
+    if bound == "+Inf":
+        return r"\+Inf"
+    g = f"{float(bound):g}"
+    forms = [str(bound), rf"{bound}\.0"] + ([g.replace("+", r"\+")] if "e" in g else [])
+    return "|".join(forms)
+
+
+def requested_n_ranges() -> list[tuple]:
+    bounds = [None] + REQUESTED_N_BUCKETS + ["+Inf"]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def requested_n_range_label(lo, hi) -> str:
+    if lo is None:
+        return f"n ≤ {hi:,}"
+    return f"n > {lo:,}" if hi == "+Inf" else f"{lo + 1:,} ≤ n ≤ {hi:,}"
+
+
+def _requested_n(sel: str, bound, window: str) -> str:
+    return f"sum(rate(fibonacci_requested_n_bucket{{{sel}, le=~`{le_regex(bound)}`}}[{window}]))"
+
+
+def requested_n_range_rate(sel: str, lo, hi, window: str) -> str:
+    """Answers per second whose n is in (lo, hi]: the difference of two cumulative buckets."""
+    top = _requested_n(sel, hi, window)
+    return top if lo is None else f"{top} - {_requested_n(sel, lo, window)}"
+
+
+def requested_n_range_memory_ratio(sel: str, lo, hi, window: str) -> str:
+    """Share of the answers in (lo, hi] served from memory; 0 (not empty) when
+    none were, as long as the range had answers at all."""
+    mem = requested_n_range_rate(f'{sel}, answered_from="memory"', lo, hi, window)
+    everything = requested_n_range_rate(sel, lo, hi, window)
+    return f"(({mem}) or 0 * ({everything})) / ({everything})"
+
+
 def promql_norm(q: str) -> str:
     return re.sub(r"\s+", "", q)
 
@@ -1101,9 +1468,22 @@ def cmd_sli_sync() -> None:
             f"1 - ({sli_slow_ratio(dfib, '', '$__rate_interval', '${latency_threshold:regex}')})",
     }
     for (title, ref), want in expected.items():
+        if title.startswith(("Answers by", "Memory cache")):
+            continue  # by legend, below
         need(title in panels, {"kind": "dashboard", "metadata": {"name": title}}, "panel missing")
         t = next(t for t in panels[title]["targets"] if t["refId"] == ref)
         same(f"dashboard panel {title!r} {ref}", t["expr"], want)
+    for lo, hi in requested_n_ranges():
+        expected[("Answers by requested n", requested_n_range_label(lo, hi))] = \
+            requested_n_range_rate(dsel, lo, hi, "$__rate_interval")
+        expected[("Memory cache hit ratio by requested n", requested_n_range_label(lo, hi))] = \
+            requested_n_range_memory_ratio(dsel, lo, hi, "$__rate_interval")
+    for (title, ref), want in expected.items():
+        if title.startswith(("Answers by", "Memory cache")):
+            need(title in panels, {"kind": "dashboard", "metadata": {"name": title}}, "panel missing")
+            t = next((t for t in panels[title]["targets"] if t["legendFormat"] == ref), None)
+            need(t, {"kind": "dashboard", "metadata": {"name": title}}, f"no query for the range {ref}")
+            same(f"dashboard panel {title!r} {ref}", t["expr"], want)
     objects, _ = render(values_of("all-features"))
     for o in objects:
         if o["kind"] == "AnalysisTemplate":
@@ -1267,8 +1647,176 @@ def cmd_promql_scenarios() -> None:
             {"expr": grafana_expr(ann["expr"], values), "eval_time": "9m", "exp_samples": []},
         ]}]
     run_promtool_tests(tmp, "dashboard", [], tests)
+
+    # 4. the business panels (fibonacci_requested_n) from both renderings of
+    #    the buckets: the exporter's le="10", Prometheus 3's le="10.0"/"1e+06".
+    d = json.loads(DASHBOARD.read_text())
+    panels = {p["title"]: p for p in dashboard_panels(d)}
+    per_second = {"memory": [2, 1, 0, 0, 0, 0, 0], "computation": [0, 1, 1, 0, 0, 0, 0]}
+    want_rate, want_hit = [2, 2, 1, 0, 0, 0, 0], [1, 0.5, 0, None, None, None, None]
+    tests = []
+    for style in ("exporter", "prometheus3"):
+        inputs = []
+        for source, rates in per_second.items():
+            cumulative = 0
+            for (lo, hi), r in zip(requested_n_ranges(), rates):
+                cumulative += r
+                if hi == "+Inf":
+                    le = "+Inf"
+                elif style == "exporter":
+                    le = str(hi)
+                else:
+                    le = f"{float(hi):g}" if "e" in f"{float(hi):g}" else f"{hi}.0"
+                inputs.append(series("fibonacci_requested_n_bucket", rel | {"pod": "fibonacci-api-7d9f8b6c5-x2x4k",
+                                     "answered_from": source, "le": le}, f"0+{cumulative * 15}x40"))
+        exprs = []
+        for (lo, hi), rate_, hit in zip(requested_n_ranges(), want_rate, want_hit):
+            label = requested_n_range_label(lo, hi)
+            q = next(t["expr"] for t in panels["Answers by requested n"]["targets"] if t["legendFormat"] == label)
+            exprs.append({"expr": f"round({grafana_expr(q, values)}, 0.001)", "eval_time": "8m",
+                          "exp_samples": [{"labels": "{}", "value": rate_}]})
+            if hit is not None:
+                q = next(t["expr"] for t in panels["Memory cache hit ratio by requested n"]["targets"] if t["legendFormat"] == label)
+                exprs.append({"expr": f"round({grafana_expr(q, values)}, 0.001)", "eval_time": "8m",
+                              "exp_samples": [{"labels": "{}", "value": hit}]})
+        tests.append({"name": f"business panels, {style} bucket labels", "interval": "15s", "input_series": inputs,
+                      "promql_expr_test": exprs})
+    run_promtool_tests(tmp, "business-panels", [], tests)
+    info("business panels with le=\"10\" and le=\"10.0\"/\"1e+06\" buckets: answers per range of n 2, 2, 1, 0...; "
+         "memory hit ratio 100% for n <= 10, 50% for 11-100, 0% (not empty) for 101-1,000")
     info("dashboard during a total outage: 5xx ratio 100%, availability 0, latency SLI 0; "
          f"annotation {ann['name']!r} shows the pod created at 5 m, and not the Redis pod")
+
+
+ALLOY = ROOT / "deploy" / "alloy" / "config.alloy"
+DATASOURCES = ROOT / "grafana" / "provisioning" / "datasources" / "datasources.yaml"
+
+
+def alloy_components(text: str) -> tuple[dict[str, str], list[str]]:
+    """Alloy's configuration syntax, enough to check references: the top-level
+    blocks (`type.name "label" { ... }`) and every `a.b.c.export` reference."""
+    text = re.sub(r"//[^\n]*", "", text)
+    need(text.count("{") == text.count("}"), {"kind": "alloy", "metadata": {"name": ALLOY.name}}, "unbalanced braces")
+    blocks, depth, i = {}, 0, 0
+    for m in re.finditer(r'([a-z_.]+)\s+"([A-Za-z0-9_]+)"\s*\{|[{}]', text):
+        if m.group(1) and depth == 0:
+            blocks[f"{m.group(1)}.{m.group(2)}"] = m.group(1)
+            depth += 1
+        elif m.group(0).endswith("{"):
+            depth += 1
+        else:
+            depth -= 1
+    refs = re.findall(r"=\s*\[?\s*((?:[a-z_]+\.)+[A-Za-z0-9_]+)\.(?:receiver|targets|output)\b", text)
+    return blocks, refs
+
+
+def cmd_logs_config() -> None:
+    """Logs in Loki, linked to traces: compose runs Loki and Alloy with the
+    files this repository ships; Alloy's pipeline references only components it
+    defines and ends in Loki; Grafana's data sources link both ways (a log
+    line's trace_id opens the trace in Jaeger, a trace opens its logs in Loki),
+    every uid they name exists, the fields they match are the ones Alloy
+    attaches, and the dashboard's logs panel selects labels Alloy sets."""
+    A = {"kind": "alloy", "metadata": {"name": str(ALLOY.relative_to(ROOT))}}
+    text = ALLOY.read_text()
+    blocks, refs = alloy_components(text)
+    for r in refs:
+        need(r in blocks, A, f"references {r}, which is not defined (defined: {sorted(blocks)})")
+    need(any(t == "loki.write" for t in blocks.values()), A, "no loki.write: the lines go nowhere")
+    url = re.search(r'url\s*=\s*"([^"]+)"', text).group(1)
+    compose = load_file(ROOT / "compose.yaml")
+    services = compose["services"]
+    need(urllib.parse.urlparse(url).hostname in services, A, f"pushes to {url}: no such compose service")
+    for svc, path in (("loki", "deploy/loki/loki.yaml"), ("alloy", "deploy/alloy/config.alloy")):
+        vols = [v.split(":")[0] for v in services[svc].get("volumes", [])]
+        need(f"./{path}" in vols, {"kind": "compose", "metadata": {"name": svc}}, f"does not mount ./{path}")
+    need(services["api"]["environment"].get("LOG_FORMAT") == "json", {"kind": "compose", "metadata": {"name": "api"}},
+         "LOG_FORMAT must be json: Alloy parses JSON lines")
+    loki_cfg = load_file(ROOT / "deploy" / "loki" / "loki.yaml")
+    need(dig(loki_cfg, "limits_config", "allow_structured_metadata") is True, A,
+         "Loki must accept structured metadata (trace_id, request_id)")
+    structured = set(re.findall(r"^\s*([a-z_]+)\s*=\s*\"\",?$",
+                                re.search(r"stage\.structured_metadata\s*\{(.*?)\n  \}", text, re.S).group(1), re.M))
+    labels = set(re.findall(r"^\s*([a-z_]+)\s*=\s*\"\",?$",
+                            re.search(r"stage\.labels\s*\{(.*?)\n  \}", text, re.S).group(1), re.M))
+    labels |= set(re.findall(r'target_label\s*=\s*"([a-z_]+)"', text))
+    need({"trace_id", "request_id"} <= structured, A, f"trace_id and request_id must be structured metadata: {structured}")
+    # Grafana's data sources.
+    D = {"kind": "datasources", "metadata": {"name": str(DATASOURCES.relative_to(ROOT))}}
+    dss = {d["uid"]: d for d in load_file(DATASOURCES)["datasources"]}
+    lokis = [d for d in dss.values() if d["type"] == "loki"]
+    need(lokis, D, "no Loki data source")
+    loki = lokis[0]
+    need(urllib.parse.urlparse(loki["url"]).hostname in services, D, f"Loki at {loki['url']}: no such compose service")
+    fields = {f["matcherRegex"]: f for f in dig(loki, "jsonData", "derivedFields", default=[])}
+    need("trace_id" in fields, D, "no derived field for trace_id: log lines would not open their trace")
+    for name, f in fields.items():
+        need(f.get("matcherType") == "label" and name in structured | labels, D,
+             f"derived field {name}: must match a label or structured metadata field Alloy attaches ({sorted(structured)})")
+        need(f.get("datasourceUid") in dss, D, f"derived field {name} links to data source uid {f.get('datasourceUid')!r}, "
+                                               f"which is not provisioned ({sorted(dss)})")
+        need("$${__value.raw}" in f.get("url", ""), D, f"derived field {name}: url must use $${{__value.raw}} "
+                                                        "($$ escapes provisioning's own $ expansion)")
+    need(dss[fields["trace_id"]["datasourceUid"]]["type"] in ("jaeger", "tempo"), D, "trace_id must open a tracing data source")
+    tracing = dss[fields["trace_id"]["datasourceUid"]]
+    t2l = dig(tracing, "jsonData", "tracesToLogsV2") or {}
+    need(t2l.get("datasourceUid") == loki["uid"], D, f"{tracing['name']}: tracesToLogsV2 must name the Loki uid {loki['uid']}")
+    need(t2l.get("filterByTraceID") is True, D, f"{tracing['name']}: tracesToLogsV2.filterByTraceID must be true")
+    for tag in t2l.get("tags", []):
+        need(tag.get("value", tag["key"]) in labels, D, f"tracesToLogsV2 tag {tag} maps to {tag.get('value')}, not a Loki label "
+                                                        f"Alloy sets ({sorted(labels)})")
+    # The dashboard's logs panel selects what Alloy labels.
+    d = json.loads(DASHBOARD.read_text())
+    for p in dashboard_panels(d):
+        for t in p.get("targets", []):
+            if dig(t, "datasource", "type") == "loki":
+                used = set(re.findall(r"([a-z_]+)\s*=~?\s*\"", t["expr"]))
+                need(used <= labels | {"namespace"}, D, f"logs panel {p['title']!r} selects {used - labels}, "
+                                                          f"labels Alloy does not set ({sorted(labels)})")
+    info(f"Alloy: {len(blocks)} components, {len(refs)} references all defined, JSON lines -> labels {sorted(labels)} + "
+         f"structured metadata {sorted(structured)} -> {url}; Grafana: derived fields {sorted(fields)} -> "
+         f"{', '.join(sorted({f['datasourceUid'] for f in fields.values()}))}, {tracing['name']} -> logs in {loki['name']}")
+
+
+def cmd_log_lines() -> None:
+    """The fields Alloy reads (stage.json) are in the lines the service really
+    writes: the real binary with LOG_FORMAT=json and tracing on (to a local
+    port that accepts nothing), one request with an X-Request-Id."""
+    binary = service_binary()
+    atexit.register(_cleanup)
+    tmp = Path(tempfile.mkdtemp(prefix="check-deploy-logs-"))
+    atexit.register(shutil.rmtree, tmp, True)
+    wanted = dict(re.findall(r'^\s*([a-z_]+)\s*=\s*"([^"]+)",?$',
+                             re.search(r"stage\.json\s*\{(.*?)\n  \}", ALLOY.read_text(), re.S).group(1), re.M))
+    port, sink = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "REDIS_", "RATE_LIMIT"))}
+    env |= {"LISTEN_ADDR": f"127.0.0.1:{port}", "LOG_FORMAT": "json", "RUST_LOG": "info", "SHUTDOWN_DRAIN_SECONDS": "0",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink}", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
+    log = tmp / "service.log"
+    svc = start([str(binary)], log, env=env)
+    poll("the service's /health", lambda: http(f"http://127.0.0.1:{port}/health", timeout=1)[0] == 200, 30)
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/fibonacci?n=10", headers={"X-Request-Id": "check-deploy.42"})
+    urllib.request.urlopen(req, timeout=5).read()
+
+    def line():
+        for raw in log.read_text(errors="replace").splitlines():
+            try:
+                doc = json.loads(raw)
+            except ValueError:
+                continue
+            if doc.get("request_id") == "check-deploy.42":
+                return doc
+        return None
+    doc = poll("the request's log line", line, 10)
+    svc.terminate()
+    svc.wait(timeout=20)
+    missing = [f"{src} (for {name})" for name, src in wanted.items() if src not in doc]
+    need(not missing, {"kind": "alloy", "metadata": {"name": ALLOY.name}},
+         f"stage.json reads fields the service does not write: {missing}; a request's line: {doc}")
+    need(re.fullmatch(r"[0-9a-f]{32}", doc["trace_id"]), {"kind": "log line", "metadata": {"name": "-"}},
+         f"trace_id {doc['trace_id']!r} is not a W3C trace id: Jaeger could not open it")
+    info(f"a request's JSON line has every field Alloy reads ({', '.join(sorted(wanted.values()))}); "
+         f"request_id {doc['request_id']}, trace_id {doc['trace_id']}")
 
 
 # --------------------------------------------------------------------------- Dockerfile
@@ -1477,7 +2025,9 @@ def cmd_images() -> None:
             need(("docker-compose", "/") in ecosystems, D, "Dependabot (docker-compose, /) must watch compose.yaml")
             covered[image_ref(svc["image"])] = "compose.yaml"
     chart_dir = "/" + str(CHART.relative_to(ROOT))
-    objects, _ = render({"redis": {"enabled": True}})
+    # Every pod the chart can run: the API, the in-cluster Redis, the test pod, the load test.
+    objects, _ = render({"redis": {"enabled": True}, "loadTest": {"enabled": True},
+                         "config": {"TRUSTED_PROXIES": "10.0.0.0/8"}})
     deployed = {c["image"] for o in objects if o["kind"] in POD_KINDS for c in pod_spec_of(o)[0]["containers"]}
     own = load_file(CHART / "values.yaml")["image"]["repository"]
     for img in deployed:
@@ -1720,6 +2270,8 @@ def collect_queries() -> list[tuple[str, str]]:
     variables = dashboard_variable_values(d)
     for p in dashboard_panels(d):
         for t in p.get("targets", []):
+            if dig(t, "datasource", "type") == "loki":
+                continue  # LogQL: check config-files proves its labels are the shipper's
             queries.append((f"dashboard panel {p['title']!r} {t['refId']}", grafana_expr(t["expr"], variables)))
     for a in d.get("annotations", {}).get("list", []):
         if a.get("expr"):
@@ -1746,6 +2298,11 @@ def collect_queries() -> list[tuple[str, str]]:
                      .replace("<<.LabelMatchers>>", 'namespace="fibonacci-api",pod=~".*"').replace("<<.GroupBy>>", "pod"))
                 queries.append(("prometheus-adapter metricsQuery", q))
                 queries.append(("prometheus-adapter seriesQuery", rule["seriesQuery"]))
+    for o in render(values_of("keda-linkerd"), namespace="fibonacci-api")[0]:
+        if o["kind"] == "ScaledObject":
+            for t in o["spec"]["triggers"]:
+                if t["type"] == "prometheus":
+                    queries.append((f"KEDA ScaledObject trigger {t['name']}", t["metadata"]["query"]))
     return queries
 
 
@@ -1960,7 +2517,10 @@ def pod_environment(objects: list[dict]) -> dict[str, str]:
     for ef in container.get("envFrom", []):
         cm = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == ef["configMapRef"]["name"])
         env.update(cm["data"])
-    stand_ins = {"REDIS_URL": "redis://127.0.0.1:1/0", "REDIS_PASSWORD": "secret"}
+    stand_ins = {"REDIS_URL": "redis://127.0.0.1:1/0", "REDIS_CLUSTER_NODES": "redis://127.0.0.1:1",
+                 "REDIS_PASSWORD": "secret",
+                 # As long as a real one must be (>= 32 bytes).
+                 "AUTH_JWT_HS256_SECRET": "stand-in-secret-for-check-deploy-0123456789"}
     for e in container.get("env", []):
         if "value" in e:
             env[e["name"]] = re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), ""), e["value"])
@@ -2026,6 +2586,59 @@ def cmd_config() -> None:
         info(f"{label:15s} started with {len(keys)} settings ({', '.join(keys)}), answered IPv4 and IPv6 on "
              f"{pod_env['LISTEN_ADDR']}{' (admin routes only on ' + pod_env['ADMIN_LISTEN_ADDR'] + ')' if 'ADMIN_LISTEN_ADDR' in pod_env else ''}, "
              "exited 0 on SIGTERM")
+
+
+def cmd_loadtest() -> None:
+    """The staging load test (files/loadtest.py, as the chart's ConfigMap
+    renders it, with the Job's environment) against the real binary: it passes
+    against a healthy service reached through a trusted proxy, and fails when
+    the service does not trust the pod (every request one client: the
+    X-Forwarded-For check and the 429s fail it) and when answers fail (n above
+    the service's MAX_N)."""
+    binary = service_binary()
+    signal.signal(signal.SIGTERM, _on_signal)
+    atexit.register(_cleanup)
+    tmp = Path(tempfile.mkdtemp(prefix="check-deploy-loadtest-"))
+    atexit.register(shutil.rmtree, tmp, True)
+    values = values_of("staging") | {"loadTest": {"enabled": True, "durationSeconds": 5}}
+    objects, _ = render(values, namespace="fibonacci-api-staging")
+    cm = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-loadtest"))
+    need(cm["data"]["loadtest.py"].strip() == (CHART / "files" / "loadtest.py").read_text().strip(), cm,
+         "the ConfigMap's script differs from files/loadtest.py")
+    script = tmp / "loadtest.py"
+    script.write_text(cm["data"]["loadtest.py"])
+    job = next(o for o in objects if o["kind"] == "Job")
+    need(dig(job, "metadata", "annotations", "argocd.argoproj.io/hook") == "PostSync", job,
+         "staging runs it as an Argo CD PostSync hook")
+    job_env = {e["name"]: e["value"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    pod_env = pod_environment(objects)
+
+    def run(what: str, service_env: dict, expect_ok: bool, must_say: str = "") -> str:
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "REDIS_", "RATE_LIMIT"))}
+        env |= {k: v for k, v in pod_env.items() if not k.startswith(("REDIS_", "OTEL_EXPORTER"))}
+        env |= {"LISTEN_ADDR": f"127.0.0.1:{port}", "RUST_LOG": "warn", "SHUTDOWN_DRAIN_SECONDS": "0"} | service_env
+        log = tmp / f"service-{port}.log"
+        svc = start([str(binary)], log, env=env)
+        poll("the service's /health", lambda: http(f"http://127.0.0.1:{port}/health", timeout=1)[0] == 200, 30)
+        run_env = dict(os.environ) | job_env | {"LOAD_BASE_URL": f"http://127.0.0.1:{port}"}
+        proc = subprocess.run([sys.executable, str(script)], env=run_env, capture_output=True, text=True, timeout=120)
+        svc.terminate()
+        svc.wait(timeout=20)
+        out = proc.stdout + proc.stderr
+        ok = proc.returncode == 0
+        if ok != expect_ok or must_say not in out:
+            fail(f"{what}: exit {proc.returncode}, expected {'0' if expect_ok else 'non-zero'}"
+                 f"{' saying ' + repr(must_say) if must_say else ''}:\n    " + "\n    ".join(out.splitlines()[-25:]))
+        summary = next((line for line in out.splitlines() if line.startswith("summary ")), "summary {}")
+        return summary[8:]
+    trusted = {"TRUSTED_PROXIES": "127.0.0.0/8"}
+    healthy = run("a healthy service through a trusted proxy", trusted, True)
+    info(f"healthy service, staging's RATE_LIMITS {pod_env['RATE_LIMITS']}, the pod a trusted proxy: passes; {healthy}")
+    untrusted = run("the pod outside TRUSTED_PROXIES", {"TRUSTED_PROXIES": ""}, False, "X-Forwarded-For believed")
+    info(f"the pod outside TRUSTED_PROXIES: fails (one client: X-Forwarded-For check, then 429s); {untrusted}")
+    broken = run("a service that refuses part of the asked range", trusted | {"MAX_N": "500"}, False, "error ratio")
+    info(f"a service whose MAX_N is below the range the test asks for: fails on answers and error ratio; {broken}")
 
 
 # --------------------------------------------------------------------------- container image
@@ -2166,6 +2779,7 @@ def cmd_image() -> None:
 COMMANDS = {
     "chart": cmd_chart, "argocd": cmd_argocd, "alerts-sync": cmd_alerts_sync, "gen-alerts": cmd_gen_alerts,
     "dashboard": cmd_dashboard, "sli-sync": cmd_sli_sync, "image": cmd_image, "images": cmd_images, "alert-routes": cmd_alert_routes, "crd-schemas": cmd_crd_schemas, "promql-scenarios": cmd_promql_scenarios, "dockerfile": cmd_dockerfile, "queries": cmd_queries, "config": cmd_config,
+    "loadtest": cmd_loadtest, "logs-config": cmd_logs_config, "log-lines": cmd_log_lines,
 }
 
 if __name__ == "__main__":

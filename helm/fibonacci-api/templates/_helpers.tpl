@@ -37,6 +37,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/version: {{ include "fibonacci-api.imageTag" . | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: fibonacci-api
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -89,9 +92,57 @@ app.kubernetes.io/component: cache
 {{- end }}
 {{- end }}
 
-{{/* "true" when the pods get a REDIS_URL (in-cluster or external). */}}
+{{/* The service settings the ExternalSecret provides (externalSecret.data[].env), as a list. */}}
+{{- define "fibonacci-api.externalSecretEnv" -}}
+{{- $names := list }}
+{{- if .Values.externalSecret.enabled }}
+{{- range .Values.externalSecret.data }}{{ $names = append $names .env }}{{ end }}
+{{- end }}
+{{- toJson $names }}
+{{- end }}
+
+{{/* "true" when the pods get a Redis (in-cluster, external, or from the ExternalSecret). */}}
 {{- define "fibonacci-api.redisConfigured" -}}
-{{- if or .Values.redis.enabled .Values.externalRedis.url .Values.externalRedis.existingSecret }}true{{- end }}
+{{- $fromSecret := include "fibonacci-api.externalSecretEnv" . | fromJsonArray }}
+{{- if or .Values.redis.enabled .Values.externalRedis.url .Values.externalRedis.existingSecret (has "REDIS_URL" $fromSecret) (has "REDIS_CLUSTER_NODES" $fromSecret) }}true{{- end }}
+{{- end }}
+
+{{/* The Secret the ExternalSecret writes. */}}
+{{- define "fibonacci-api.externalSecretName" -}}
+{{- default (printf "%s-external" (include "fibonacci-api.fullname" .)) .Values.externalSecret.target.name }}
+{{- end }}
+
+{{/* The service account identity of this release's pods in the Istio mesh. */}}
+{{- define "fibonacci-api.istioPrincipal" -}}
+{{- printf "%s/ns/%s/sa/%s" .Values.mesh.istio.trustDomain .Release.Namespace (include "fibonacci-api.serviceAccountName" .) }}
+{{- end }}
+
+{{/*
+Pod annotations and labels that put a pod into the service mesh (mesh.istio or
+mesh.linkerd), for the API pods and the chart's other pods alike. The proxy runs
+as a native sidecar (an init container that keeps running, Kubernetes >= 1.29):
+it starts before the app and stops after it, so the app never starts without its
+network, the drain after SIGTERM still has one, and Jobs (the load test) finish.
+Argument: dict "root" . "kind" "annotations"|"labels".
+*/}}
+{{- define "fibonacci-api.meshPodMetadata" -}}
+{{- $v := .root.Values.mesh }}
+{{- if eq .kind "labels" }}
+{{- if and $v.istio.enabled $v.istio.inject }}
+sidecar.istio.io/inject: "true"
+{{- end }}
+{{- else }}
+{{- if $v.istio.enabled }}
+sidecar.istio.io/nativeSidecar: "true"
+# Kubelet probes go to the sidecar's agent (port 15020), which calls the app
+# locally: they work under STRICT mTLS and no AuthorizationPolicy applies.
+sidecar.istio.io/rewriteAppHTTPProbers: "true"
+{{- end }}
+{{- if $v.linkerd.enabled }}
+linkerd.io/inject: enabled
+config.alpha.linkerd.io/proxy-enable-native-sidecar: "true"
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* The Secret holding REDIS_URL for an external Redis. */}}
@@ -181,6 +232,68 @@ from the workload template so every render runs it.
 {{- end }}
 {{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
 {{- fail "autoscaling.minReplicas must not exceed autoscaling.maxReplicas" }}
+{{- end }}
+{{- if and .Values.autoscaling.enabled .Values.keda.enabled }}
+{{- fail "autoscaling.enabled (the chart's HPA) and keda.enabled (a KEDA ScaledObject, which creates its own HPA) are exclusive: two HPAs on one Deployment fight over its replicas; turn one off" }}
+{{- end }}
+{{- if and .Values.keda.enabled (not .Values.serviceMonitor.enabled) }}
+{{- fail "keda.enabled needs serviceMonitor.enabled: the ScaledObject's Prometheus trigger reads http_requests_total by the namespace and job labels the ServiceMonitor's scrape gives it" }}
+{{- end }}
+{{- if and .Values.keda.enabled (gt (int .Values.keda.minReplicas) (int .Values.keda.maxReplicas)) }}
+{{- fail "keda.minReplicas must not exceed keda.maxReplicas" }}
+{{- end }}
+{{- $own := list "helm.sh/chart" "app.kubernetes.io/name" "app.kubernetes.io/instance" "app.kubernetes.io/version" "app.kubernetes.io/managed-by" "app.kubernetes.io/part-of" "app.kubernetes.io/component" }}
+{{- range $k, $_ := .Values.commonLabels }}
+{{- if has $k $own }}
+{{- fail (printf "commonLabels.%s: the chart sets this label itself (selectors depend on it); use another key for cost allocation" $k) }}
+{{- end }}
+{{- end }}
+{{- if .Values.externalSecret.enabled }}
+{{- $env := include "fibonacci-api.externalSecretEnv" . | fromJsonArray }}
+{{- if not $env }}
+{{- fail "externalSecret.enabled with no externalSecret.data: list the settings (REDIS_URL, REDIS_CLUSTER_NODES, AUTH_JWT_HS256_SECRET) and where each lives in the store" }}
+{{- end }}
+{{- if ne (len $env) (len (uniq $env)) }}
+{{- fail (printf "externalSecret.data names a setting twice: %s" (join ", " $env)) }}
+{{- end }}
+{{- if and (has "REDIS_URL" $env) (has "REDIS_CLUSTER_NODES" $env) }}
+{{- fail "externalSecret.data: REDIS_URL and REDIS_CLUSTER_NODES are exclusive (one Redis, or one Redis Cluster)" }}
+{{- end }}
+{{- if and (or (has "REDIS_URL" $env) (has "REDIS_CLUSTER_NODES" $env)) (or .Values.redis.enabled .Values.externalRedis.url .Values.externalRedis.existingSecret) }}
+{{- fail "externalSecret.data provides the Redis address, and so do redis.enabled or externalRedis: these are exclusive, choose one" }}
+{{- end }}
+{{- if and (has "AUTH_JWT_HS256_SECRET" $env) (not .Values.config.AUTH_JWT_AUDIENCE) }}
+{{- fail "externalSecret.data provides AUTH_JWT_HS256_SECRET (auth on) but config.AUTH_JWT_AUDIENCE is empty: set the audience tokens must carry (or * for any)" }}
+{{- end }}
+{{- end }}
+{{- $mesh := .Values.mesh }}
+{{- if and $mesh.istio.enabled $mesh.linkerd.enabled }}
+{{- fail "mesh.istio.enabled and mesh.linkerd.enabled are exclusive: a pod gets one proxy" }}
+{{- end }}
+{{- if $mesh.istio.enabled }}
+{{- if not $mesh.istio.ingressPrincipals }}
+{{- fail "mesh.istio.ingressPrincipals is empty: the AuthorizationPolicy would admit no client to the API port (list the ingress gateway's identity, e.g. cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account)" }}
+{{- end }}
+{{- if and .Values.serviceMonitor.enabled (not .Values.admin.enabled) (not $mesh.istio.prometheusPrincipals) }}
+{{- fail "mesh.istio with admin.enabled=false and no mesh.istio.prometheusPrincipals: under STRICT mTLS a Prometheus outside the mesh cannot scrape /metrics on the API port. Set admin.enabled=true (the admin port alone then accepts plaintext), or give Prometheus Istio certificates and list its identity in prometheusPrincipals" }}
+{{- end }}
+{{- end }}
+{{- if and (or .Values.loadTest.enabled .Values.chaos.enabled) (not .Values.config.TRUSTED_PROXIES) (ne .Values.config.RATE_LIMITS "off") }}
+{{- fail "loadTest/chaos: the load comes from one pod; with rate limits on, its requests spread over synthetic client addresses in X-Forwarded-For, which the service believes only from TRUSTED_PROXIES: set config.TRUSTED_PROXIES to a range that holds the pod network" }}
+{{- end }}
+{{- if and .Values.chaos.enabled (eq .Values.prometheusRule.environment "production") }}
+{{- fail "chaos.enabled with prometheusRule.environment=production: the chaos experiments are for staging (set prometheusRule.environment to the environment this is)" }}
+{{- end }}
+{{- if .Values.chaos.enabled }}
+{{- if and (or .Values.chaos.experiments.redisDelay.enabled .Values.chaos.experiments.redisPartition.enabled) (not .Values.redis.enabled) }}
+{{- fail "chaos.experiments.redisDelay/redisPartition target the in-cluster Redis pods: they need redis.enabled (turn them off for an external Redis)" }}
+{{- end }}
+{{- if .Values.mesh.istio.enabled }}
+{{- fail "chaos.enabled with mesh.istio.enabled: the load task pods Chaos Mesh creates can neither carry a native sidecar nor the release's identity, so STRICT mTLS would refuse their requests; run the experiments where the API is not under STRICT mTLS" }}
+{{- end }}
+{{- end }}
+{{- if and .Values.alertmanagerConfig.enabled .Values.alertmanagerConfig.pagingEnvironments (not .Values.alertmanagerConfig.pagerduty.routingKeySecret.name) }}
+{{- fail "alertmanagerConfig.pagingEnvironments pages through PagerDuty, but alertmanagerConfig.pagerduty.routingKeySecret.name is empty" }}
 {{- end }}
 {{- if and .Values.ingress.enabled (not .Values.config.TRUSTED_PROXIES) }}
 {{- fail "ingress.enabled with config.TRUSTED_PROXIES empty: every request would arrive from the ingress controller's pods, so all clients would share one rate limit and one address's MAX_CONNECTIONS_PER_ADDRESS connections; set config.TRUSTED_PROXIES to the controller's pod CIDR (e.g. 10.0.0.0/8)" }}

@@ -10,7 +10,9 @@ metadata:
     {{- with .Values.podLabels }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
+    {{- include "fibonacci-api.meshPodMetadata" (dict "root" . "kind" "labels") | nindent 4 }}
   annotations:
+    {{- include "fibonacci-api.meshPodMetadata" (dict "root" . "kind" "annotations") | nindent 4 }}
     # A changed setting changes this hash, which rolls the pods: env vars are
     # read once at start.
     checksum/config: {{ include (print $.Template.BasePath "/configmap.yaml") . | sha256sum }}
@@ -123,6 +125,17 @@ spec:
             secretKeyRef:
               name: {{ include "fibonacci-api.externalRedisSecretName" . }}
               key: {{ .Values.externalRedis.existingSecretKey }}
+        {{- end }}
+        {{- if .Values.externalSecret.enabled }}
+        # From the ExternalSecret's Secret. A changed value reaches the pods at
+        # their next restart (kubectl rollout restart, or a reloader).
+        {{- range .Values.externalSecret.data }}
+        - name: {{ .env }}
+          valueFrom:
+            secretKeyRef:
+              name: {{ include "fibonacci-api.externalSecretName" $ }}
+              key: {{ default .env .secretKey }}
+        {{- end }}
         {{- end }}
         {{- with .Values.extraEnv }}
         {{- toYaml . | nindent 8 }}

@@ -144,6 +144,23 @@ canary analysis use the same expressions.
           cache tier is skipped and computed), but each pod now caches alone and
           rate limits are counted per pod instead of cluster-wide.
         runbook_url: {{ printf "%s#%s" $runbook "fibonacciapiredisdown" }}
+    - alert: FibonacciApiRedisInvalidValues
+      # A value in Redis failed verification against this process's check: only
+      # this release writes those keys, so someone else writes to this Redis
+      # (a shared instance, another release, a person), or it corrupts data.
+      expr: |
+        sum by (namespace, job) (increase(fibonacci_cache_requests_total{{ printf "{%s, tier=\"redis\", result=\"invalid\"}" $sel }}[15m])) > 0
+      labels:
+        severity: warning
+        {{- toYaml $labels | nindent 8 }}
+      annotations:
+        summary: Redis returned values that fail verification
+        description: >-
+          {{ `{{ $value | humanize }}` }} values read from Redis by {{ `{{ $labels.job }}` }} in
+          {{ `{{ $labels.namespace }}` }} over the last 15 minutes failed verification and were
+          discarded (answers are still correct: they are computed instead). Something other
+          than this release writes to its Redis keys.
+        runbook_url: {{ printf "%s#%s" $runbook "fibonacciapiredisinvalidvalues" }}
     {{- end }}
     - alert: FibonacciApiRateLimitRejectionSpike
       expr: |
