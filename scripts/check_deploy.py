@@ -63,6 +63,7 @@ VALUES_FILES = {
     "production": CHART / "values-production.yaml",
     "all-features": CHART / "ci" / "all-features-values.yaml",
     "external-redis": CHART / "ci" / "external-redis-values.yaml",
+    "external-redis-cluster": CHART / "ci" / "external-redis-cluster-values.yaml",
     "keda-linkerd": CHART / "ci" / "keda-linkerd-values.yaml",
     "chaos": CHART / "ci" / "chaos-values.yaml",
 }
@@ -747,6 +748,10 @@ def cmd_chart() -> None:
         "grace period shorter than the drain": ({"terminationGracePeriodSeconds": 10}, "terminationGracePeriodSeconds"),
         "preStop sleep not covered by the grace period": ({"lifecycle": {"preStopSleepSeconds": 15}}, "terminationGracePeriodSeconds"),
         "in-cluster and external Redis together": ({"redis": {"enabled": True}, "externalRedis": {"url": "redis://r:6379"}}, "exclusive"),
+        "one Redis node and a Redis Cluster together": (
+            {"externalRedis": {"url": "redis://r:6379", "clusterNodes": ["redis://c:6379"]}}, "exclusive"),
+        "cluster seed nodes that are not redis URLs": (
+            {"externalRedis": {"clusterNodes": ["c:6379"]}}, "clusterNodes"),
         "latency SLO threshold that is not a bucket": ({"prometheusRule": {"slo": {"latencyThreshold": "0.2"}}}, "latencyThreshold"),
         "canary analysis without the ServiceMonitor": ({"rollout": {"enabled": True}}, "serviceMonitor.enabled"),
         "NetworkPolicy that blocks the scrape": (

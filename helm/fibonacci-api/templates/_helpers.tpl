@@ -104,7 +104,7 @@ app.kubernetes.io/component: cache
 {{/* "true" when the pods get a Redis (in-cluster, external, or from the ExternalSecret). */}}
 {{- define "fibonacci-api.redisConfigured" -}}
 {{- $fromSecret := include "fibonacci-api.externalSecretEnv" . | fromJsonArray }}
-{{- if or .Values.redis.enabled .Values.externalRedis.url .Values.externalRedis.existingSecret (has "REDIS_URL" $fromSecret) (has "REDIS_CLUSTER_NODES" $fromSecret) }}true{{- end }}
+{{- if or .Values.redis.enabled (include "fibonacci-api.externalRedis" .) (has "REDIS_URL" $fromSecret) (has "REDIS_CLUSTER_NODES" $fromSecret) }}true{{- end }}
 {{- end }}
 
 {{/* The Secret the ExternalSecret writes. */}}
@@ -145,7 +145,12 @@ config.alpha.linkerd.io/proxy-enable-native-sidecar: "true"
 {{- end }}
 {{- end }}
 
-{{/* The Secret holding REDIS_URL for an external Redis. */}}
+{{/* "true" when an external Redis (one node or a cluster) is configured. */}}
+{{- define "fibonacci-api.externalRedis" -}}
+{{- if or .Values.externalRedis.url .Values.externalRedis.clusterNodes .Values.externalRedis.existingSecret }}true{{- end }}
+{{- end }}
+
+{{/* The Secret holding REDIS_URL (or REDIS_CLUSTER_NODES) for an external Redis. */}}
 {{- define "fibonacci-api.externalRedisSecretName" -}}
 {{- default (printf "%s-redis-url" (include "fibonacci-api.fullname" .)) .Values.externalRedis.existingSecret }}
 {{- end }}
@@ -187,8 +192,14 @@ Fail rendering on combinations that would deploy something broken. Included
 from the workload template so every render runs it.
 */}}
 {{- define "fibonacci-api.validate" -}}
-{{- if and .Values.redis.enabled (or .Values.externalRedis.url .Values.externalRedis.existingSecret) }}
-{{- fail "redis.enabled (in-cluster Redis) and externalRedis.url/existingSecret are exclusive: choose one" }}
+{{- if and .Values.redis.enabled (include "fibonacci-api.externalRedis" .) }}
+{{- fail "redis.enabled (in-cluster Redis) and externalRedis.url/clusterNodes/existingSecret are exclusive: choose one" }}
+{{- end }}
+{{- if and .Values.externalRedis.url .Values.externalRedis.clusterNodes }}
+{{- fail "externalRedis.url (one Redis node: REDIS_URL) and externalRedis.clusterNodes (a Redis Cluster: REDIS_CLUSTER_NODES) are exclusive: choose one" }}
+{{- end }}
+{{- if and .Values.externalRedis.clusterNodes .Values.externalRedis.existingSecret }}
+{{- fail "externalRedis.clusterNodes and externalRedis.existingSecret are exclusive: the seed nodes go either in values or in your own Secret (with existingSecretIsCluster: true)" }}
 {{- end }}
 {{- if and .Values.externalRedis.url .Values.externalRedis.existingSecret }}
 {{- fail "externalRedis.url and externalRedis.existingSecret are exclusive: the URL goes either in values or in your own Secret" }}
@@ -259,7 +270,7 @@ from the workload template so every render runs it.
 {{- if and (has "REDIS_URL" $env) (has "REDIS_CLUSTER_NODES" $env) }}
 {{- fail "externalSecret.data: REDIS_URL and REDIS_CLUSTER_NODES are exclusive (one Redis, or one Redis Cluster)" }}
 {{- end }}
-{{- if and (or (has "REDIS_URL" $env) (has "REDIS_CLUSTER_NODES" $env)) (or .Values.redis.enabled .Values.externalRedis.url .Values.externalRedis.existingSecret) }}
+{{- if and (or (has "REDIS_URL" $env) (has "REDIS_CLUSTER_NODES" $env)) (or .Values.redis.enabled (include "fibonacci-api.externalRedis" .)) }}
 {{- fail "externalSecret.data provides the Redis address, and so do redis.enabled or externalRedis: these are exclusive, choose one" }}
 {{- end }}
 {{- if and (has "AUTH_JWT_HS256_SECRET" $env) (not .Values.config.AUTH_JWT_AUDIENCE) }}

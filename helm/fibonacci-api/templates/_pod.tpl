@@ -16,7 +16,7 @@ metadata:
     # A changed setting changes this hash, which rolls the pods: env vars are
     # read once at start.
     checksum/config: {{ include (print $.Template.BasePath "/configmap.yaml") . | sha256sum }}
-    {{- if .Values.externalRedis.url }}
+    {{- if or .Values.externalRedis.url .Values.externalRedis.clusterNodes }}
     checksum/secret: {{ include (print $.Template.BasePath "/secret.yaml") . | sha256sum }}
     {{- end }}
     {{- with .Values.podAnnotations }}
@@ -119,8 +119,8 @@ spec:
         - name: REDIS_URL
           value: {{ printf "redis://%s:6379/0" (include "fibonacci-api.redis.fullname" .) | quote }}
         {{- end }}
-        {{- else if or .Values.externalRedis.url .Values.externalRedis.existingSecret }}
-        - name: REDIS_URL
+        {{- else if include "fibonacci-api.externalRedis" . }}
+        - name: {{ if or .Values.externalRedis.clusterNodes .Values.externalRedis.existingSecretIsCluster }}REDIS_CLUSTER_NODES{{ else }}REDIS_URL{{ end }}
           valueFrom:
             secretKeyRef:
               name: {{ include "fibonacci-api.externalRedisSecretName" . }}
