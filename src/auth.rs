@@ -284,10 +284,16 @@ impl Authenticator {
         if let Some(subject) = self.verified_before(&token, &keys, now) {
             return Outcome::Subject(subject);
         }
-        if let Some((window, wait)) = self.throttled.get(address, now) {
+        let own = self.throttled.get(address, now).map(|t| (t, false));
+        let shared = || {
+            let net48 = address.net48()?;
+            self.throttled.get(&net48, now).map(|t| (t, true))
+        };
+        if let Some(((window, wait), shared)) = own.or_else(shared) {
             return Outcome::Throttled(Decision::Rejected {
                 window,
                 retry_after: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                shared,
             });
         }
         match self.verify_token(token, keys, now).await {

@@ -255,6 +255,17 @@ impl Tiers {
                 self.redis_invalid.increment(1);
                 None
             }
+            // Not even a string: as foreign as wrong digits (and SET replaces it too).
+            Err(e) if e.code() == Some("WRONGTYPE") => {
+                tracing::warn!(
+                    event = "cache_value_invalid",
+                    n,
+                    key = %redis_key(n),
+                    "ignoring a value in Redis that is not a string: something else writes there; overwriting it"
+                );
+                self.redis_invalid.increment(1);
+                None
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "Redis tier skipped");
                 self.redis_counters.error.increment(1);

@@ -288,17 +288,32 @@ fn comma_list(value: &str) -> impl Iterator<Item = &str> {
 
 /// Parses `TRUSTED_PROXIES`: IPs (taken as single-address networks) and CIDRs.
 pub fn parse_trusted_proxies(value: &str) -> Result<Vec<IpNet>, ConfigError> {
+    let invalid = |why: String| ConfigError::new("TRUSTED_PROXIES", value, why);
     comma_list(value)
         .map(|item| {
-            item.parse::<IpNet>()
+            let net = item
+                .parse::<IpNet>()
                 .or_else(|_| item.parse::<std::net::IpAddr>().map(IpNet::from))
                 .map_err(|_| {
-                    ConfigError::new(
-                        "TRUSTED_PROXIES",
-                        value,
-                        format!("comma-separated IPs or CIDRs (e.g. 10.0.0.0/8,192.168.1.7); {item:?} is neither"),
-                    )
-                })
+                    invalid(format!(
+                        "comma-separated IPs or CIDRs (e.g. 10.0.0.0/8,192.168.1.7); {item:?} is neither"
+                    ))
+                })?;
+            // Trusting everyone lets every client write its own rate-limit key.
+            if net.prefix_len() == 0 {
+                return Err(invalid(format!(
+                    "the proxies' own addresses; {item:?} trusts every address, so any client could choose its rate-limit key"
+                )));
+            }
+            // 10.1.2.3/8 is most likely a typo for 10.1.2.3/32 or 10.0.0.0/8: say which.
+            if net.trunc() != net {
+                return Err(invalid(format!(
+                    "networks without host bits; {item:?} has them: {} or {}?",
+                    net.trunc(),
+                    IpNet::from(net.addr())
+                )));
+            }
+            Ok(net)
         })
         .collect()
 }

@@ -114,6 +114,7 @@ impl Application {
                 app.config.trusted_proxies.clone(),
                 app.config.max_connections_per_address,
                 app.config.connection_rate_per_address,
+                app.config.rate_limit_ipv6_48_factor,
                 app.config.rate_limit_max_keys,
             ))
         };

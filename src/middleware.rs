@@ -228,6 +228,17 @@ const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remai
 const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
 const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 
+/// The one value of a header that must not repeat; a repeated one (two `Authorization`
+/// lines: which would a proxy have checked?) counts as malformed.
+fn single(headers: &http::HeaderMap, name: HeaderName) -> Option<&HeaderValue> {
+    static MALFORMED: HeaderValue = HeaderValue::from_static("repeated");
+    let mut values = headers.get_all(name).iter();
+    match (values.next(), values.next()) {
+        (one, None) => one,
+        _ => Some(&MALFORMED),
+    }
+}
+
 /// Whole seconds, rounded up: a client that waits this long is allowed.
 fn ceil_secs(ms: u64) -> u64 {
     ms.div_ceil(1000).max(1)
@@ -249,7 +260,7 @@ pub async fn admit(State(app): State<Arc<App>>, req: Request, next: Next) -> Res
     let (identity, throttled) = match &app.config.auth {
         None => (Ok(address.clone()), None),
         Some(auth) => match auth
-            .authenticate(req.headers().get(header::AUTHORIZATION), &address)
+            .authenticate(single(req.headers(), header::AUTHORIZATION), &address)
             .await
         {
             Outcome::Subject(subject) => (Ok(ClientKey::Subject(subject)), None),
@@ -283,12 +294,19 @@ pub async fn admit(State(app): State<Arc<App>>, req: Request, next: Next) -> Res
                 Decision::Rejected {
                     window,
                     retry_after,
+                    shared,
                 },
                 Err(_),
                 Some(auth),
             ) = (&decision, &identity, &app.config.auth)
             {
-                auth.throttle(&address, *window, *retry_after);
+                // A /48 over its shared budget is remembered as the /48: rotating its
+                // /64s must not bring the signature work back.
+                let refused = match (shared, address.net48()) {
+                    (true, Some(net48)) => net48,
+                    _ => address.clone(),
+                };
+                auth.throttle(&refused, *window, *retry_after);
             }
             decision
         }
@@ -307,6 +325,7 @@ pub async fn admit(State(app): State<Arc<App>>, req: Request, next: Next) -> Res
         Decision::Rejected {
             window,
             retry_after,
+            ..
         } => {
             let secs = ceil_secs(retry_after);
             tracing::warn!(

@@ -28,6 +28,8 @@ const FAILURES_TO_OPEN: u32 = 3;
 /// How often the pinger checks Redis while it is healthy, and while the breaker is open.
 const PING_HEALTHY: Duration = Duration::from_secs(5);
 const PING_OPEN: Duration = Duration::from_millis(500);
+/// At most one log line per this period for commands Redis refuses.
+const REFUSAL_LOG_PERIOD: Duration = Duration::from_secs(60);
 
 /// Why a Redis call gave nothing.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +43,29 @@ pub enum RedisUnavailable {
 }
 
 impl RedisUnavailable {
+    /// Whether Redis answered, refusing this one command (a wrongly typed key, out of
+    /// memory for writes, a script error): it is up, so this must not open the breaker
+    /// for every other call. Everything else (no answer, a lost or refused connection,
+    /// authentication, a node loading or read-only or a cluster down) means it cannot
+    /// serve.
+    pub fn is_refusal(&self) -> bool {
+        let Self::Failed(e) = self else {
+            return false;
+        };
+        matches!(
+            e.code(),
+            Some("WRONGTYPE" | "OOM" | "ERR" | "NOSCRIPT" | "EXECABORT" | "NOPERM" | "CROSSSLOT")
+        )
+    }
+
+    /// The error code of a refusal (`WRONGTYPE`, `OOM`…).
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Self::Failed(e) => e.code(),
+            _ => None,
+        }
+    }
+
     /// The kind of failure, in an operator's words: what to check first.
     pub fn cause(&self) -> &'static str {
         let e = match self {
@@ -125,6 +150,8 @@ pub struct RedisClient {
     breaker: CircuitBreaker,
     /// The cause last logged while the breaker is open, so a change is logged once.
     open_cause: Mutex<&'static str>,
+    /// When a refusal was last logged.
+    refusal_logged: Mutex<Option<std::time::Instant>>,
     up: Gauge,
 }
 
@@ -171,6 +198,7 @@ impl RedisClient {
             timeout,
             breaker: CircuitBreaker::new(FAILURES_TO_OPEN),
             open_cause: Mutex::new(""),
+            refusal_logged: Mutex::new(None),
             up,
         }))
     }
@@ -209,6 +237,23 @@ impl RedisClient {
         }
     }
 
+    /// Logs a refusal at `WARN`, at most once a minute: a Redis out of memory refuses
+    /// every write, and a line per call would flood the logs.
+    fn on_refusal(&self, error: &RedisUnavailable) {
+        let mut last = self.refusal_logged.lock().expect("not poisoned");
+        if last.is_none_or(|at| at.elapsed() >= REFUSAL_LOG_PERIOD) {
+            *last = Some(std::time::Instant::now());
+            tracing::warn!(
+                event = "redis_refused",
+                code = error.code().unwrap_or_default(),
+                error = %error,
+                "Redis refused a command (the call falls back; repeats are logged once a minute)"
+            );
+        } else {
+            tracing::debug!(error = %error, "Redis refused a command");
+        }
+    }
+
     async fn bounded<T>(
         &self,
         call: impl std::future::Future<Output = redis::RedisResult<T>>,
@@ -220,6 +265,11 @@ impl RedisClient {
         };
         match &result {
             Ok(_) => self.on_success(),
+            Err(e) if e.is_refusal() => {
+                // It answered: as available as a success, and worth one line now and then.
+                self.on_success();
+                self.on_refusal(e);
+            }
             Err(e) => self.on_failure(e),
         }
         result

@@ -56,6 +56,46 @@ fn tracing_requested() -> bool {
             || env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some())
 }
 
+/// The samplers `OTEL_TRACES_SAMPLER` may name (the SDK would fall back silently on a typo).
+const SAMPLERS: &[&str] = &[
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+];
+
+/// Refuses sampler settings the SDK would quietly ignore.
+fn check_sampler() -> Result<(), TelemetryError> {
+    let Some(sampler) = env("OTEL_TRACES_SAMPLER") else {
+        return Ok(());
+    };
+    let sampler = sampler.trim().to_owned();
+    if !SAMPLERS.contains(&sampler.as_str()) {
+        return Err(TelemetryError {
+            var: "OTEL_TRACES_SAMPLER",
+            value: sampler,
+            expected: "always_on, always_off, traceidratio, parentbased_always_on, parentbased_always_off or parentbased_traceidratio",
+        });
+    }
+    if let Some(arg) = env("OTEL_TRACES_SAMPLER_ARG").filter(|_| sampler.ends_with("traceidratio"))
+    {
+        if !arg
+            .trim()
+            .parse::<f64>()
+            .is_ok_and(|r| (0.0..=1.0).contains(&r))
+        {
+            return Err(TelemetryError {
+                var: "OTEL_TRACES_SAMPLER_ARG",
+                value: arg,
+                expected: "a sampling ratio from 0 to 1",
+            });
+        }
+    }
+    Ok(())
+}
+
 fn tracer_provider() -> Result<SdkTracerProvider, TelemetryError> {
     let (var, protocol) = match env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") {
         Some(p) => ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", p),
@@ -98,7 +138,19 @@ fn tracer_provider() -> Result<SdkTracerProvider, TelemetryError> {
 
 /// Installs the global subscriber (and the tracer, if asked for). Call once, in `main`.
 pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
-    let log_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let log_filter = match env("RUST_LOG") {
+        None => EnvFilter::new("info"),
+        // A typo must not silently mean `info`, or quiet a service that should speak.
+        Some(directives) => {
+            EnvFilter::builder()
+                .parse(&directives)
+                .map_err(|_| TelemetryError {
+                    var: "RUST_LOG",
+                    value: directives.clone(),
+                    expected: "tracing directives, e.g. info or warn,fibonacci_api=debug",
+                })?
+        }
+    };
     // Spans are for traces; log lines are events. Without this the log layer would
     // format every span's fields on every request for nothing.
     let log_filter = log_filter.and(filter_fn(|meta| meta.is_event()));
@@ -114,6 +166,7 @@ pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
             .with_filter(log_filter)
             .boxed(),
     };
+    check_sampler()?;
     let provider = tracing_requested().then(tracer_provider).transpose()?;
     let traces = provider.as_ref().map(|provider| {
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());

@@ -156,12 +156,17 @@ impl RemoteKeys {
 
     /// Called when a token names a kid `seen` does not have: the set as it is after
     /// refetching, if a refetch is allowed now (or another request just did one).
+    ///
+    /// Only the request that starts a refetch waits for it. Others never queue behind a
+    /// fetch under way: against a slow identity provider they would hold request slots
+    /// (`MAX_IN_FLIGHT`) for the fetch's whole timeout, before any rate limit applies.
     pub async fn after_unknown_kid(&self, seen: &Arc<KeySet>) -> Option<Arc<KeySet>> {
-        let mut last = self.fetching.lock().await;
-        if let Some(current) = self.current() {
-            if !Arc::ptr_eq(&current, seen) {
-                return Some(current);
-            }
+        let newer = || self.current().filter(|current| !Arc::ptr_eq(current, seen));
+        let Ok(mut last) = self.fetching.try_lock() else {
+            return newer();
+        };
+        if let Some(current) = newer() {
+            return Some(current);
         }
         if last.is_some_and(|t| t.elapsed() < self.options.unknown_kid_interval) {
             return None;

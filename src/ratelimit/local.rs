@@ -116,9 +116,8 @@ impl LocalLimiter {
             window::views(&mine, now, policy),
             window::views(&ours, now, aggregate),
         );
-        let decision = window::decide(&my_views[..policy.windows().len()], policy).and(
-            window::decide(&our_views[..aggregate.windows().len()], aggregate),
-        );
+        let decision = window::decide(&my_views[..policy.windows().len()], policy)
+            .and(window::decide(&our_views[..aggregate.windows().len()], aggregate).as_shared());
         if decision.is_allowed() {
             window::commit(&mut mine, &my_views, now, policy);
             window::commit(&mut ours, &our_views, now, aggregate);

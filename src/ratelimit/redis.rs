@@ -36,7 +36,13 @@ for i = 1, n do fields[i] = tostring(i) end
 local views = {}
 local allowed = 1
 for k = 1, #KEYS do
-  local stored = redis.call('HMGET', KEYS[k], unpack(fields))
+  -- A key of another type (not ours: someone wrote there) is dropped and counted afresh,
+  -- rather than failing every check of this client.
+  local ok, stored = pcall(redis.call, 'HMGET', KEYS[k], unpack(fields))
+  if not ok then
+    redis.call('DEL', KEYS[k])
+    stored = {}
+  end
   views[k] = {}
   for i = 1, n do
     local base = a + 1 + 2 * ((k - 1) * n + i - 1)
@@ -173,13 +179,16 @@ fn decide(reply: &[u64], keys: &[(ClientKey, &Policy)], windows: usize) -> Optio
     let decision = keys
         .iter()
         .zip(views.chunks_exact(windows))
-        .map(|((_, policy), views)| {
+        .enumerate()
+        .map(|(i, ((_, policy), views))| {
             let sane = policy.windows().iter().zip(views).all(|(w, v)| {
                 v.elapsed < w.period()
                     && v.prev <= u64::from(u32::MAX)
                     && v.cur <= u64::from(u32::MAX)
             });
+            // Keys after the client's own are its /48's shared budget.
             sane.then(|| window::decide(views, policy))
+                .map(|d| if i > 0 { d.as_shared() } else { d })
         })
         .try_fold(None, |acc: Option<Decision>, d| {
             let d = d?;

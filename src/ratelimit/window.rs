@@ -47,10 +47,28 @@ pub enum Decision {
         window: Window,
         /// Milliseconds until a request would be allowed.
         retry_after: u64,
+        /// Whether the budget an IPv6 /48 shares did (not the client's own).
+        shared: bool,
     },
 }
 
 impl Decision {
+    /// This decision, as made on the budget a /48 shares.
+    pub fn as_shared(self) -> Self {
+        match self {
+            Self::Rejected {
+                window,
+                retry_after,
+                ..
+            } => Self::Rejected {
+                window,
+                retry_after,
+                shared: true,
+            },
+            allowed => allowed,
+        }
+    }
+
     /// Whether the request may go ahead.
     pub fn is_allowed(&self) -> bool {
         matches!(self, Self::Allowed { .. })
@@ -158,6 +176,7 @@ pub fn decide(views: &[View], policy: &Policy) -> Decision {
         return Decision::Rejected {
             window,
             retry_after,
+            shared: false,
         };
     }
     let (w, v) = windows
@@ -287,6 +306,7 @@ mod tests {
         let Decision::Rejected {
             window,
             retry_after,
+            ..
         } = check(&mut counts, now, &policy)
         else {
             panic!("31st allowed")
@@ -318,6 +338,7 @@ mod tests {
             Decision::Rejected {
                 window,
                 retry_after,
+                ..
             } => {
                 assert_eq!(window.unit, Unit::Hour);
                 assert!(

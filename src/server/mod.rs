@@ -82,6 +82,9 @@ fn bind_socket(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
+/// The kernel send buffer of a connection (it reports about twice this).
+const SEND_BUFFER_BYTES: usize = 128 * 1024;
+
 /// Largest request head: generous for real clients, far below memory trouble.
 const MAX_HEAD_BYTES: usize = 32 * 1024;
 
@@ -143,6 +146,15 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
+        // Answers the client never reads must not outlive the connection: the kernel
+        // aborts a socket whose queued data cannot be sent (a shut window) for this long,
+        // the closed ones too, which would otherwise sit in FIN-WAIT-1 holding them.
+        let socket = socket2::SockRef::from(&stream);
+        let _ = socket.set_tcp_user_timeout(Some(limits.write_timeout));
+        // And bound what one connection can park in the kernel: autotuning would let a
+        // client that never reads hold megabytes of answers per socket (plenty for
+        // F(10^6)'s 209 kB in flight).
+        let _ = socket.set_send_buffer_size(SEND_BUFFER_BYTES);
         let service = TowerToHyperService::new(router.clone().map_request(
             move |mut req: http::Request<Incoming>| {
                 req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));

@@ -372,3 +372,74 @@ async fn a_subject_over_its_limit_costs_no_signature_work() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn rotating_the_64s_of_a_48_over_its_budget_costs_no_signature_work() {
+    let app = spawn_app(config_from(&[
+        "--auth-jwt-public-key-file",
+        fixture("rsa-public.pem").to_str().unwrap(),
+        "--auth-jwt-audience",
+        "fibonacci-api",
+        "--rate-limits",
+        "3/minute",
+        "--rate-limit-ipv6-48-factor",
+        "2",
+        "--trusted-proxies",
+        "127.0.0.5",
+    ]))
+    .await;
+    let proxy = client_from(Some("127.0.0.5".parse().unwrap()));
+    let forge_from = |i: u32| {
+        proxy
+            .get(app.url("/fibonacci?n=10"))
+            .header("x-forwarded-for", format!("2001:db8:48:{i:x}::1"))
+            .bearer_auth(forged_rs256("mallory"))
+            .send()
+    };
+    // The /48 shares 2 × 3 per minute: six forgeries are checked and counted.
+    for i in 0..6 {
+        assert_eq!(
+            forge_from(i).await.unwrap().status(),
+            StatusCode::UNAUTHORIZED,
+            "{i}"
+        );
+    }
+    assert_eq!(
+        forge_from(6).await.unwrap().status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    let checks = signature_checks(&app);
+    for i in 7..60 {
+        assert_eq!(
+            forge_from(i).await.unwrap().status(),
+            StatusCode::TOO_MANY_REQUESTS,
+            "a fresh /64 of the same /48 ({i})"
+        );
+    }
+    assert_eq!(
+        signature_checks(&app),
+        checks,
+        "no signature checked for a /48 over its shared budget, whichever /64 asks"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn two_authorization_headers_are_malformed_not_a_choice() {
+    let app = app_with_auth("100/minute").await;
+    let good = token("alice", 300, "fibonacci-api");
+    let response = reqwest::Client::new()
+        .get(app.url("/fibonacci?n=10"))
+        .header("authorization", format!("Bearer {good}"))
+        .header("authorization", "Bearer not-a-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("malformed"),
+        "{body}"
+    );
+    app.stop().await;
+}

@@ -140,6 +140,13 @@ async fn a_garbage_value_in_redis_is_never_served_and_is_overwritten() {
         let _: () = conn.set(redis_key(*n), value).unwrap();
     }
     let app = spawn_app(with_redis(&redis)).await;
+    // Not even a string.
+    redis::cmd("HSET")
+        .arg(redis_key(42))
+        .arg("a")
+        .arg("b")
+        .query::<()>(&mut conn)
+        .unwrap();
     let sent_by_redis = |conn: &mut redis::Connection| -> u64 {
         let info: String = redis::cmd("INFO").arg("stats").query(conn).unwrap();
         info.lines()
@@ -150,6 +157,11 @@ async fn a_garbage_value_in_redis_is_never_served_and_is_overwritten() {
             .unwrap()
     };
     let before = sent_by_redis(&mut conn);
+    let body = app.fib("42").await.text().await.unwrap();
+    assert_eq!(
+        body,
+        format!(r#"{{"n":42,"fibonacci":{}}}"#, fib::fibonacci_decimal(42))
+    );
     for (n, _, why) in &planted {
         let body = app.fib(&n.to_string()).await.text().await.unwrap();
         assert_eq!(
@@ -171,10 +183,15 @@ async fn a_garbage_value_in_redis_is_never_served_and_is_overwritten() {
             "fibonacci_cache_requests_total",
             &[("tier", "redis"), ("result", "invalid")]
         ),
-        planted.len() as f64,
-        "each one counted as invalid"
+        planted.len() as f64 + 1.0,
+        "each one counted as invalid, the hash too"
     );
-    assert_eq!(scrape.count(COMPUTE, &[]), planted.len() as f64);
+    assert_eq!(
+        scrape.get("redis_up", &[]),
+        1.0,
+        "a foreign value is no outage"
+    );
+    assert_eq!(scrape.count(COMPUTE, &[]), planted.len() as f64 + 1.0);
     for (n, _, why) in &planted {
         let expected = fib::fibonacci_decimal(*n);
         eventually(Duration::from_secs(5), why, || {

@@ -441,3 +441,70 @@ async fn a_client_that_pipelines_and_never_reads_is_cut_off_at_the_write_deadlin
     );
     app.stop().await;
 }
+
+/// Server-side sockets of the connection `server` ⇄ `client` in /proc/net/tcp, as
+/// (state, bytes queued to send): what the kernel still holds for it.
+fn kernel_sockets(server: u16, client: u16) -> Vec<(u8, u64)> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let port = |addr: &str| u16::from_str_radix(addr.split(':').nth(1)?, 16).ok();
+            let (local, remote) = (port(fields.get(1)?)?, port(fields.get(2)?)?);
+            let state = u8::from_str_radix(fields.get(3)?, 16).ok()?;
+            let queued = u64::from_str_radix(fields.get(4)?.split(':').next()?, 16).ok()?;
+            (local == server && remote == client).then_some((state, queued))
+        })
+        .collect()
+}
+
+/// Connects with a tiny receive window, sends `requests` pipelined and never reads;
+/// returns the stream and its local port.
+async fn never_reading(app: &crate::helpers::TestApp, requests: usize) -> (TcpStream, u16) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(1024).unwrap();
+    let mut stream = socket.connect(app.addr).await.unwrap();
+    let port = stream.local_addr().unwrap().port();
+    let request = "GET /fibonacci?n=1000 HTTP/1.1\r\nHost: x\r\n\r\n".repeat(requests);
+    let _ = stream.write_all(request.as_bytes()).await;
+    (stream, port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_leaves_no_orphaned_socket_behind() {
+    // Two ways a connection ends with answers unread: its writes stall (far more than the
+    // buffers hold: the write deadline), or everything fits in the kernel's buffers and
+    // the connection idles out (the header-read timeout) with the answers still queued.
+    for (requests, why) in [
+        (4000, "stalled writes"),
+        (60, "answers queued at an idle close"),
+    ] {
+        let app = spawn_app(Config {
+            write_timeout: Duration::from_millis(300),
+            ..quick_timeouts_of(Duration::from_millis(500))
+        })
+        .await;
+        let (stream, client_port) = never_reading(&app, requests).await;
+        eventually(
+            Duration::from_secs(10),
+            "the server to close it",
+            || async { app.scrape().await.get("http_connections_open", &[]) == 1.0 },
+        )
+        .await;
+        // A plain close would leave the kernel holding the unsent answers in FIN-WAIT-1
+        // for as long as the client keeps its window shut: memory no process accounts for.
+        let server_port = app.addr.port();
+        eventually(Duration::from_secs(5), why, || {
+            let left = kernel_sockets(server_port, client_port);
+            async move {
+                left.iter()
+                    .all(|(state, queued)| *state >= 6 && *queued == 0)
+            }
+        })
+        .await;
+        drop(stream);
+        app.stop().await;
+    }
+}

@@ -34,6 +34,8 @@ enum Answer {
     Announced(usize),
     /// Holds the first request forever, then answers the rest with this body.
     HangFirst(String),
+    /// Answers with this body after this long.
+    Slow(Duration, String),
 }
 
 /// An identity provider's JWKS endpoint on 127.0.0.1, counting the fetches it serves.
@@ -66,6 +68,10 @@ async fn serve_jwks(State(state): State<IdpState>) -> Response {
             Body::from_stream(prefix.chain(spaces))
         }
         Answer::Announced(len) => Body::from(vec![b' '; len]),
+        Answer::Slow(delay, body) => {
+            tokio::time::sleep(delay).await;
+            Body::from(body)
+        }
         Answer::HangFirst(body) => {
             if !state.hung.swap(true, Ordering::SeqCst) {
                 std::future::pending::<()>().await;
@@ -649,4 +655,46 @@ async fn https_endpoints_are_verified_against_the_system_roots() {
         error.contains("certificate"),
         "a self-signed certificate nobody trusts is refused: {error}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_kids_do_not_park_requests_behind_a_slow_idp() {
+    let key = jwk("ec-private.pem", Algorithm::ES256, "known", |_| {});
+    let idp = Idp::start(Answer::Json(set(std::slice::from_ref(&key)))).await;
+    let app = spawn_app(Config {
+        max_in_flight: 8,
+        ..jwks_config(&idp.url())
+    })
+    .await;
+    ready(&app).await;
+    idp.answer(Answer::Slow(Duration::from_secs(3), set(&[key])));
+    // Each unknown kid could ask for a refetch; waiting for the slow one, they would hold
+    // every request slot and everyone else would get 503.
+    let flood: Vec<_> = (0..32)
+        .map(|i| {
+            let token = token("ec-private.pem", Algorithm::ES256, &format!("new-{i}"), "m");
+            let request = app
+                .client
+                .get(app.url("/fibonacci?n=10"))
+                .bearer_auth(token);
+            tokio::spawn(request.send())
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let known = token("ec-private.pem", Algorithm::ES256, "known", "alice");
+    assert_eq!(
+        status(&app, &known).await,
+        StatusCode::OK,
+        "a valid token is served while the refetch is slow"
+    );
+    let mut unauthorized = 0;
+    for request in flood {
+        let status = request.await.unwrap().unwrap().status();
+        unauthorized += usize::from(status == StatusCode::UNAUTHORIZED);
+    }
+    assert!(
+        unauthorized >= 31,
+        "unknown kids are refused, not parked: {unauthorized} of 32"
+    );
+    app.stop().await;
 }

@@ -442,3 +442,122 @@ async fn the_lua_script_and_the_rust_window_decide_alike() {
         "the sequence must exercise rejections: {rejected}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_value_at_a_limit_key_is_replaced_not_taken_for_an_outage() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let mut conn = redis.conn();
+    let key = "ratelimit:v2:{198.51.100.9}";
+    redis::cmd("SET")
+        .arg(key)
+        .arg("not a hash")
+        .query::<()>(&mut conn)
+        .unwrap();
+    let app = spawn_app(Config {
+        redis_url: Some(redis.url()),
+        trusted_proxies: vec!["127.0.0.5/32".parse().unwrap()],
+        ..limited("2/minute")
+    })
+    .await;
+    let statuses: Vec<StatusCode> = {
+        let mut all = Vec::new();
+        for _ in 0..3 {
+            all.push(through_proxy(&app, &[b"198.51.100.9"]).await);
+        }
+        all
+    };
+    assert_eq!(
+        statuses,
+        [
+            StatusCode::OK,
+            StatusCode::OK,
+            StatusCode::TOO_MANY_REQUESTS
+        ],
+        "limited as usual"
+    );
+    let kind: String = redis::cmd("TYPE").arg(key).query(&mut conn).unwrap();
+    assert_eq!(
+        kind, "hash",
+        "the foreign value was replaced by the client's counts"
+    );
+    let scrape = app.scrape().await;
+    assert_eq!(
+        scrape.get("redis_up", &[]),
+        1.0,
+        "no outage for everyone else"
+    );
+    assert_eq!(
+        scrape.value("rate_limit_local_decisions_total", &[]),
+        Some(0.0),
+        "counted in Redis"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_refusing_writes_is_not_an_outage_and_limits_still_hold() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let mut conn = redis.conn();
+    // Out of memory with no eviction: every write refused with OOM, reads and PING fine.
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("noeviction")
+        .query::<()>(&mut conn)
+        .unwrap();
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("1")
+        .query::<()>(&mut conn)
+        .unwrap();
+    let service = crate::helpers::spawn_binary(&[
+        ("REDIS_URL", redis.url()),
+        ("RATE_LIMITS", "5/minute".into()),
+    ])
+    .await;
+    let client = reqwest::Client::new();
+    let mut allowed = 0;
+    for n in 0..20 {
+        let status = client
+            .get(format!("{}/fibonacci?n={n}", service.base()))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert!(status == 200 || status == 429, "{status}");
+        allowed += usize::from(status == 200);
+    }
+    assert_eq!(
+        allowed, 5,
+        "limited in process while Redis refuses the script's writes"
+    );
+    let metrics = client
+        .get(format!("{}/metrics", service.base()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let scrape = crate::helpers::Scrape::parse(&metrics);
+    assert_eq!(scrape.get("redis_up", &[]), 1.0, "it answers: not down");
+    let (_, lines) = service.terminate();
+    let events = |name: &str| {
+        lines
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|l| l["event"] == name)
+            .count()
+    };
+    assert_eq!(events("redis_unavailable"), 0, "no breaker flapping");
+    assert_eq!(
+        events("redis_refused"),
+        1,
+        "one line for the refusals: {lines:#?}"
+    );
+}
