@@ -284,16 +284,21 @@ impl RedisClient {
         self.bounded(cmd.query_async(&mut conn)).await
     }
 
-    /// Runs a Lua script (EVALSHA, loading it on first use) within the timeout.
-    pub async fn invoke<T: FromRedisValue>(
+    /// Runs an `EVALSHA` call; if Redis does not have the script yet (a restart, a new
+    /// node), loads `source` and runs the call once more.
+    pub async fn eval_sha<T: FromRedisValue>(
         &self,
-        invocation: &redis::ScriptInvocation<'_>,
+        call: &redis::Cmd,
+        source: &str,
     ) -> Result<T, RedisUnavailable> {
-        if !self.is_available() {
-            return Err(RedisUnavailable::CircuitOpen);
+        match self.query(call).await {
+            Err(e) if e.code() == Some("NOSCRIPT") => {
+                self.query::<String>(redis::cmd("SCRIPT").arg("LOAD").arg(source))
+                    .await?;
+                self.query(call).await
+            }
+            result => result,
         }
-        let mut conn = self.conn.clone();
-        self.bounded(invocation.invoke_async(&mut conn)).await
     }
 
     /// Checks Redis as a whole: a node answers `PING`; a cluster must also say that every

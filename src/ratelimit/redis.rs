@@ -19,18 +19,17 @@ use crate::redis_client::{RedisClient, RedisUnavailable};
 const NOW_FROM_TIME: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local a = 0
 "#;
 const NOW_FROM_ARGUMENT: &str = r#"
 local now = tonumber(ARGV[1])
-local a = 1
 "#;
 
 /// The check itself: `window.rs`'s integer arithmetic in Lua (every product stays below
-/// 2^53, exact in Lua's doubles; see `policy::MAX_SCALED_LIMIT`). ARGV after the clock:
-/// the window count n, then for each key n pairs (limit, period in ms).
+/// 2^53, exact in Lua's doubles; see `policy::MAX_SCALED_LIMIT`). The policies are part
+/// of the script (`limits[k][i]`, `periods[k][i]` for key k, window i), so a call sends
+/// only its keys: less to encode per request here and to parse in Redis.
 const CHECK: &str = r#"
-local n = tonumber(ARGV[a + 1])
+local n = #limits[1]
 local fields = {}
 for i = 1, n do fields[i] = tostring(i) end
 local views = {}
@@ -45,9 +44,8 @@ for k = 1, #KEYS do
   end
   views[k] = {}
   for i = 1, n do
-    local base = a + 1 + 2 * ((k - 1) * n + i - 1)
-    local limit = tonumber(ARGV[base + 1])
-    local period = tonumber(ARGV[base + 2])
+    local limit = limits[k][i]
+    local period = periods[k][i]
     local index = math.floor(now / period)
     local prev, cur = 0, 0
     if stored[i] then
@@ -85,6 +83,65 @@ end
 return out
 "#;
 
+/// `{ {a, b}, {c, d} }`: one Lua table of a field per policy.
+fn lua_table(policies: &[&Policy], field: impl Fn(&super::Window) -> u64) -> String {
+    let rows: Vec<String> = policies
+        .iter()
+        .map(|p| {
+            let values: Vec<String> = p.windows().iter().map(|w| field(w).to_string()).collect();
+            format!("{{ {} }}", values.join(", "))
+        })
+        .collect();
+    format!("{{ {} }}", rows.join(", "))
+}
+
+/// A Redis key built without a heap allocation: every key but a long subject's fits.
+struct KeyBuf {
+    bytes: [u8; 320],
+    len: usize,
+}
+
+impl std::fmt::Write for KeyBuf {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        self.bytes
+            .get_mut(self.len..end)
+            .ok_or(std::fmt::Error)?
+            .copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
+impl KeyBuf {
+    fn of(key: &ClientKey) -> Self {
+        use std::fmt::Write;
+        let mut buf = Self {
+            bytes: [0; 320],
+            len: 0,
+        };
+        // The subjects are at most 256 bytes, so this fits; `redis_key` is the definition.
+        let written = match key {
+            ClientKey::V6Prefix(prefix) => write!(
+                buf,
+                "ratelimit:v2:{{{}}}:{key}",
+                ClientKey::V6Net48(prefix >> 16)
+            ),
+            other => write!(buf, "ratelimit:v2:{{{other}}}"),
+        };
+        if written.is_err() {
+            let key = redis_key(key);
+            buf.len = 0;
+            let _ = buf.write_str(&key[..key.len().min(320)]);
+        }
+        buf
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
 /// The Redis key of a client (or /48): `ratelimit:v2:{tag}` or `ratelimit:v2:{tag}:key`.
 pub fn redis_key(key: &ClientKey) -> String {
     let (tag, name) = (key.slot_tag(), key.to_string());
@@ -95,9 +152,10 @@ pub fn redis_key(key: &ClientKey) -> String {
     }
 }
 
-/// The script and the arguments that encode the policies.
+/// The script for one policy (and its /48 share), run by hash.
 pub struct RedisWindows {
     script: redis::Script,
+    source: String,
     policy: Policy,
     net48: Option<Policy>,
     clock_argument: bool,
@@ -106,22 +164,35 @@ pub struct RedisWindows {
 impl RedisWindows {
     /// The script for `policy`, and for IPv6 clients also their /48's `net48` policy.
     pub fn new(policy: &Policy, net48: Option<&Policy>) -> Self {
-        Self {
-            script: redis::Script::new(&format!("{NOW_FROM_TIME}{CHECK}")),
-            policy: policy.clone(),
-            net48: net48.cloned(),
-            clock_argument: false,
-        }
+        Self::with_clock(NOW_FROM_TIME, false, policy, net48)
     }
 
     /// The same script with the clock as its first argument, for the parity test that
     /// replays one sequence of instants through Lua and through `window.rs`.
     #[doc(hidden)]
     pub fn with_clock_argument(policy: &Policy, net48: Option<&Policy>) -> Self {
+        Self::with_clock(NOW_FROM_ARGUMENT, true, policy, net48)
+    }
+
+    fn with_clock(
+        clock: &str,
+        clock_argument: bool,
+        policy: &Policy,
+        net48: Option<&Policy>,
+    ) -> Self {
+        // The /48's policy is the second key's; without one, its row goes unused.
+        let policies = [policy, net48.unwrap_or(policy)];
+        let source = format!(
+            "{clock}local limits = {}\nlocal periods = {}\n{CHECK}",
+            lua_table(&policies, |w| u64::from(w.limit)),
+            lua_table(&policies, super::Window::period),
+        );
         Self {
-            script: redis::Script::new(&format!("{NOW_FROM_ARGUMENT}{CHECK}")),
-            clock_argument: true,
-            ..Self::new(policy, net48)
+            script: redis::Script::new(&source),
+            source,
+            policy: policy.clone(),
+            net48: net48.cloned(),
+            clock_argument,
         }
     }
 
@@ -133,26 +204,20 @@ impl RedisWindows {
         client: &ClientKey,
         now: u64,
     ) -> Result<Decision, RedisUnavailable> {
-        let mut keys: Vec<(ClientKey, &Policy)> = vec![(client.clone(), &self.policy)];
-        if let (Some(net48), Some(shared)) = (client.net48(), &self.net48) {
-            keys.push((net48, shared));
-        }
-        let windows = self.policy.windows().len();
-        let mut invocation = self.script.prepare_invoke();
-        for (key, _) in &keys {
-            invocation.key(redis_key(key));
+        let net48 = self.net48.as_ref().and(client.net48());
+        let mut call = redis::cmd("EVALSHA");
+        call.arg(self.script.get_hash())
+            .arg(1 + usize::from(net48.is_some()))
+            .arg(KeyBuf::of(client).as_bytes());
+        if let Some(net48) = &net48 {
+            call.arg(KeyBuf::of(net48).as_bytes());
         }
         if self.clock_argument {
-            invocation.arg(now);
+            call.arg(now);
         }
-        invocation.arg(windows);
-        for (_, policy) in &keys {
-            for w in policy.windows() {
-                invocation.arg(w.limit).arg(w.period());
-            }
-        }
-        let reply: Vec<u64> = redis.invoke(&invocation).await?;
-        decide(&reply, &keys, windows).ok_or_else(|| {
+        let reply: redis::Value = redis.eval_sha(&call, &self.source).await?;
+        let policies = [Some(&self.policy), net48.and(self.net48.as_ref())];
+        decide(&reply, &policies).ok_or_else(|| {
             RedisUnavailable::Failed(redis::RedisError::from((
                 redis::ErrorKind::Client,
                 "rate-limit script returned an unexpected reply",
@@ -162,41 +227,51 @@ impl RedisWindows {
 }
 
 /// The decision a script reply encodes, or `None` if the reply is not what the script
-/// returns (wrong length, or an "allowed" flag the counts contradict).
-fn decide(reply: &[u64], keys: &[(ClientKey, &Policy)], windows: usize) -> Option<Decision> {
-    let (&allowed, views) = reply.split_first()?;
-    if views.len() != 3 * windows * keys.len() || allowed > 1 {
+/// returns (not an array of integers of the right length, or an "allowed" flag the counts
+/// contradict). `policies` are those of the keys sent (the second absent for one key).
+fn decide(reply: &redis::Value, policies: &[Option<&Policy>; 2]) -> Option<Decision> {
+    let redis::Value::Array(items) = reply else {
+        return None;
+    };
+    let mut numbers = items.iter().map(|v| match v {
+        redis::Value::Int(i) => u64::try_from(*i).ok(),
+        _ => None,
+    });
+    let allowed = numbers.next()??;
+    let expected: usize = policies
+        .iter()
+        .flatten()
+        .map(|p| 3 * p.windows().len())
+        .sum();
+    if items.len() != 1 + expected || allowed > 1 {
         return None;
     }
-    let views: Vec<View> = views
-        .chunks_exact(3)
-        .map(|c| View {
-            prev: c[0],
-            cur: c[1],
-            elapsed: c[2],
-        })
-        .collect();
-    let decision = keys
-        .iter()
-        .zip(views.chunks_exact(windows))
-        .enumerate()
-        .map(|(i, ((_, policy), views))| {
-            let sane = policy.windows().iter().zip(views).all(|(w, v)| {
-                v.elapsed < w.period()
-                    && v.prev <= u64::from(u32::MAX)
-                    && v.cur <= u64::from(u32::MAX)
-            });
-            // Keys after the client's own are its /48's shared budget.
-            sane.then(|| window::decide(views, policy))
-                .map(|d| if i > 0 { d.as_shared() } else { d })
-        })
-        .try_fold(None, |acc: Option<Decision>, d| {
-            let d = d?;
-            Some(Some(match acc {
-                None => d,
-                Some(acc) => acc.and(d),
-            }))
-        })??;
+    let mut decision: Option<Decision> = None;
+    for (k, policy) in policies.iter().enumerate() {
+        let Some(policy) = policy else { continue };
+        let mut views = [View {
+            prev: 0,
+            cur: 0,
+            elapsed: 0,
+        }; super::policy::MAX_WINDOWS];
+        for (w, view) in policy.windows().iter().zip(views.iter_mut()) {
+            let (prev, cur, elapsed) = (numbers.next()??, numbers.next()??, numbers.next()??);
+            let sane =
+                elapsed < w.period() && prev <= u64::from(u32::MAX) && cur <= u64::from(u32::MAX);
+            if !sane {
+                return None;
+            }
+            *view = View { prev, cur, elapsed };
+        }
+        let this = window::decide(&views[..policy.windows().len()], policy);
+        // The second key is the /48's shared budget.
+        let this = if k > 0 { this.as_shared() } else { this };
+        decision = Some(match decision {
+            None => this,
+            Some(d) => d.and(this),
+        });
+    }
+    let decision = decision?;
     (decision.is_allowed() == (allowed == 1)).then_some(decision)
 }
 
@@ -219,32 +294,66 @@ mod tests {
         assert_eq!(redis_key(&v4), "ratelimit:v2:{192.0.2.1}");
     }
 
+    fn reply(numbers: &[i64]) -> redis::Value {
+        redis::Value::Array(numbers.iter().map(|n| redis::Value::Int(*n)).collect())
+    }
+
     #[test]
     fn malformed_replies_are_errors_not_panics() {
         let policy = Policy::parse("2/minute,5/hour").unwrap();
-        let key = ClientKey::of("192.0.2.1".parse().unwrap());
-        let keys = [(key, &policy)];
-        let good = [1, 0, 0, 10, 0, 0, 10];
-        assert!(decide(&good, &keys, 2).is_some_and(|d| d.is_allowed()));
-        let cases: &[(&[u64], &str)] = &[
-            (&[], "empty"),
-            (&[1], "the flag alone"),
-            (&[1, 0, 0, 10], "too short"),
-            (&[1, 0, 0, 10, 0, 0, 10, 0], "too long"),
-            (&[7, 0, 0, 10, 0, 0, 10], "a flag that is not 0 or 1"),
+        let policies = [Some(&policy), None];
+        let good = reply(&[1, 0, 0, 10, 0, 0, 10]);
+        assert!(decide(&good, &policies).is_some_and(|d| d.is_allowed()));
+        let cases: &[(redis::Value, &str)] = &[
+            (reply(&[]), "empty"),
+            (reply(&[1]), "the flag alone"),
+            (reply(&[1, 0, 0, 10]), "too short"),
+            (reply(&[1, 0, 0, 10, 0, 0, 10, 0]), "too long"),
+            (reply(&[7, 0, 0, 10, 0, 0, 10]), "a flag that is not 0 or 1"),
             (
-                &[0, 0, 0, 10, 0, 0, 10],
+                reply(&[0, 0, 0, 10, 0, 0, 10]),
                 "rejected, though the counts allow",
             ),
             (
-                &[1, 0, 2, 10, 0, 0, 10],
+                reply(&[1, 0, 2, 10, 0, 0, 10]),
                 "allowed, though the minute is full",
             ),
-            (&[1, 0, 0, 60_000, 0, 0, 10], "elapsed beyond the window"),
-            (&[1, u64::MAX, 0, 10, 0, 0, 10], "a count beyond any limit"),
+            (
+                reply(&[1, 0, 0, 60_000, 0, 0, 10]),
+                "elapsed beyond the window",
+            ),
+            (
+                reply(&[1, i64::MAX, 0, 10, 0, 0, 10]),
+                "a count beyond any limit",
+            ),
+            (reply(&[1, -1, 0, 10, 0, 0, 10]), "a negative count"),
+            (redis::Value::SimpleString("OK".into()), "not an array"),
+            (
+                redis::Value::Array(vec![redis::Value::Int(1), redis::Value::Nil]),
+                "not integers",
+            ),
         ];
         for (reply, why) in cases {
-            assert_eq!(decide(reply, &keys, 2), None, "{why}");
+            assert_eq!(decide(reply, &policies), None, "{why}");
+        }
+    }
+
+    #[test]
+    fn keys_built_without_allocating_match_the_definition() {
+        let keys = [
+            ClientKey::of("2001:db8:1:2::9".parse().unwrap()),
+            ClientKey::of("2001:db8:1:2::9".parse().unwrap())
+                .net48()
+                .unwrap(),
+            ClientKey::of("192.0.2.1".parse().unwrap()),
+            ClientKey::Subject("x".repeat(256).into()),
+        ];
+        for key in keys {
+            assert_eq!(
+                KeyBuf::of(&key).as_bytes(),
+                redis_key(&key).as_bytes(),
+                "{key}"
+            );
         }
     }
 }

@@ -561,3 +561,36 @@ async fn a_redis_refusing_writes_is_not_an_outage_and_limits_still_hold() {
         "one line for the refusals: {lines:#?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_lost_the_script_gets_it_again() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let app = spawn_app(Config {
+        redis_url: Some(redis.url()),
+        ..limited("3/minute")
+    })
+    .await;
+    let client = client_from(Some(ip("127.0.0.31")));
+    assert_eq!(status_from(&app, &client, None).await, StatusCode::OK);
+    // As after a restart or a failover to a node that never ran it.
+    redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query::<()>(&mut redis.conn())
+        .unwrap();
+    assert_eq!(status_from(&app, &client, None).await, StatusCode::OK);
+    assert_eq!(status_from(&app, &client, None).await, StatusCode::OK);
+    assert_eq!(
+        status_from(&app, &client, None).await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    let scrape = app.scrape().await;
+    assert_eq!(
+        scrape.value("rate_limit_local_decisions_total", &[]),
+        Some(0.0),
+        "every check ran in Redis, the one after the flush included"
+    );
+    assert_eq!(scrape.get("redis_up", &[]), 1.0);
+    app.stop().await;
+}
