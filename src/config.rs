@@ -1,12 +1,14 @@
-//! Configuration: every setting is an environment variable and the same-named CLI flag.
+//! Configuration: every setting is an environment variable and the same-named CLI flag,
+//! declared once, as a typed field of [`Config`] with its default, its parser and its
+//! `--help` line.
 //!
-//! clap only collects the raw strings; [`Cli::into_config`] validates them so that a bad
-//! value stops start-up with one line naming the *variable* and what it accepts, rather
-//! than clap's multi-line usage text that names the flag.
+//! A bad value stops start-up with one line naming the *variable* and what it accepts
+//! ([`ConfigError`]), never clap's multi-line usage text that names the flag; secrets
+//! keep their values out of `--help`, error lines and `Debug`.
 
-use std::{fmt, net::SocketAddr, path::Path, sync::Arc, time::Duration};
+use std::{fmt, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use ipnet::IpNet;
 
 use crate::{
@@ -14,42 +16,31 @@ use crate::{
     ratelimit::Policy,
 };
 
-/// Contract defaults, shared by the CLI and [`Config::default`] so they cannot drift.
-pub mod defaults {
-    pub const LISTEN_ADDR: &str = "0.0.0.0:5000";
-    pub const MAX_N: &str = "1000";
-    pub const RATE_LIMITS: &str = "30/minute,50/hour,200/day";
-    pub const REDIS_TIMEOUT_MS: &str = "50";
-    pub const CACHE_MAX_BYTES: &str = "67108864";
-    pub const SHUTDOWN_DRAIN_SECONDS: &str = "5";
-    pub const LOG_FORMAT: &str = "json";
-    pub const REQUEST_TIMEOUT_MS: &str = "10000";
-    pub const HEADER_READ_TIMEOUT_MS: &str = "5000";
-    pub const MAX_CONNECTIONS: &str = "10000";
-    pub const MAX_CONNECTIONS_PER_ADDRESS: &str = "64";
-    pub const CONNECTION_RATE_PER_ADDRESS: &str = "64";
-    pub const WRITE_TIMEOUT_MS: &str = "10000";
-    pub const MAX_IN_FLIGHT: &str = "1024";
-    pub const RATE_LIMIT_MAX_KEYS: &str = "100000";
-    pub const RATE_LIMIT_IPV6_48_FACTOR: &str = "8";
-}
-
 /// The largest `MAX_N` accepted: F(10^6) has 208,988 digits and is computed in well
 /// under a second; beyond that a single request could hold a core for many seconds.
 pub const MAX_N_CEILING: u64 = 1_000_000;
+
+/// An optional setting. An alias, not `Option`, so that clap hands the whole value to
+/// its parser: an empty variable (as charts write an unset one) means "not set".
+pub type Maybe<T> = Option<T>;
+/// A comma-separated setting; an alias for the same reason (empty: none).
+pub type List<T> = Vec<T>;
 
 /// Command line of the `fibonacci-api` binary.
 #[derive(Debug, Parser)]
 #[command(
     name = "fibonacci-api",
     version,
-    about = "Returns the nth Fibonacci number over HTTP"
+    about = "Returns the nth Fibonacci number over HTTP",
+    long_about = "Returns the nth Fibonacci number over HTTP. Every setting is also an \
+                  environment variable (shown in brackets); a bad one stops start-up with \
+                  one line naming it."
 )]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
     #[command(flatten)]
-    pub settings: Settings,
+    pub config: Config,
 }
 
 /// Subcommands besides serving (the default).
@@ -68,68 +59,6 @@ pub enum Command {
     },
 }
 
-/// Raw settings as given; see the README's configuration table for their meaning.
-///
-/// Secrets (`REDIS_URL`, `AUTH_JWT_HS256_SECRET`, `AUTH_JWT_JWKS_URL`) hide their values
-/// from `--help` and from `Debug`.
-#[derive(Args)]
-pub struct Settings {
-    #[arg(long, env = "LISTEN_ADDR", default_value = defaults::LISTEN_ADDR)]
-    pub listen_addr: String,
-    #[arg(long, env = "ADMIN_LISTEN_ADDR")]
-    pub admin_listen_addr: Option<String>,
-    #[arg(long, env = "MAX_N", default_value = defaults::MAX_N)]
-    pub max_n: String,
-    #[arg(long, env = "RATE_LIMITS", default_value = defaults::RATE_LIMITS)]
-    pub rate_limits: String,
-    #[arg(long, env = "TRUSTED_PROXIES", default_value = "")]
-    pub trusted_proxies: String,
-    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
-    pub redis_url: Option<String>,
-    #[arg(long, env = "REDIS_CLUSTER_NODES", hide_env_values = true)]
-    pub redis_cluster_nodes: Option<String>,
-    #[arg(long, env = "REDIS_TIMEOUT_MS", default_value = defaults::REDIS_TIMEOUT_MS)]
-    pub redis_timeout_ms: String,
-    #[arg(long, env = "CACHE_MAX_BYTES", default_value = defaults::CACHE_MAX_BYTES)]
-    pub cache_max_bytes: String,
-    #[arg(long, env = "SHUTDOWN_DRAIN_SECONDS", default_value = defaults::SHUTDOWN_DRAIN_SECONDS)]
-    pub shutdown_drain_seconds: String,
-    #[arg(long, env = "LOG_FORMAT", default_value = defaults::LOG_FORMAT)]
-    pub log_format: String,
-    #[arg(long, env = "CORS_ALLOWED_ORIGINS", default_value = "")]
-    pub cors_allowed_origins: String,
-    #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value = defaults::REQUEST_TIMEOUT_MS)]
-    pub request_timeout_ms: String,
-    #[arg(long, env = "HEADER_READ_TIMEOUT_MS", default_value = defaults::HEADER_READ_TIMEOUT_MS)]
-    pub header_read_timeout_ms: String,
-    #[arg(long, env = "MAX_CONNECTIONS", default_value = defaults::MAX_CONNECTIONS)]
-    pub max_connections: String,
-    #[arg(long, env = "MAX_CONNECTIONS_PER_ADDRESS", default_value = defaults::MAX_CONNECTIONS_PER_ADDRESS)]
-    pub max_connections_per_address: String,
-    #[arg(long, env = "CONNECTION_RATE_PER_ADDRESS", default_value = defaults::CONNECTION_RATE_PER_ADDRESS)]
-    pub connection_rate_per_address: String,
-    #[arg(long, env = "WRITE_TIMEOUT_MS", default_value = defaults::WRITE_TIMEOUT_MS)]
-    pub write_timeout_ms: String,
-    #[arg(long, env = "MAX_IN_FLIGHT", default_value = defaults::MAX_IN_FLIGHT)]
-    pub max_in_flight: String,
-    #[arg(long, env = "RATE_LIMIT_MAX_KEYS", default_value = defaults::RATE_LIMIT_MAX_KEYS)]
-    pub rate_limit_max_keys: String,
-    #[arg(long, env = "RATE_LIMIT_IPV6_48_FACTOR", default_value = defaults::RATE_LIMIT_IPV6_48_FACTOR)]
-    pub rate_limit_ipv6_48_factor: String,
-    #[arg(long, env = "AUTH_JWT_HS256_SECRET", hide_env_values = true)]
-    pub auth_jwt_hs256_secret: Option<String>,
-    #[arg(long, env = "AUTH_JWT_PUBLIC_KEY_FILE")]
-    pub auth_jwt_public_key_file: Option<String>,
-    #[arg(long, env = "AUTH_JWT_JWKS_FILE")]
-    pub auth_jwt_jwks_file: Option<String>,
-    #[arg(long, env = "AUTH_JWT_JWKS_URL", hide_env_values = true)]
-    pub auth_jwt_jwks_url: Option<String>,
-    #[arg(long, env = "AUTH_JWT_AUDIENCE")]
-    pub auth_jwt_audience: Option<String>,
-    #[arg(long, env = "AUTH_JWT_ISSUER")]
-    pub auth_jwt_issuer: Option<String>,
-}
-
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -137,107 +66,296 @@ pub enum LogFormat {
     Text,
 }
 
-/// Validated configuration of one service instance (`Debug` redacts the secrets).
-#[derive(Clone)]
+/// The configuration of one service instance: each field is one setting.
+#[derive(Clone, Args)]
 pub struct Config {
+    /// Where the API listens (and, unless ADMIN_LISTEN_ADDR is set, probes and metrics);
+    /// `[::]:5000` serves IPv4 and IPv6.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:5000", value_parser = socket_addr)]
     pub listen_addr: SocketAddr,
-    pub admin_listen_addr: Option<SocketAddr>,
+
+    /// If set, /metrics, /livez and /readyz are served here only (the public port keeps
+    /// the API, /health and /openapi.json).
+    #[arg(long, env = "ADMIN_LISTEN_ADDR", default_value = "", hide_default_value = true, value_parser = maybe(socket_addr))]
+    pub admin_listen_addr: Maybe<SocketAddr>,
+
+    /// Largest n served (at most 1,000,000).
+    #[arg(long, env = "MAX_N", default_value = "1000", value_parser = int_in(0u64, MAX_N_CEILING))]
     pub max_n: u64,
-    /// `None` when `RATE_LIMITS=off`.
-    pub rate_limits: Option<Policy>,
-    pub trusted_proxies: Vec<IpNet>,
-    pub redis_url: Option<String>,
-    /// Seed nodes of a Redis Cluster, instead of `redis_url`.
-    pub redis_cluster_nodes: Vec<String>,
+
+    /// Per-client windows, e.g. 30/minute,50/hour,200/day (second, minute, hour, day, each
+    /// at most once); `off` disables limiting.
+    #[arg(long, env = "RATE_LIMITS", default_value = "30/minute,50/hour,200/day", value_parser = rate_limits)]
+    pub rate_limits: Maybe<Policy>,
+
+    /// Comma-separated IPs or CIDRs of the proxies whose X-Forwarded-For is believed.
+    #[arg(long, env = "TRUSTED_PROXIES", default_value = "", hide_default_value = true, value_parser = trusted_proxies)]
+    pub trusted_proxies: List<IpNet>,
+
+    /// One Redis node: redis://[user:password@]host:port/db or rediss://… for TLS;
+    /// enables the Redis cache tier and cluster-wide rate limits. A secret.
+    #[arg(long, env = "REDIS_URL", default_value = "", hide_default_value = true, hide_env_values = true, value_parser = maybe(redis_url))]
+    pub redis_url: Maybe<String>,
+
+    /// Comma-separated seed nodes of a Redis Cluster (redis:// or rediss://, the same
+    /// credentials on each), instead of REDIS_URL. A secret.
+    #[arg(long, env = "REDIS_CLUSTER_NODES", default_value = "", hide_default_value = true, hide_env_values = true, value_parser = cluster_nodes)]
+    pub redis_cluster_nodes: List<String>,
+
+    /// Milliseconds one Redis call may take; past it the tier is skipped.
+    #[arg(long = "redis-timeout-ms", env = "REDIS_TIMEOUT_MS", default_value = "50", value_parser = millis_in(1, 60_000))]
     pub redis_timeout: Duration,
+
+    /// Bytes the in-process cache may hold (0 keeps nothing).
+    #[arg(long, env = "CACHE_MAX_BYTES", default_value = "67108864", value_parser = int_in(0u64, 1 << 40))]
     pub cache_max_bytes: u64,
+
+    /// Seconds after SIGTERM during which readiness fails and serving goes on, before
+    /// the drain.
+    #[arg(long = "shutdown-drain-seconds", env = "SHUTDOWN_DRAIN_SECONDS", default_value = "5", value_parser = seconds_in(0, 3600))]
     pub shutdown_drain: Duration,
+
+    /// json or text (coloured only on a terminal); the level comes from RUST_LOG.
+    #[arg(long, env = "LOG_FORMAT", default_value = "json", value_parser = log_format)]
     pub log_format: LogFormat,
-    pub cors_allowed_origins: Vec<http::HeaderValue>,
+
+    /// Comma-separated origins allowed by CORS, e.g. https://app.example.com (none if empty).
+    #[arg(long, env = "CORS_ALLOWED_ORIGINS", default_value = "", hide_default_value = true, value_parser = origins)]
+    pub cors_allowed_origins: List<http::HeaderValue>,
+
+    /// Milliseconds one /fibonacci request may take (then 503).
+    #[arg(long = "request-timeout-ms", env = "REQUEST_TIMEOUT_MS", default_value = "10000", value_parser = millis_in(1, 3_600_000))]
     pub request_timeout: Duration,
+
+    /// Milliseconds within which a connection must finish its request head, or is closed.
+    #[arg(long = "header-read-timeout-ms", env = "HEADER_READ_TIMEOUT_MS", default_value = "5000", value_parser = millis_in(1, 3_600_000))]
     pub header_read_timeout: Duration,
+
+    /// Connections open at once; past it new ones are closed at once.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value = "10000", value_parser = int_in(1usize, 1_000_000))]
     pub max_connections: usize,
-    /// Connections one address may hold open (0: no cap); trusted proxies are exempt.
+
+    /// Connections one client address (an IPv6 /64) may hold open; 0: no cap.
+    /// TRUSTED_PROXIES are exempt.
+    #[arg(long, env = "MAX_CONNECTIONS_PER_ADDRESS", default_value = "64", value_parser = int_in(0u32, 1_000_000))]
     pub max_connections_per_address: u32,
-    /// New connections per second one address may open, in bursts of as many (0: off).
+
+    /// New connections per second one client address may open, in bursts of as many;
+    /// 0: off. TRUSTED_PROXIES are exempt.
+    #[arg(long, env = "CONNECTION_RATE_PER_ADDRESS", default_value = "64", value_parser = int_in(0u32, 1_000_000))]
     pub connection_rate_per_address: u32,
-    /// How long a response may wait on a client that does not read it.
+
+    /// Milliseconds a response may wait on a client that does not read it.
+    #[arg(long = "write-timeout-ms", env = "WRITE_TIMEOUT_MS", default_value = "10000", value_parser = millis_in(1, 3_600_000))]
     pub write_timeout: Duration,
+
+    /// /fibonacci requests served at once; past it 503 at once (probes are exempt).
+    #[arg(long, env = "MAX_IN_FLIGHT", default_value = "1024", value_parser = int_in(1usize, 1_000_000))]
     pub max_in_flight: usize,
+
+    /// Clients the in-process limiter remembers (and addresses whose connection rate is
+    /// tracked).
+    #[arg(long, env = "RATE_LIMIT_MAX_KEYS", default_value = "100000", value_parser = int_in(64usize, 100_000_000))]
     pub rate_limit_max_keys: usize,
-    /// Each IPv6 /48 shares this many times every window (0: no shared budget).
+
+    /// Every IPv6 /48 shares this many times each window (and connection limit) across
+    /// its /64s; 0 turns the shared budget off.
+    #[arg(long, env = "RATE_LIMIT_IPV6_48_FACTOR", default_value = "8", value_parser = int_in(0u32, 100))]
     pub rate_limit_ipv6_48_factor: u32,
-    /// JWT bearer authentication of `/fibonacci`; `None` leaves it open.
+
+    #[command(flatten)]
+    pub jwt: JwtSettings,
+
+    /// The JWT verifier built from `jwt` by [`Config::validate`]; `None` leaves the API open.
+    #[arg(skip)]
     pub auth: Option<Arc<Authenticator>>,
 }
 
-/// What `Debug` and error lines show instead of a secret.
-const REDACTED: &str = "<redacted>";
+/// Optional JWT bearer authentication of /fibonacci: exactly one key source, and the
+/// audience this service's tokens carry.
+#[derive(Clone, Args)]
+pub struct JwtSettings {
+    /// Turns on JWT bearer auth with this HS256 secret (at least 32 bytes). A secret.
+    #[arg(long = "auth-jwt-hs256-secret", env = "AUTH_JWT_HS256_SECRET", default_value = "", hide_default_value = true, hide_env_values = true, value_parser = maybe(text))]
+    pub hs256_secret: Maybe<String>,
 
-/// Writes `Debug` for a struct listing every field, destructured without `..`: a new
-/// field does not compile until it is listed here, either shown or `secret`.
-macro_rules! debug_struct {
-    ($this:expr, $f:expr, $name:ident { $($field:ident),* $(,)? } secret { $($secret:ident => $redact:expr),* $(,)? }) => {{
-        let $name { $($field,)* $($secret,)* } = $this;
-        let mut debug = $f.debug_struct(stringify!($name));
-        $(debug.field(stringify!($field), $field);)*
-        $(debug.field(stringify!($secret), &$redact($secret));)*
-        debug.finish()
-    }};
+    /// …or with this PEM public key: RSA → RS256, P-256 → ES256.
+    #[arg(long = "auth-jwt-public-key-file", env = "AUTH_JWT_PUBLIC_KEY_FILE", default_value = "", hide_default_value = true, value_parser = maybe(path))]
+    pub public_key_file: Maybe<PathBuf>,
+
+    /// …or with the keys of this JWKS file, chosen by the token's kid.
+    #[arg(long = "auth-jwt-jwks-file", env = "AUTH_JWT_JWKS_FILE", default_value = "", hide_default_value = true, value_parser = maybe(path))]
+    pub jwks_file: Maybe<PathBuf>,
+
+    /// …or with the keys of an identity provider's JWKS endpoint (https://, or http://
+    /// to loopback), kept current. A secret (it may carry credentials).
+    #[arg(long = "auth-jwt-jwks-url", env = "AUTH_JWT_JWKS_URL", default_value = "", hide_default_value = true, hide_env_values = true, value_parser = maybe(text))]
+    pub jwks_url: Maybe<String>,
+
+    /// The aud tokens must carry; required when auth is on (`*` accepts any audience).
+    #[arg(long = "auth-jwt-audience", env = "AUTH_JWT_AUDIENCE", default_value = "", hide_default_value = true, value_parser = maybe(text))]
+    pub audience: Maybe<String>,
+
+    /// The iss tokens must carry, when set.
+    #[arg(long = "auth-jwt-issuer", env = "AUTH_JWT_ISSUER", default_value = "", hide_default_value = true, value_parser = maybe(text))]
+    pub issuer: Maybe<String>,
 }
 
-fn redact_secret(value: &Option<String>) -> Option<&'static str> {
-    value.as_ref().map(|_| REDACTED)
-}
+// --- Parsers: each returns what the setting expects when the value is not it. ---
 
-fn redact_optional_url(value: &Option<String>) -> Option<String> {
-    value.as_deref().map(redact_url)
-}
-
-fn redact_optional_url_list(value: &Option<String>) -> Option<Vec<String>> {
+fn socket_addr(value: &str) -> Result<SocketAddr, String> {
     value
-        .as_deref()
-        .map(|list| comma_list(list).map(redact_url).collect())
+        .trim()
+        .parse()
+        .map_err(|_| "an IP address and port, e.g. 0.0.0.0:5000 or [::]:5000".into())
 }
 
-fn redact_urls(value: &[String]) -> Vec<String> {
-    value.iter().map(|url| redact_url(url)).collect()
-}
-
-impl fmt::Debug for Settings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        debug_struct!(self, f, Settings {
-            listen_addr, admin_listen_addr, max_n, rate_limits, trusted_proxies,
-            redis_timeout_ms, cache_max_bytes, shutdown_drain_seconds, log_format,
-            cors_allowed_origins, request_timeout_ms, header_read_timeout_ms,
-            max_connections, max_connections_per_address, connection_rate_per_address,
-            write_timeout_ms, max_in_flight, rate_limit_max_keys, rate_limit_ipv6_48_factor,
-            auth_jwt_public_key_file, auth_jwt_jwks_file, auth_jwt_audience, auth_jwt_issuer,
-        } secret {
-            redis_url => redact_optional_url,
-            redis_cluster_nodes => redact_optional_url_list,
-            auth_jwt_hs256_secret => redact_secret,
-            auth_jwt_jwks_url => redact_optional_url,
-        })
+/// An optional value: empty is unset, anything else must pass `parse`.
+fn maybe<T>(
+    parse: impl Fn(&str) -> Result<T, String> + Clone + Send + Sync + 'static,
+) -> impl Fn(&str) -> Result<Maybe<T>, String> + Clone + Send + Sync + 'static {
+    move |value: &str| {
+        if value.trim().is_empty() {
+            Ok(None)
+        } else {
+            parse(value).map(Some)
+        }
     }
 }
 
-impl fmt::Debug for Config {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        debug_struct!(self, f, Config {
-            listen_addr, admin_listen_addr, max_n, rate_limits, trusted_proxies,
-            redis_timeout, cache_max_bytes, shutdown_drain, log_format, cors_allowed_origins,
-            request_timeout, header_read_timeout, max_connections, max_connections_per_address,
-            connection_rate_per_address, write_timeout, max_in_flight, rate_limit_max_keys,
-            rate_limit_ipv6_48_factor,
-            // Its own `Debug` shows the algorithms or the redacted JWKS URL, never a key.
-            auth,
-        } secret {
-            redis_url => redact_optional_url,
-            redis_cluster_nodes => redact_urls,
-        })
+fn text(value: &str) -> Result<String, String> {
+    Ok(value.trim().to_owned())
+}
+
+fn path(value: &str) -> Result<PathBuf, String> {
+    Ok(PathBuf::from(value.trim()))
+}
+
+/// An integer within `min..=max`.
+fn int_in<T>(min: T, max: T) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync + 'static
+where
+    T: std::str::FromStr + PartialOrd + fmt::Display + Copy + Send + Sync + 'static,
+{
+    move |value: &str| {
+        value
+            .trim()
+            .parse::<T>()
+            .ok()
+            .filter(|v| *v >= min && *v <= max)
+            .ok_or_else(|| format!("an integer from {min} to {max}"))
     }
 }
+
+/// Milliseconds within `min..=max`.
+fn millis_in(
+    min: u64,
+    max: u64,
+) -> impl Fn(&str) -> Result<Duration, String> + Clone + Send + Sync + 'static {
+    let int = int_in(min, max);
+    move |value: &str| int(value).map(Duration::from_millis)
+}
+
+/// Seconds within `min..=max`.
+fn seconds_in(
+    min: u64,
+    max: u64,
+) -> impl Fn(&str) -> Result<Duration, String> + Clone + Send + Sync + 'static {
+    let int = int_in(min, max);
+    move |value: &str| int(value).map(Duration::from_secs)
+}
+
+fn comma_list(value: &str) -> impl Iterator<Item = &str> {
+    value.split(',').map(str::trim).filter(|s| !s.is_empty())
+}
+
+fn rate_limits(value: &str) -> Result<Maybe<Policy>, String> {
+    if value.trim().eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    Policy::parse(value)
+        .map(Some)
+        .map_err(|why| format!("`off` or a list like 30/minute,50/hour,200/day ({why})"))
+}
+
+/// `TRUSTED_PROXIES`: IPs (taken as single-address networks) and CIDRs.
+pub fn trusted_proxies(value: &str) -> Result<List<IpNet>, String> {
+    comma_list(value)
+        .map(|item| {
+            let net = item
+                .parse::<IpNet>()
+                .or_else(|_| item.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    format!(
+                        "comma-separated IPs or CIDRs (e.g. 10.0.0.0/8,192.168.1.7); {item:?} is neither"
+                    )
+                })?;
+            // Trusting everyone lets every client write its own rate-limit key.
+            if net.prefix_len() == 0 {
+                return Err(format!(
+                    "the proxies' own addresses; {item:?} trusts every address, so any client could choose its rate-limit key"
+                ));
+            }
+            // 10.1.2.3/8 is most likely a typo for 10.1.2.3/32 or 10.0.0.0/8: say which.
+            if net.trunc() != net {
+                return Err(format!(
+                    "networks without host bits; {item:?} has them: {} or {}?",
+                    net.trunc(),
+                    IpNet::from(net.addr())
+                ));
+            }
+            Ok(net)
+        })
+        .collect()
+}
+
+fn redis_url(value: &str) -> Result<String, String> {
+    let url = value.trim();
+    // Fail on a typo now rather than on the first request an hour later.
+    redis::Client::open(url)
+        .map(|_| url.to_owned())
+        .map_err(|_| "a redis:// or rediss:// URL, e.g. redis://:password@redis:6379/0".into())
+}
+
+fn cluster_nodes(value: &str) -> Result<List<String>, String> {
+    let nodes: Vec<String> = comma_list(value).map(str::to_owned).collect();
+    let expected = "comma-separated seed nodes of a Redis Cluster, all redis:// or all \
+        rediss:// with the same credentials, \
+        e.g. rediss://:password@node-1:6379,rediss://:password@node-2:6379";
+    if nodes.is_empty() {
+        return Ok(nodes);
+    }
+    let tcp = nodes
+        .iter()
+        .all(|url| url.starts_with("redis://") || url.starts_with("rediss://"));
+    if !tcp || redis::cluster::ClusterClient::new(nodes.iter().map(String::as_str)).is_err() {
+        return Err(expected.into());
+    }
+    Ok(nodes)
+}
+
+fn log_format(value: &str) -> Result<LogFormat, String> {
+    match value.trim() {
+        "json" => Ok(LogFormat::Json),
+        "text" => Ok(LogFormat::Text),
+        _ => Err("json or text".into()),
+    }
+}
+
+fn origins(value: &str) -> Result<List<http::HeaderValue>, String> {
+    comma_list(value)
+        .map(|origin| {
+            let origin = origin.trim_end_matches('/');
+            let valid = (origin.starts_with("http://") || origin.starts_with("https://"))
+                && !origin.contains(|c: char| c.is_whitespace());
+            valid
+                .then(|| http::HeaderValue::from_str(origin).ok())
+                .flatten()
+                .ok_or_else(|| "comma-separated origins like https://app.example.com".into())
+        })
+        .collect()
+}
+
+// --- Errors ---
 
 /// A setting that cannot be used; its `Display` is the one line printed at start-up.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -248,6 +366,9 @@ pub struct ConfigError {
     pub expected: String,
 }
 
+/// What `Debug` and error lines show instead of a secret.
+const REDACTED: &str = "<redacted>";
+
 impl ConfigError {
     fn new(var: &'static str, value: &str, expected: impl Into<String>) -> Self {
         Self {
@@ -256,98 +377,134 @@ impl ConfigError {
             expected: expected.into(),
         }
     }
-}
 
-fn parse_int<T: std::str::FromStr + PartialOrd + std::fmt::Display>(
-    var: &'static str,
-    value: &str,
-    min: T,
-    max: T,
-) -> Result<T, ConfigError> {
-    let expected = || format!("an integer from {min} to {max}");
-    let parsed: T = value
-        .trim()
-        .parse()
-        .map_err(|_| ConfigError::new(var, value, expected()))?;
-    if parsed < min || parsed > max {
-        return Err(ConfigError::new(var, value, expected()));
+    /// The one line for a value clap's parsers refused, naming the variable (and hiding
+    /// a secret's value); `None` for other command-line mistakes, which clap explains.
+    fn from_clap(error: &clap::Error) -> Option<Self> {
+        use clap::error::{ContextKind, ContextValue, ErrorKind};
+        if !matches!(
+            error.kind(),
+            ErrorKind::ValueValidation | ErrorKind::InvalidValue
+        ) {
+            return None;
+        }
+        let ContextValue::String(flag) = error.get(ContextKind::InvalidArg)? else {
+            return None;
+        };
+        let value = match error.get(ContextKind::InvalidValue) {
+            Some(ContextValue::String(value)) => value.clone(),
+            _ => String::new(),
+        };
+        let long = flag.trim_start_matches("--").split([' ', '=']).next()?;
+        let command = Cli::command();
+        let arg = command
+            .get_arguments()
+            .find(|a| a.get_long() == Some(long))?;
+        let var = arg.get_env()?.to_str()?;
+        // Leaked once per process: a handful of names, and only on the way to exit.
+        let var: &'static str = Box::leak(var.to_owned().into_boxed_str());
+        let expected = std::error::Error::source(error)
+            .map(ToString::to_string)
+            .unwrap_or_else(|| "a valid value".into());
+        let shown = if arg.is_hide_env_values_set() {
+            REDACTED.to_owned()
+        } else {
+            value
+        };
+        Some(Self::new(var, &shown, expected))
     }
-    Ok(parsed)
 }
 
-pub(crate) fn parse_addr(var: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
-    value
-        .trim()
-        .parse()
-        .map_err(|_| ConfigError::new(var, value, "an IP address and port, e.g. 0.0.0.0:5000"))
+/// Why the command line could not be used.
+#[derive(Debug)]
+pub enum StartError {
+    /// A setting: one line naming it.
+    Setting(ConfigError),
+    /// Anything else (an unknown flag, `--help`, `--version`): clap's own text.
+    Usage(clap::Error),
 }
 
-fn comma_list(value: &str) -> impl Iterator<Item = &str> {
-    value.split(',').map(str::trim).filter(|s| !s.is_empty())
+impl Cli {
+    /// The command line and environment, parsed and validated.
+    pub fn load() -> Result<Self, StartError> {
+        Self::load_from(std::env::args_os())
+    }
+
+    /// As [`Cli::load`], from these arguments (and the environment).
+    pub fn load_from<I, T>(args: I) -> Result<Self, StartError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let mut cli = Self::try_parse_from(args).map_err(|e| match ConfigError::from_clap(&e) {
+            Some(setting) => StartError::Setting(setting),
+            None => StartError::Usage(e),
+        })?;
+        cli.config.validate().map_err(StartError::Setting)?;
+        Ok(cli)
+    }
 }
 
-/// Parses `TRUSTED_PROXIES`: IPs (taken as single-address networks) and CIDRs.
-pub fn parse_trusted_proxies(value: &str) -> Result<Vec<IpNet>, ConfigError> {
-    let invalid = |why: String| ConfigError::new("TRUSTED_PROXIES", value, why);
-    comma_list(value)
-        .map(|item| {
-            let net = item
-                .parse::<IpNet>()
-                .or_else(|_| item.parse::<std::net::IpAddr>().map(IpNet::from))
-                .map_err(|_| {
-                    invalid(format!(
-                        "comma-separated IPs or CIDRs (e.g. 10.0.0.0/8,192.168.1.7); {item:?} is neither"
-                    ))
-                })?;
-            // Trusting everyone lets every client write its own rate-limit key.
-            if net.prefix_len() == 0 {
-                return Err(invalid(format!(
-                    "the proxies' own addresses; {item:?} trusts every address, so any client could choose its rate-limit key"
-                )));
-            }
-            // 10.1.2.3/8 is most likely a typo for 10.1.2.3/32 or 10.0.0.0/8: say which.
-            if net.trunc() != net {
-                return Err(invalid(format!(
-                    "networks without host bits; {item:?} has them: {} or {}?",
-                    net.trunc(),
-                    IpNet::from(net.addr())
-                )));
-            }
-            Ok(net)
-        })
-        .collect()
+impl Config {
+    /// The configuration these arguments give, ignoring the environment (for tests and
+    /// tools): validated, with the verifier built when auth is on.
+    pub fn from_args(args: &[&str]) -> Result<Self, ConfigError> {
+        let command = Cli::command().mut_args(|arg| arg.env(None::<&str>));
+        let argv = std::iter::once("fibonacci-api").chain(args.iter().copied());
+        let matches = command.try_get_matches_from(argv).map_err(|e| {
+            ConfigError::from_clap(&e)
+                .unwrap_or_else(|| ConfigError::new("argument", "", e.to_string()))
+        })?;
+        let mut config = Cli::from_arg_matches(&matches)
+            .map_err(|e| ConfigError::new("argument", "", e.to_string()))?
+            .config;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the rules that join several settings, and builds the JWT verifier.
+    pub fn validate(&mut self) -> Result<(), ConfigError> {
+        if self.redis_url.is_some() && !self.redis_cluster_nodes.is_empty() {
+            return Err(ConfigError::new(
+                "REDIS_CLUSTER_NODES",
+                REDACTED,
+                "not to be set together with REDIS_URL: one Redis node (REDIS_URL) or a \
+                 Redis Cluster (REDIS_CLUSTER_NODES)",
+            ));
+        }
+        self.auth = self.jwt.authenticator()?.map(Arc::new);
+        Ok(())
+    }
 }
 
-fn non_empty(value: &Option<String>) -> Option<&str> {
-    value.as_deref().map(str::trim).filter(|v| !v.is_empty())
-}
-
-impl Settings {
-    /// The JWT verifier, when a key source is configured.
-    fn auth(&self) -> Result<Option<Arc<Authenticator>>, ConfigError> {
+impl JwtSettings {
+    /// The verifier, when a key source is configured; `Err` names the setting at fault.
+    fn authenticator(&self) -> Result<Option<Authenticator>, ConfigError> {
         const SOURCES: &str =
             "AUTH_JWT_HS256_SECRET, AUTH_JWT_PUBLIC_KEY_FILE, AUTH_JWT_JWKS_FILE or AUTH_JWT_JWKS_URL";
-        let secret = non_empty(&self.auth_jwt_hs256_secret);
-        let public_key = non_empty(&self.auth_jwt_public_key_file);
-        let jwks_file = non_empty(&self.auth_jwt_jwks_file);
-        let jwks_url = non_empty(&self.auth_jwt_jwks_url);
-        let (audience, issuer) = (
-            non_empty(&self.auth_jwt_audience),
-            non_empty(&self.auth_jwt_issuer),
-        );
+        let shown_path = |p: &Maybe<PathBuf>| p.as_ref().map(|p| p.display().to_string());
         // (variable, value as an error line may show it)
         let given: Vec<(&'static str, String)> = [
-            ("AUTH_JWT_HS256_SECRET", secret.map(|_| REDACTED.to_owned())),
-            ("AUTH_JWT_PUBLIC_KEY_FILE", public_key.map(str::to_owned)),
-            ("AUTH_JWT_JWKS_FILE", jwks_file.map(str::to_owned)),
-            ("AUTH_JWT_JWKS_URL", jwks_url.map(redact_url)),
+            (
+                "AUTH_JWT_HS256_SECRET",
+                self.hs256_secret.as_ref().map(|_| REDACTED.to_owned()),
+            ),
+            (
+                "AUTH_JWT_PUBLIC_KEY_FILE",
+                shown_path(&self.public_key_file),
+            ),
+            ("AUTH_JWT_JWKS_FILE", shown_path(&self.jwks_file)),
+            (
+                "AUTH_JWT_JWKS_URL",
+                self.jwks_url.as_deref().map(redact_url),
+            ),
         ]
         .into_iter()
         .filter_map(|(var, shown)| Some((var, shown?)))
         .collect();
         let (var, shown) = match given.as_slice() {
             [] => {
-                return match (audience, issuer) {
+                return match (&self.audience, &self.issuer) {
                     (None, None) => Ok(None),
                     (Some(aud), _) => Err(ConfigError::new(
                         "AUTH_JWT_AUDIENCE",
@@ -372,7 +529,7 @@ impl Settings {
             }
         };
         // A token minted for another service (same IdP, another `aud`) must not pass.
-        let audience = match audience {
+        let audience = match self.audience.as_deref() {
             None => {
                 return Err(ConfigError::new(
                     "AUTH_JWT_AUDIENCE",
@@ -387,207 +544,75 @@ impl Settings {
             Some(aud) => Audience::Exactly(aud.to_owned()),
         };
         let source = KeySource {
-            hs256_secret: secret,
-            public_key_file: public_key.map(Path::new),
-            jwks_file: jwks_file.map(Path::new),
-            jwks_url,
+            hs256_secret: self.hs256_secret.as_deref(),
+            public_key_file: self.public_key_file.as_deref(),
+            jwks_file: self.jwks_file.as_deref(),
+            jwks_url: self.jwks_url.as_deref(),
         };
-        Authenticator::new(source, audience, issuer)
-            .map(|a| Some(Arc::new(a)))
+        Authenticator::new(source, audience, self.issuer.as_deref())
+            .map(Some)
             .map_err(|expected| ConfigError::new(var, &shown, expected))
-    }
-
-    /// Validates every setting, stopping at the first bad one.
-    pub fn into_config(self) -> Result<Config, ConfigError> {
-        let rate_limits = if self.rate_limits.trim().eq_ignore_ascii_case("off") {
-            None
-        } else {
-            Some(Policy::parse(&self.rate_limits).map_err(|why| {
-                ConfigError::new(
-                    "RATE_LIMITS",
-                    &self.rate_limits,
-                    format!("`off` or a list like 30/minute,50/hour,200/day ({why})"),
-                )
-            })?)
-        };
-        let redis_url = match self.redis_url.as_deref().map(str::trim) {
-            None | Some("") => None,
-            Some(url) => {
-                // Fail on a typo now rather than on the first request an hour later.
-                redis::Client::open(url).map_err(|_| {
-                    ConfigError::new(
-                        "REDIS_URL",
-                        REDACTED,
-                        "a redis:// or rediss:// URL, e.g. redis://:password@redis:6379/0",
-                    )
-                })?;
-                Some(url.to_owned())
-            }
-        };
-        let redis_cluster_nodes: Vec<String> =
-            comma_list(self.redis_cluster_nodes.as_deref().unwrap_or(""))
-                .map(str::to_owned)
-                .collect();
-        if !redis_cluster_nodes.is_empty() {
-            let expected = "comma-separated seed nodes of a Redis Cluster, all redis:// or all \
-                rediss:// with the same credentials, \
-                e.g. rediss://:password@node-1:6379,rediss://:password@node-2:6379";
-            if redis_url.is_some() {
-                return Err(ConfigError::new(
-                    "REDIS_CLUSTER_NODES",
-                    REDACTED,
-                    "not to be set together with REDIS_URL: one Redis node (REDIS_URL) or a \
-                     Redis Cluster (REDIS_CLUSTER_NODES)",
-                ));
-            }
-            let tcp = redis_cluster_nodes
-                .iter()
-                .all(|url| url.starts_with("redis://") || url.starts_with("rediss://"));
-            if !tcp {
-                return Err(ConfigError::new("REDIS_CLUSTER_NODES", REDACTED, expected));
-            }
-            redis::cluster::ClusterClient::new(redis_cluster_nodes.iter().map(String::as_str))
-                .map_err(|_| ConfigError::new("REDIS_CLUSTER_NODES", REDACTED, expected))?;
-        }
-        let log_format = match self.log_format.trim() {
-            "json" => LogFormat::Json,
-            "text" => LogFormat::Text,
-            _ => {
-                return Err(ConfigError::new(
-                    "LOG_FORMAT",
-                    &self.log_format,
-                    "json or text",
-                ))
-            }
-        };
-        let cors_allowed_origins = comma_list(&self.cors_allowed_origins)
-            .map(|origin| {
-                let valid = (origin.starts_with("http://") || origin.starts_with("https://"))
-                    && !origin
-                        .trim_end_matches('/')
-                        .contains(|c: char| c.is_whitespace());
-                valid
-                    .then(|| http::HeaderValue::from_str(origin.trim_end_matches('/')).ok())
-                    .flatten()
-                    .ok_or_else(|| {
-                        ConfigError::new(
-                            "CORS_ALLOWED_ORIGINS",
-                            &self.cors_allowed_origins,
-                            "comma-separated origins like https://app.example.com",
-                        )
-                    })
-            })
-            .collect::<Result<_, _>>()?;
-        let auth = self.auth()?;
-        Ok(Config {
-            auth,
-            listen_addr: parse_addr("LISTEN_ADDR", &self.listen_addr)?,
-            admin_listen_addr: match self.admin_listen_addr.as_deref().map(str::trim) {
-                None | Some("") => None,
-                Some(addr) => Some(parse_addr("ADMIN_LISTEN_ADDR", addr)?),
-            },
-            max_n: parse_int("MAX_N", &self.max_n, 0, MAX_N_CEILING)?,
-            rate_limits,
-            trusted_proxies: parse_trusted_proxies(&self.trusted_proxies)?,
-            redis_url,
-            redis_cluster_nodes,
-            redis_timeout: Duration::from_millis(parse_int(
-                "REDIS_TIMEOUT_MS",
-                &self.redis_timeout_ms,
-                1,
-                60_000,
-            )?),
-            cache_max_bytes: parse_int("CACHE_MAX_BYTES", &self.cache_max_bytes, 0, 1 << 40)?,
-            shutdown_drain: Duration::from_secs(parse_int(
-                "SHUTDOWN_DRAIN_SECONDS",
-                &self.shutdown_drain_seconds,
-                0,
-                3600,
-            )?),
-            log_format,
-            cors_allowed_origins,
-            request_timeout: Duration::from_millis(parse_int(
-                "REQUEST_TIMEOUT_MS",
-                &self.request_timeout_ms,
-                1,
-                3_600_000,
-            )?),
-            header_read_timeout: Duration::from_millis(parse_int(
-                "HEADER_READ_TIMEOUT_MS",
-                &self.header_read_timeout_ms,
-                1,
-                3_600_000,
-            )?),
-            max_connections: parse_int("MAX_CONNECTIONS", &self.max_connections, 1, 1_000_000)?,
-            max_connections_per_address: parse_int(
-                "MAX_CONNECTIONS_PER_ADDRESS",
-                &self.max_connections_per_address,
-                0,
-                1_000_000,
-            )?,
-            connection_rate_per_address: parse_int(
-                "CONNECTION_RATE_PER_ADDRESS",
-                &self.connection_rate_per_address,
-                0,
-                1_000_000,
-            )?,
-            write_timeout: Duration::from_millis(parse_int(
-                "WRITE_TIMEOUT_MS",
-                &self.write_timeout_ms,
-                1,
-                3_600_000,
-            )?),
-            max_in_flight: parse_int("MAX_IN_FLIGHT", &self.max_in_flight, 1, 1_000_000)?,
-            rate_limit_max_keys: parse_int(
-                "RATE_LIMIT_MAX_KEYS",
-                &self.rate_limit_max_keys,
-                64,
-                100_000_000,
-            )?,
-            rate_limit_ipv6_48_factor: parse_int(
-                "RATE_LIMIT_IPV6_48_FACTOR",
-                &self.rate_limit_ipv6_48_factor,
-                0,
-                100,
-            )?,
-        })
     }
 }
 
 impl Default for Config {
     /// The contract defaults, without reading the environment (tests build on this).
     fn default() -> Self {
-        Settings {
-            listen_addr: defaults::LISTEN_ADDR.into(),
-            admin_listen_addr: None,
-            max_n: defaults::MAX_N.into(),
-            rate_limits: defaults::RATE_LIMITS.into(),
-            trusted_proxies: String::new(),
-            redis_url: None,
-            redis_cluster_nodes: None,
-            redis_timeout_ms: defaults::REDIS_TIMEOUT_MS.into(),
-            cache_max_bytes: defaults::CACHE_MAX_BYTES.into(),
-            shutdown_drain_seconds: defaults::SHUTDOWN_DRAIN_SECONDS.into(),
-            log_format: defaults::LOG_FORMAT.into(),
-            cors_allowed_origins: String::new(),
-            request_timeout_ms: defaults::REQUEST_TIMEOUT_MS.into(),
-            header_read_timeout_ms: defaults::HEADER_READ_TIMEOUT_MS.into(),
-            max_connections: defaults::MAX_CONNECTIONS.into(),
-            max_connections_per_address: defaults::MAX_CONNECTIONS_PER_ADDRESS.into(),
-            connection_rate_per_address: defaults::CONNECTION_RATE_PER_ADDRESS.into(),
-            write_timeout_ms: defaults::WRITE_TIMEOUT_MS.into(),
-            max_in_flight: defaults::MAX_IN_FLIGHT.into(),
-            rate_limit_max_keys: defaults::RATE_LIMIT_MAX_KEYS.into(),
-            rate_limit_ipv6_48_factor: defaults::RATE_LIMIT_IPV6_48_FACTOR.into(),
-            auth_jwt_hs256_secret: None,
-            auth_jwt_public_key_file: None,
-            auth_jwt_jwks_file: None,
-            auth_jwt_jwks_url: None,
-            auth_jwt_audience: None,
-            auth_jwt_issuer: None,
-        }
-        .into_config()
-        .expect("the contract defaults are valid")
+        Self::from_args(&[]).expect("the contract defaults are valid")
+    }
+}
+
+// --- Debug, with the secrets redacted ---
+
+/// Writes `Debug` for a struct listing every field, destructured without `..`: a new
+/// field does not compile until it is listed here, either shown or `secret`.
+macro_rules! debug_struct {
+    ($this:expr, $f:expr, $name:ident { $($field:ident),* $(,)? } secret { $($secret:ident => $redact:expr),* $(,)? }) => {{
+        let $name { $($field,)* $($secret,)* } = $this;
+        let mut debug = $f.debug_struct(stringify!($name));
+        $(debug.field(stringify!($field), $field);)*
+        $(debug.field(stringify!($secret), &$redact($secret));)*
+        debug.finish()
+    }};
+}
+
+fn redact_secret(value: &Maybe<String>) -> Option<&'static str> {
+    value.as_ref().map(|_| REDACTED)
+}
+
+fn redact_optional_url(value: &Maybe<String>) -> Option<String> {
+    value.as_deref().map(redact_url)
+}
+
+fn redact_urls(value: &[String]) -> Vec<String> {
+    value.iter().map(|url| redact_url(url)).collect()
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        debug_struct!(self, f, Config {
+            listen_addr, admin_listen_addr, max_n, rate_limits, trusted_proxies,
+            redis_timeout, cache_max_bytes, shutdown_drain, log_format, cors_allowed_origins,
+            request_timeout, header_read_timeout, max_connections, max_connections_per_address,
+            connection_rate_per_address, write_timeout, max_in_flight, rate_limit_max_keys,
+            rate_limit_ipv6_48_factor, jwt,
+            // Its own `Debug` shows the algorithms or the redacted JWKS URL, never a key.
+            auth,
+        } secret {
+            redis_url => redact_optional_url,
+            redis_cluster_nodes => redact_urls,
+        })
+    }
+}
+
+impl fmt::Debug for JwtSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        debug_struct!(self, f, JwtSettings {
+            public_key_file, jwks_file, audience, issuer,
+        } secret {
+            hs256_secret => redact_secret,
+            jwks_url => redact_optional_url,
+        })
     }
 }
 
@@ -596,9 +621,7 @@ mod tests {
     use super::*;
 
     fn settings(args: &[&str]) -> Result<Config, ConfigError> {
-        let mut argv = vec!["fibonacci-api"];
-        argv.extend_from_slice(args);
-        Cli::try_parse_from(argv).unwrap().settings.into_config()
+        Config::from_args(args)
     }
 
     #[test]

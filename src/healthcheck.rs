@@ -11,24 +11,16 @@ use std::{
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Runs the subcommand: probes `url`, or else the listener `settings` describe.
+/// Runs the subcommand: probes `url`, or else the listener `config` describes.
 pub async fn run(
     url: Option<&str>,
-    settings: &crate::config::Settings,
+    config: &crate::config::Config,
     timeout: Duration,
 ) -> Result<(), String> {
     if let Some(url) = url {
         return probe_url(url, timeout).await;
     }
-    let admin = settings
-        .admin_listen_addr
-        .as_deref()
-        .filter(|a| !a.trim().is_empty());
-    let listen = match admin {
-        Some(addr) => crate::config::parse_addr("ADMIN_LISTEN_ADDR", addr),
-        None => crate::config::parse_addr("LISTEN_ADDR", &settings.listen_addr),
-    }
-    .map_err(|e| e.to_string())?;
+    let listen = config.admin_listen_addr.unwrap_or(config.listen_addr);
     probe_listener(&loopback_targets(listen), timeout).await
 }
 

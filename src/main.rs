@@ -2,18 +2,26 @@
 
 use std::{process::ExitCode, time::Duration};
 
-use clap::Parser;
 use fibonacci_api::{
-    config::{Cli, Command},
+    config::{Cli, Command, StartError},
     healthcheck, shutdown, telemetry, Application,
 };
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::load() {
+        Ok(cli) => cli,
+        Err(StartError::Setting(e)) => {
+            eprintln!("fibonacci-api: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+        // --help, --version, or a command-line mistake clap explains itself.
+        Err(StartError::Usage(e)) => e.exit(),
+    };
+    let config = cli.config;
     if let Some(Command::Healthcheck { url, timeout_ms }) = &cli.command {
         let timeout = Duration::from_millis(*timeout_ms);
-        return match healthcheck::run(url.as_deref(), &cli.settings, timeout).await {
+        return match healthcheck::run(url.as_deref(), &config, timeout).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(why) => {
                 eprintln!("fibonacci-api: unhealthy: {why}");
@@ -21,13 +29,6 @@ async fn main() -> ExitCode {
             }
         };
     }
-    let config = match cli.settings.into_config() {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("fibonacci-api: configuration error: {e}");
-            return ExitCode::from(2);
-        }
-    };
     let telemetry = match telemetry::init(config.log_format) {
         Ok(telemetry) => telemetry,
         Err(e) => {

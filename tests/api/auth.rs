@@ -3,8 +3,7 @@
 
 use std::{net::IpAddr, path::PathBuf};
 
-use clap::Parser;
-use fibonacci_api::config::{Cli, Config};
+use fibonacci_api::config::Config;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use reqwest::StatusCode;
 use serde_json::json;
@@ -38,13 +37,7 @@ pub fn fixture(name: &str) -> PathBuf {
 
 /// The configuration the flags `args` give, as the binary would build it, on port 0.
 pub fn config_from(args: &[&str]) -> Config {
-    let mut argv = vec!["fibonacci-api"];
-    argv.extend_from_slice(args);
-    let config = Cli::try_parse_from(argv)
-        .expect("the flags parse")
-        .settings
-        .into_config()
-        .expect("the flags are valid");
+    let config = Config::from_args(args).expect("the flags are valid");
     Config {
         listen_addr: test_config().listen_addr,
         shutdown_drain: test_config().shutdown_drain,

@@ -218,7 +218,8 @@ fn debug_output_redacts_secrets() {
         "fibonacci-api",
     ])
     .unwrap();
-    let settings = format!("{:?}", cli.settings);
+    // Parsed, not yet validated: what a `{:?}` before start-up would print.
+    let settings = format!("{:?}", cli.config);
     assert!(!settings.contains("hunter2"), "Settings: {settings}");
     let cluster = Cli::try_parse_from([
         "fibonacci-api",
@@ -226,12 +227,19 @@ fn debug_output_redacts_secrets() {
         "rediss://app:hunter2-a@node-a:7000,rediss://app:hunter2-a@node-b:7001",
     ])
     .unwrap();
-    let shown = format!("{:?}", cluster.settings);
+    let shown = format!("{:?}", cluster.config);
     assert!(
         !shown.contains("hunter2") && shown.contains("node-b:7001"),
         "{shown}"
     );
-    let shown = format!("{:?}", cluster.settings.into_config().unwrap());
+    let shown = format!(
+        "{:?}",
+        fibonacci_api::config::Config::from_args(&[
+            "--redis-cluster-nodes",
+            "rediss://app:hunter2-a@node-a:7000,rediss://app:hunter2-a@node-b:7001",
+        ])
+        .unwrap()
+    );
     assert!(
         !shown.contains("hunter2") && shown.contains("node-a:7000"),
         "{shown}"
@@ -240,7 +248,15 @@ fn debug_output_redacts_secrets() {
         settings.contains("redis.internal:6379"),
         "the non-secret part stays useful: {settings}"
     );
-    let config = cli.settings.into_config().unwrap();
+    let config = fibonacci_api::config::Config::from_args(&[
+        "--redis-url",
+        "redis://app:hunter2-redis@redis.internal:6379/0",
+        "--auth-jwt-hs256-secret",
+        SECRET_32,
+        "--auth-jwt-audience",
+        "fibonacci-api",
+    ])
+    .unwrap();
     let config = format!("{config:?}");
     assert!(!config.contains("hunter2"), "Config: {config}");
     assert!(config.contains("redis.internal:6379"), "{config}");
