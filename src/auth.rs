@@ -28,7 +28,6 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use http::HeaderValue;
 use jsonwebtoken::{decode, decode_header, errors::ErrorKind};
 use serde::Deserialize;
 
@@ -153,10 +152,8 @@ struct Claims {
 
 /// The token68 of an `Authorization: Bearer <token>` header. The scheme is
 /// case-insensitive (RFC 9110 §11.1) and one or more spaces may follow it (§11.4).
-fn bearer_token(authorization: Option<&HeaderValue>) -> Result<&str, AuthError> {
-    let value = authorization
-        .ok_or(AuthError::Missing)?
-        .to_str()
+fn bearer_token(authorization: Option<&[u8]>) -> Result<&str, AuthError> {
+    let value = std::str::from_utf8(authorization.ok_or(AuthError::Missing)?)
         .map_err(|_| AuthError::Malformed)?;
     let (scheme, rest) = value.split_once(' ').ok_or(AuthError::Malformed)?;
     if !scheme.eq_ignore_ascii_case("bearer") {
@@ -275,11 +272,11 @@ impl Authenticator {
     /// refused again without its token being looked at; only then is a signature checked.
     pub async fn authenticate(
         &self,
-        authorization: Option<&HeaderValue>,
+        authorization: Option<&(impl AsRef<[u8]> + ?Sized)>,
         address: &ClientKey,
     ) -> Outcome {
         let now = Instant::now();
-        let token = bearer_token(authorization);
+        let token = bearer_token(authorization.map(AsRef::as_ref));
         let keys = self.keys.current();
         if let Some(subject) = self.verified_before(&token, &keys, now) {
             return Outcome::Subject(subject);
@@ -313,9 +310,12 @@ impl Authenticator {
     }
 
     /// The verified subject of the bearer token in `authorization` (no address checks).
-    pub async fn verify(&self, authorization: Option<&HeaderValue>) -> Result<Arc<str>, AuthError> {
+    pub async fn verify(
+        &self,
+        authorization: Option<&(impl AsRef<[u8]> + ?Sized)>,
+    ) -> Result<Arc<str>, AuthError> {
         let now = Instant::now();
-        let token = bearer_token(authorization);
+        let token = bearer_token(authorization.map(AsRef::as_ref));
         let keys = self.keys.current();
         match self.verified_before(&token, &keys, now) {
             Some(subject) => Ok(subject),
@@ -410,6 +410,7 @@ pub fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderValue;
     use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
     use serde_json::json;
 

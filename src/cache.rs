@@ -48,13 +48,36 @@ pub enum StoreError {
     Failed(String),
 }
 
-/// Charges each body its length plus a rough per-entry overhead.
-#[derive(Clone)]
-struct BodyWeighter;
+/// The answer for one n, ready to send: the JSON body and its entity tag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub body: Bytes,
+    /// `"fib-v1-{n}"` ([`etag`]), kept with the body so a hit formats nothing.
+    pub etag: Bytes,
+}
 
-impl Weighter<u64, Bytes> for BodyWeighter {
-    fn weight(&self, _n: &u64, body: &Bytes) -> u64 {
-        body.len() as u64 + 64
+impl Answer {
+    fn new(n: u64, body: Bytes) -> Self {
+        Self {
+            body,
+            etag: Bytes::from(etag(n)),
+        }
+    }
+}
+
+/// The strong validator of F(n)'s representation: it depends on n alone (and the format
+/// version), so a conditional request is answered without looking anything up.
+pub fn etag(n: u64) -> String {
+    format!("\"fib-v1-{n}\"")
+}
+
+/// Charges each answer its length plus a rough per-entry overhead.
+#[derive(Clone)]
+struct AnswerWeighter;
+
+impl Weighter<u64, Answer> for AnswerWeighter {
+    fn weight(&self, _n: &u64, answer: &Answer) -> u64 {
+        (answer.body.len() + answer.etag.len()) as u64 + 64
     }
 }
 
@@ -116,7 +139,7 @@ pub struct FibonacciStore {
 
 /// The tiers, shared with the fill tasks that outlive requests.
 struct Tiers {
-    memory: Cache<u64, Bytes, BodyWeighter>,
+    memory: Cache<u64, Answer, AnswerWeighter>,
     redis: Option<Arc<RedisClient>>,
     fingerprint: Fingerprint,
     memory_counters: TierCounters,
@@ -141,7 +164,7 @@ impl FibonacciStore {
             tiers: Arc::new(Tiers {
                 // A zero capacity would still need placeholders for the single flight, so
                 // keep one weight unit: every body outweighs it and is never retained.
-                memory: Cache::with_weighter(estimated_items, max_bytes.max(1), BodyWeighter),
+                memory: Cache::with_weighter(estimated_items, max_bytes.max(1), AnswerWeighter),
                 redis,
                 fingerprint: Fingerprint::random(),
                 memory_counters: TierCounters::new(metrics, "memory"),
@@ -166,19 +189,19 @@ impl FibonacciStore {
         self
     }
 
-    /// The response body for F(n).
-    pub async fn get(&self, n: u64) -> Result<Bytes, StoreError> {
-        let (body, source) = self.lookup(n).await?;
+    /// The answer for F(n).
+    pub async fn get(&self, n: u64) -> Result<Answer, StoreError> {
+        let (answer, source) = self.lookup(n).await?;
         self.requested[source as usize].record(n as f64);
-        Ok(body)
+        Ok(answer)
     }
 
-    async fn lookup(&self, n: u64) -> Result<(Bytes, Source), StoreError> {
+    async fn lookup(&self, n: u64) -> Result<(Answer, Source), StoreError> {
         let tiers = &self.tiers;
         let lookup = tracing::debug_span!("cache.memory", n);
-        if let Some(body) = lookup.in_scope(|| tiers.memory.get(&n)) {
+        if let Some(answer) = lookup.in_scope(|| tiers.memory.get(&n)) {
             tiers.memory_counters.hit.increment(1);
-            return Ok((body, Source::Memory));
+            return Ok((answer, Source::Memory));
         }
         tiers.memory_counters.miss.increment(1);
         // Waiting happens in the task too: whichever waiter finds the placeholder gone
@@ -201,10 +224,10 @@ impl FibonacciStore {
 
 impl Tiers {
     /// A miss: wait for whoever is already filling n, or fill it from Redis or computation.
-    async fn wait_or_fill(self: Arc<Self>, n: u64) -> Result<(Bytes, Source), StoreError> {
+    async fn wait_or_fill(self: Arc<Self>, n: u64) -> Result<(Answer, Source), StoreError> {
         let guard = match self.memory.get_value_or_guard_async(&n).await {
             // Another request for the same n was already filling it: its answer is ours.
-            Ok(body) => return Ok((body, Source::Memory)),
+            Ok(answer) => return Ok((answer, Source::Memory)),
             Err(guard) => guard,
         };
         let (body, source) = match self.lookup_redis(n).await {
@@ -216,9 +239,10 @@ impl Tiers {
                 (body, Source::Computation)
             }
         };
+        let answer = Answer::new(n, body);
         // Err only if the entry was removed meanwhile; the answer is still right.
-        let _ = guard.insert(body.clone());
-        Ok((body, source))
+        let _ = guard.insert(answer.clone());
+        Ok((answer, source))
     }
 
     async fn lookup_redis(&self, n: u64) -> Option<Bytes> {
@@ -338,7 +362,11 @@ mod tests {
         let metrics = Metrics::new();
         let store = FibonacciStore::new(1 << 20, None, &metrics);
         let first = store.get(10).await.unwrap();
-        assert_eq!(first, Bytes::from_static(br#"{"n":10,"fibonacci":55}"#));
+        assert_eq!(
+            first.body,
+            Bytes::from_static(br#"{"n":10,"fibonacci":55}"#)
+        );
+        assert_eq!(first.etag, Bytes::from_static(br#""fib-v1-10""#));
         let again = store.get(10).await.unwrap();
         assert_eq!(first, again);
         let text = metrics.render();
@@ -356,7 +384,7 @@ mod tests {
     async fn large_numbers_are_exact_json_integers() {
         let metrics = Metrics::new();
         let store = FibonacciStore::new(1 << 20, None, &metrics);
-        let body = store.get(1000).await.unwrap();
+        let body = store.get(1000).await.unwrap().body;
         serde_json::from_slice::<serde::de::IgnoredAny>(&body).expect("valid JSON");
         // Compared as text: a float-based JSON reader would round the 209 digits.
         let expected = format!(

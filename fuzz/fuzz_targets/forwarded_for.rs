@@ -6,7 +6,7 @@
 
 use std::net::{IpAddr, Ipv6Addr};
 
-use fibonacci_api::ratelimit::client::{canonical, resolve};
+use fibonacci_api::{http::client::resolve, ratelimit::client::canonical};
 use http::HeaderValue;
 use libfuzzer_sys::fuzz_target;
 

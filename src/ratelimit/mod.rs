@@ -38,7 +38,7 @@ fn now_ms() -> u64 {
 
 /// The limiter of one replica.
 pub struct RateLimiter {
-    policy_header: http::HeaderValue,
+    policy: Policy,
     local: local::LocalLimiter,
     redis: Option<(Arc<RedisClient>, redis::RedisWindows)>,
     rejections: Vec<(Unit, Counter)>,
@@ -72,19 +72,18 @@ impl RateLimiter {
                 .collect()
         });
         Self {
-            policy_header: http::HeaderValue::from_str(&policy.header())
-                .expect("digits and separators"),
             local: local::LocalLimiter::new(policy.clone(), net48.clone(), max_keys),
             redis: redis.map(|r| (r, redis::RedisWindows::new(&policy, net48.as_ref()))),
             rejections,
             keys: metrics.scope(|| metrics::gauge!(RATE_LIMITER_KEYS)),
+            policy: policy.clone(),
             local_decisions: metrics.scope(|| metrics::counter!(RATE_LIMIT_LOCAL_DECISIONS)),
         }
     }
 
-    /// The `RateLimit-Policy` header value.
-    pub fn policy_header(&self) -> &http::HeaderValue {
-        &self.policy_header
+    /// The windows every client is limited by.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
     }
 
     /// Checks and counts one request of `client`: in Redis when it answers, else locally.
@@ -100,10 +99,28 @@ impl RateLimiter {
             },
             None => self.local.check(client, now_ms()),
         };
+        self.counted(decision)
+    }
+
+    /// The decision at once, when it needs no Redis call (the limiter is in process
+    /// only); `None` means: ask [`RateLimiter::check`]. Spares the caller a future.
+    pub fn check_now(&self, client: &ClientKey) -> Option<Decision> {
+        if self.redis.is_some() {
+            return None;
+        }
+        Some(self.counted(self.local.check(client, now_ms())))
+    }
+
+    /// Counts a rejection decided elsewhere (a refusal remembered by authentication).
+    pub fn count_rejection(&self, window: &Window) {
+        if let Some((_, counter)) = self.rejections.iter().find(|(u, _)| *u == window.unit) {
+            counter.increment(1);
+        }
+    }
+
+    fn counted(&self, decision: Decision) -> Decision {
         if let Decision::Rejected { window, .. } = &decision {
-            if let Some((_, counter)) = self.rejections.iter().find(|(u, _)| *u == window.unit) {
-                counter.increment(1);
-            }
+            self.count_rejection(window);
         }
         decision
     }

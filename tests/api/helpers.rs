@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use fibonacci_api::{app::App, config::Config, Application, Stopped};
+use fibonacci_api::{config::Config, state::App, Application, Stopped};
 use tokio::{sync::oneshot, task::JoinHandle};
 
 /// A running instance and a client for it.

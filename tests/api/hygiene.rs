@@ -176,7 +176,9 @@ async fn over_max_in_flight_the_api_sheds_load_but_probes_answer() {
         Duration::from_secs(5),
         "the slow request holds the only permit",
         || {
-            let busy = state.in_flight.available_permits() == 0;
+            let busy = crate::helpers::Scrape::parse(&state.metrics.render())
+                .get("http_requests_in_flight", &[])
+                >= 1.0;
             async move { busy }
         },
     )

@@ -259,7 +259,7 @@ fn text_logs_written_to_a_pipe_have_no_colour_codes() {
 async fn a_panicking_handler_is_counted_logged_and_answered_like_any_error() {
     use axum::{body::Body, routing::get, Router};
     use tower::ServiceExt;
-    let app = fibonacci_api::app::App::new(test_config()).unwrap();
+    let app = fibonacci_api::state::App::new(test_config()).unwrap();
     let boom = Router::new().route(
         "/boom",
         get(|| async {
@@ -268,7 +268,7 @@ async fn a_panicking_handler_is_counted_logged_and_answered_like_any_error() {
             ""
         }),
     );
-    let router = fibonacci_api::app::router_with(app.clone(), boom);
+    let router = fibonacci_api::http::router_with(app.clone(), boom);
     let response = router
         .oneshot(http::Request::get("/boom").body(Body::empty()).unwrap())
         .await

@@ -3,14 +3,15 @@
 use std::sync::Arc;
 
 use axum::{
+    body::Body,
     extract::{Request, State},
     http::{header, HeaderMap, HeaderValue, StatusCode},
-    response::{IntoResponse, Response},
+    response::Response,
 };
 use serde::Serialize;
 use utoipa::{IntoParams, ToSchema};
 
-use crate::{app::App, error::ApiError, input::parse_n};
+use crate::{cache::etag, http::error::ApiError, input::parse_n, state::App};
 
 /// A year, the longest max-age caches honour; `immutable` tells browsers not to revalidate.
 const CACHE_CONTROL: HeaderValue = HeaderValue::from_static("public, max-age=31536000, immutable");
@@ -45,12 +46,6 @@ pub struct FibonacciQuery {
     n: u64,
 }
 
-/// The strong validator of F(n)'s representation: it depends on n alone (and the format
-/// version), so a conditional request is answered without looking anything up.
-fn etag(n: u64) -> HeaderValue {
-    HeaderValue::from_str(&format!("\"fib-v1-{n}\"")).expect("ASCII")
-}
-
 /// Whether `If-None-Match` lists `etag` (weak comparison, as RFC 9110 prescribes for it).
 fn matches_if_none_match(headers: &HeaderMap, etag: &HeaderValue) -> bool {
     let ours = etag.as_bytes();
@@ -72,37 +67,52 @@ fn matches_if_none_match(headers: &HeaderMap, etag: &HeaderValue) -> bool {
         (status = 304, description = "Not modified: the client's cached copy (If-None-Match) is current",
             headers(("ETag" = String), ("Cache-Control" = String), ("RateLimit-Limit" = u64),
                     ("RateLimit-Remaining" = u64), ("RateLimit-Reset" = u64), ("RateLimit-Policy" = String))),
-        (status = 400, description = "n missing, repeated, not a plain non-negative integer, or above MAX_N", body = crate::routes::openapi::ErrorBody,
+        (status = 400, description = "n missing, repeated, not a plain non-negative integer, or above MAX_N", body = crate::http::routes::openapi::ErrorBody,
             headers(("RateLimit-Limit" = u64), ("RateLimit-Remaining" = u64), ("RateLimit-Reset" = u64), ("RateLimit-Policy" = String))),
         (status = 401, description = "JWT authentication is enabled (AUTH_JWT_*) and the bearer token is missing or invalid",
-            body = crate::routes::openapi::ErrorBody, headers(("WWW-Authenticate" = String))),
-        (status = 405, description = "Method other than GET or HEAD", body = crate::routes::openapi::ErrorBody),
-        (status = 429, description = "Over a rate limit; see Retry-After", body = crate::routes::openapi::ErrorBody,
+            body = crate::http::routes::openapi::ErrorBody, headers(("WWW-Authenticate" = String))),
+        (status = 405, description = "Method other than GET or HEAD", body = crate::http::routes::openapi::ErrorBody),
+        (status = 429, description = "Over a rate limit; see Retry-After", body = crate::http::routes::openapi::ErrorBody,
             headers(("Retry-After" = u64, description = "Whole seconds (at least 1) after which a retry is allowed"),
                     ("RateLimit-Limit" = u64), ("RateLimit-Remaining" = u64), ("RateLimit-Reset" = u64), ("RateLimit-Policy" = String))),
-        (status = 503, description = "Overloaded, timed out, or (AUTH_JWT_JWKS_URL) the signing keys not loaded yet; see Retry-After", body = crate::routes::openapi::ErrorBody,
+        (status = 503, description = "Overloaded, timed out, or (AUTH_JWT_JWKS_URL) the signing keys not loaded yet; see Retry-After", body = crate::http::routes::openapi::ErrorBody,
             headers(("Retry-After" = u64))),
     ))]
 pub async fn fibonacci(State(app): State<Arc<App>>, req: Request) -> Result<Response, ApiError> {
     let n = parse_n(req.uri().query(), app.config.max_n)?;
-    let etag = etag(n);
-    let cache_headers = [
-        (header::ETAG, etag.clone()),
-        (header::CACHE_CONTROL, CACHE_CONTROL),
-    ];
-    if matches_if_none_match(req.headers(), &etag) {
-        return Ok((StatusCode::NOT_MODIFIED, cache_headers).into_response());
+    if req.headers().contains_key(header::IF_NONE_MATCH) {
+        // The tag depends on n alone: a conditional request is answered with no lookup.
+        let etag = HeaderValue::try_from(etag(n)).expect("ASCII");
+        if matches_if_none_match(req.headers(), &etag) {
+            return Ok(answer(StatusCode::NOT_MODIFIED, Body::empty(), etag, false));
+        }
     }
-    let body = app.store.get(n).await?;
-    Ok((
-        cache_headers,
-        [(
+    let answer_of_n = app.store.get(n).await?;
+    let etag = HeaderValue::from_maybe_shared(answer_of_n.etag).expect("ASCII");
+    Ok(answer(
+        StatusCode::OK,
+        Body::from(answer_of_n.body),
+        etag,
+        true,
+    ))
+}
+
+/// A response with the caching headers, its header map sized once for every header the
+/// layers add too (security, correlation, rate limits).
+fn answer(status: StatusCode, body: Body, etag: HeaderValue, json: bool) -> Response {
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.reserve(12);
+    if json {
+        headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
-        )],
-        body,
-    )
-        .into_response())
+        );
+    }
+    headers.insert(header::ETAG, etag);
+    headers.insert(header::CACHE_CONTROL, CACHE_CONTROL);
+    response
 }
 
 #[cfg(test)]
@@ -111,7 +121,7 @@ mod tests {
 
     #[test]
     fn if_none_match_forms() {
-        let ours = etag(10);
+        let ours = HeaderValue::try_from(etag(10)).unwrap();
         let cases = [
             ("\"fib-v1-10\"", true, "exact"),
             ("W/\"fib-v1-10\"", true, "weak form of ours"),

@@ -1,12 +1,11 @@
-//! `GET /openapi.json`: the OpenAPI 3.1 document, generated from the handlers' annotations.
-
-use std::sync::Arc;
+//! `GET /openapi.json`: the OpenAPI 3.1 document, generated from the handlers' annotations
+//! as the routes are declared, rendered once per router.
 
 use axum::{extract::State, http::header, response::IntoResponse};
 use serde::Serialize;
 use utoipa::{OpenApi, ToSchema};
 
-use crate::app::App;
+use crate::http::router::HttpState;
 
 /// Every error body.
 #[derive(Debug, Serialize, ToSchema)]
@@ -16,27 +15,21 @@ pub struct ErrorBody {
     pub error: String,
 }
 
+/// The document's frame: its title and the shared schemas; the paths come from the
+/// routes themselves (`routes::public`, `routes::admin`).
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "fibonacci-api",
         description = "Returns the nth Fibonacci number, exactly."
     ),
-    paths(
-        super::fibonacci::fibonacci,
-        super::probes::health,
-        super::probes::livez,
-        super::probes::readyz,
-        super::probes::metrics,
-        openapi_json,
-    ),
     components(schemas(ErrorBody, super::fibonacci::FibonacciResponse, super::probes::Status))
 )]
-struct ApiDoc;
+pub struct ApiDoc;
 
 /// The document as JSON text, with this instance's `MAX_N` as the bound of `n`.
-pub fn document(max_n: u64) -> String {
-    let mut doc = serde_json::to_value(ApiDoc::openapi()).expect("the document serializes");
+pub fn render(doc: &utoipa::openapi::OpenApi, max_n: u64) -> String {
+    let mut doc = serde_json::to_value(doc).expect("the document serializes");
     if let Some(schema) = doc.pointer_mut("/paths/~1fibonacci/get/parameters/0/schema") {
         schema["maximum"] = max_n.into();
     }
@@ -46,9 +39,9 @@ pub fn document(max_n: u64) -> String {
 /// This document.
 #[utoipa::path(get, path = "/openapi.json", tag = "meta",
     responses((status = 200, description = "OpenAPI 3.1 document", content_type = "application/json", body = Object)))]
-pub async fn openapi_json(State(app): State<Arc<App>>) -> impl IntoResponse {
+pub async fn openapi_json(State(state): State<HttpState>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "application/json")],
-        app.openapi.clone(),
+        state.openapi.clone(),
     )
 }

@@ -11,7 +11,7 @@ use axum::{
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::{app::App, error::error_body, shutdown::Phase};
+use crate::{http::error::error_body, shutdown::Phase, state::App};
 
 /// A probe's answer.
 #[derive(Debug, Serialize, ToSchema)]
@@ -42,7 +42,7 @@ pub async fn livez() -> Json<Status> {
 #[utoipa::path(get, path = "/readyz", tag = "probes",
     responses(
         (status = 200, description = "Ready for traffic", body = Status),
-        (status = 503, description = "Starting, draining, or waiting for the first JWKS fetch", body = crate::routes::openapi::ErrorBody),
+        (status = 503, description = "Starting, draining, or waiting for the first JWKS fetch", body = crate::http::routes::openapi::ErrorBody),
     ))]
 pub async fn readyz(State(app): State<Arc<App>>) -> Response {
     // Not ready until the first JWKS fetch succeeds: during a rollout, old pods keep

@@ -1,0 +1,180 @@
+//! The router: a plain function that tests can drive. Routes come from the route table
+//! (`routes`); the layers every route gets are wrapped around the routed service once.
+
+use std::sync::{Arc, Mutex};
+
+use axum::{
+    extract::FromRef,
+    http::{HeaderValue, Method},
+    response::{IntoResponse, Response},
+    Router,
+};
+use bytes::Bytes;
+use tower::ServiceBuilder;
+use tower_http::{catch_panic::CatchPanicLayer, cors::CorsLayer};
+
+use super::{error::ApiError, observe::ObserveLayer, routes};
+use crate::state::App;
+
+/// What the handlers can ask for: the instance's state, and the OpenAPI document
+/// rendered once for it.
+#[derive(Clone)]
+pub struct HttpState {
+    pub app: Arc<App>,
+    pub openapi: Bytes,
+}
+
+impl FromRef<HttpState> for Arc<App> {
+    fn from_ref(state: &HttpState) -> Self {
+        state.app.clone()
+    }
+}
+
+/// The metric label of a request: its route template, found among the paths the route
+/// table declared (so a route cannot be missing here), or `unmatched`. A closed set: no
+/// request can add a series.
+pub struct RouteLabels {
+    templates: matchit::Router<&'static str>,
+}
+
+impl RouteLabels {
+    fn of(doc: &utoipa::openapi::OpenApi) -> Self {
+        let mut templates = matchit::Router::new();
+        for path in doc.paths.paths.keys() {
+            let label = intern(path);
+            templates
+                .insert(path.as_str(), label)
+                .expect("the route table's paths are distinct");
+        }
+        Self { templates }
+    }
+
+    /// The label of a request to `path`.
+    pub fn of_path(&self, path: &str) -> &'static str {
+        self.templates.at(path).map_or("unmatched", |m| *m.value)
+    }
+}
+
+/// One `&'static str` per route template for the whole process (metric labels are
+/// `'static`): a handful, however many routers are built.
+fn intern(template: &str) -> &'static str {
+    static LABELS: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+    let mut labels = LABELS.lock().expect("not poisoned");
+    if let Some(label) = labels.iter().find(|l| **l == template) {
+        return label;
+    }
+    let label: &'static str = Box::leak(template.to_owned().into_boxed_str());
+    labels.push(label);
+    label
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+/// A panic becomes an opaque JSON 500 (logged), never a dropped connection.
+fn panic_response(cause: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let cause = cause
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| cause.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown panic");
+    ApiError::Internal(format!("handler panicked: {cause}")).into_response()
+}
+
+fn cors(origins: &[HeaderValue]) -> Option<CorsLayer> {
+    (!origins.is_empty()).then(|| {
+        CorsLayer::new()
+            .allow_origin(origins.to_vec())
+            .allow_methods([Method::GET, Method::HEAD])
+            .expose_headers([
+                "etag".parse().expect("static"),
+                "retry-after".parse().expect("static"),
+                "ratelimit-limit".parse().expect("static"),
+                "ratelimit-remaining".parse().expect("static"),
+                "ratelimit-reset".parse().expect("static"),
+                "ratelimit-policy".parse().expect("static"),
+                "x-request-id".parse().expect("static"),
+            ])
+            .max_age(std::time::Duration::from_secs(3600))
+    })
+}
+
+/// A router of some of the routes, with the document of every endpoint (the admin ones
+/// included, wherever they are served) and the labels of the routes it serves.
+struct Table {
+    router: Router<HttpState>,
+    doc: utoipa::openapi::OpenApi,
+    labels: RouteLabels,
+}
+
+impl Table {
+    fn new(app: &Arc<App>, public: bool, admin: bool) -> Self {
+        let (public_router, mut doc) = routes::public(app).split_for_parts();
+        let (admin_router, admin_doc) = routes::admin().split_for_parts();
+        let mut served = utoipa::openapi::OpenApi::default();
+        let mut router = Router::new();
+        if public {
+            served.merge(doc.clone());
+            router = router.merge(public_router);
+        }
+        if admin {
+            served.merge(admin_doc.clone());
+            router = router.merge(admin_router);
+        }
+        doc.merge(admin_doc);
+        Self {
+            router,
+            labels: RouteLabels::of(&served),
+            doc,
+        }
+    }
+
+    /// Layers every route gets, observation outermost so it sees every response and
+    /// every request (a caught panic's 500 included, an abandoned request as 499).
+    ///
+    /// Wrapped around the routed service once rather than with `Router::layer`, which
+    /// wraps every route separately in a boxed service cloned per request.
+    fn finish(self, app: &Arc<App>, extra: Router<HttpState>) -> Router {
+        let state = HttpState {
+            app: app.clone(),
+            openapi: Bytes::from(routes::openapi::render(&self.doc, app.config.max_n)),
+        };
+        let routed = self
+            .router
+            .merge(extra)
+            .fallback(not_found)
+            .method_not_allowed_fallback(method_not_allowed)
+            .with_state(state);
+        let stack = ServiceBuilder::new()
+            .layer(ObserveLayer::new(app, self.labels))
+            .layer(CatchPanicLayer::custom(panic_response))
+            .option_layer(cors(&app.config.cors_allowed_origins))
+            .service(routed);
+        Router::new().fallback_service(stack)
+    }
+}
+
+/// The API router: `/fibonacci` behind admission, `/health` and the OpenAPI document
+/// beside it. Probes and metrics are here too unless `ADMIN_LISTEN_ADDR` gives them a
+/// port of their own: then the public port (the one an Ingress routes to) never
+/// exposes them.
+pub fn router(app: Arc<App>) -> Router {
+    router_with(app, Router::new())
+}
+
+/// The API router with `extra` routes beside the API, under the same layers: the seam
+/// for tests that need a route of their own (one that panics, say).
+pub fn router_with(app: Arc<App>, extra: Router<HttpState>) -> Router {
+    let with_admin = app.config.admin_listen_addr.is_none();
+    Table::new(&app, true, with_admin).finish(&app, extra)
+}
+
+/// The admin router (`ADMIN_LISTEN_ADDR`): metrics and probes only.
+pub fn admin_router(app: Arc<App>) -> Router {
+    Table::new(&app, false, true).finish(&app, Router::new())
+}
