@@ -1364,6 +1364,26 @@ def check_dashboard_failure_paths(d: dict) -> None:
         if owner.get("type") == "timeseries":
             need("$__range" not in e, D,
                  f"{where}: a time series over [$__range] draws the whole range's total at every point: use $__rate_interval")
+    # The HPA panels find the chart's HPA (named $job) and KEDA's (keda-hpa-$job).
+    for where, owner, e in exprs:
+        for op, value in re.findall(r'horizontalpodautoscaler(=~|=)"([^"]*)"', e):
+            pattern = value.replace("${job}", "fibonacci-api").replace("$job", "fibonacci-api")
+            for hpa in ("fibonacci-api", "keda-hpa-fibonacci-api"):
+                need(re.fullmatch(pattern, hpa) if op == "=~" else pattern == hpa, D,
+                     f"{where}: horizontalpodautoscaler{op}\"{value}\" misses the HPA {hpa} (keda.enabled names it so)")
+    # A legend never states an SLO number of its own: the variables do.
+    for p in dashboard_panels(d):
+        for t in p.get("targets", []):
+            need(not re.search(r"(?<![$\w{])[0-9]+(\.[0-9]+)?\s*(ms|s)\b", t.get("legendFormat", "")), D,
+                 f"panel {p['title']!r}: legend {t.get('legendFormat')!r} hard-codes a threshold: use ${{latency_threshold}}")
+    # The "Pod starts" annotation counts the API's pods only (not the load-test
+    # Job's fibonacci-api-loadtest-xxxxx): the hash segments use Kubernetes'
+    # alphabet, which has no vowels.
+    for a in d["annotations"]["list"]:
+        for pod_re in re.findall(r'pod=~"([^"]*)"', a.get("expr", "")):
+            pod_re = pod_re.replace("${job}", "fibonacci-api").replace("$job", "fibonacci-api")
+            need(not re.fullmatch(pod_re, "fibonacci-api-loadtest-x2x4k") and re.fullmatch(pod_re, "fibonacci-api-7d9f8b6c5-x2x4k"),
+                 D, f"annotation {a['name']!r}: pod=~\"{pod_re}\" must match the API's pods and not the load-test Job's")
     for a in d["annotations"]["list"]:
         need("changes(" not in a.get("expr", ""), D,
              f"annotation {a['name']!r}: changes() on per-pod series never sees a new pod (its series starts with it)")
