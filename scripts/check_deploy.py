@@ -496,6 +496,11 @@ def check_notes(label: str, values: dict, objects: list[dict], notes: str) -> No
     namespace = next(o["metadata"]["namespace"] for o in objects if o["kind"] == "Service")
     merged = deep_merge(load_file(CHART / "values.yaml"), values)
     short = {"svc": "Service", "deployment": "Deployment", "hpa": "HorizontalPodAutoscaler", "pod": "Pod"}
+    # What NOTES says about Redis is what the pods get.
+    env = pod_environment(objects)
+    has_redis = bool({"REDIS_URL", "REDIS_CLUSTER_NODES"} & set(env))
+    need(("No Redis" in notes) != has_redis, N, f"NOTES says {'no Redis' if 'No Redis' in notes else 'Redis'} but the "
+                                                 f"pods get {sorted({'REDIS_URL', 'REDIS_CLUSTER_NODES'} & set(env)) or 'neither REDIS_URL nor REDIS_CLUSTER_NODES'}")
     for cmd in notes_commands(notes):
         words = cmd.split()
         if "-n" in words:
