@@ -2733,10 +2733,16 @@ def cmd_loadtest() -> None:
     job = next(o for o in objects if o["kind"] == "Job")
     need(dig(job, "metadata", "annotations", "argocd.argoproj.io/hook") == "PostSync", job,
          "staging runs it as an Argo CD PostSync hook")
-    job_env = {e["name"]: e["value"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    jwt_stand_in = "stand-in-secret-for-check-deploy-0123456789"
+
+    def container_env(job_obj: dict) -> dict:
+        # Secret references (the JWT key under auth) get the stand-in the service gets.
+        return {e["name"]: e["value"] if "value" in e else jwt_stand_in
+                for e in job_obj["spec"]["template"]["spec"]["containers"][0]["env"]}
+    job_env = container_env(job)
     pod_env = pod_environment(objects)
 
-    def run(what: str, service_env: dict, expect_ok: bool, must_say: str = "") -> str:
+    def run(what: str, service_env: dict, expect_ok: bool, must_say: str = "", job_env: dict = job_env) -> str:
         port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "REDIS_", "RATE_LIMIT"))}
         env |= {k: v for k, v in pod_env.items() if not k.startswith(("REDIS_", "OTEL_EXPORTER"))}
@@ -2762,6 +2768,33 @@ def cmd_loadtest() -> None:
     info(f"the pod outside TRUSTED_PROXIES: fails (one client: X-Forwarded-For check, then 429s); {untrusted}")
     broken = run("a service that refuses part of the asked range", trusted | {"MAX_N": "500"}, False, "error ratio")
     info(f"a service whose MAX_N is below the range the test asks for: fails on answers and error ratio; {broken}")
+
+    # JWT auth on (the key from the ExternalSecret): the load signs tokens with
+    # it, and the smoke test pod, which holds none, expects the 401 challenge.
+    auth_values = deep_merge(values, {"config": {"AUTH_JWT_AUDIENCE": "fibonacci-api", "AUTH_JWT_ISSUER": "https://id.example"},
+                                      "externalSecret": {"enabled": True, "data": [
+                                          {"env": "AUTH_JWT_HS256_SECRET", "secretKey": "jwt",
+                                           "remoteRef": {"key": "fibonacci-api/staging", "property": "jwt"}}]}})
+    auth_objects, _ = render(auth_values, namespace="fibonacci-api-staging")
+    auth_env = {"AUTH_JWT_HS256_SECRET": jwt_stand_in, "AUTH_JWT_AUDIENCE": "fibonacci-api", "AUTH_JWT_ISSUER": "https://id.example"}
+    with_auth = run("JWT auth on", trusted | auth_env, True,
+                    job_env=container_env(next(o for o in auth_objects if o["kind"] == "Job")))
+    info(f"JWT auth on: the load signs its requests with the ExternalSecret's key, passes; {with_auth}")
+    for what, objs, service_env in (("auth off", objects, {}), ("JWT auth on", auth_objects, auth_env)):
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "REDIS_", "RATE_LIMIT", "AUTH_JWT"))}
+        env |= {"LISTEN_ADDR": f"127.0.0.1:{port}", "RUST_LOG": "warn", "SHUTDOWN_DRAIN_SECONDS": "0"} | service_env
+        svc = start([str(binary)], tmp / f"smoke-{port}.log", env=env)
+        poll("the service's /health", lambda: http(f"http://127.0.0.1:{port}/health", timeout=1)[0] == 200, 30)
+        pod = next(o for o in objs if o["kind"] == "Pod" and o["metadata"]["name"].endswith("-test"))
+        c = pod["spec"]["containers"][0]
+        proc = subprocess.run(c["command"] + c["args"], capture_output=True, text=True, timeout=60,
+                              env=dict(os.environ) | {"BASE_URL": f"http://127.0.0.1:{port}"})
+        svc.terminate()
+        svc.wait(timeout=20)
+        need(proc.returncode == 0, pod, f"the smoke test ({what}) fails against the real service:\n    "
+             + "\n    ".join((proc.stdout + proc.stderr).splitlines()[-8:]))
+        info(f"smoke test pod's script ({what}) against the real service: {' / '.join(proc.stdout.split(chr(10))[-3:-1])}")
 
     # Behind a mesh sidecar every connection comes from the proxy inside the
     # pod (Istio: 127.0.0.6; Linkerd: 127.0.0.1): the service must trust it as
