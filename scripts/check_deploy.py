@@ -580,6 +580,11 @@ def check_failure_paths(label: str, values: dict, objects: list[dict], notes: st
             need(svc["spec"].get("externalTrafficPolicy") == "Local" or merged["config"]["TRUSTED_PROXIES"], svc,
                  f"type {svc['spec']['type']} with externalTrafficPolicy {svc['spec'].get('externalTrafficPolicy', 'Cluster')} "
                  "and no TRUSTED_PROXIES: every client arrives as a node's address")
+            # ...and it is on the internet: the API port only, and that port
+            # serving no /metrics or probes (the admin listener has them).
+            need(all(p_.get("targetPort") == "http" for p_ in svc["spec"]["ports"]) and merged["admin"]["enabled"], svc,
+                 f"type {svc['spec']['type']} exposes ports {[p_.get('targetPort') for p_ in svc['spec']['ports']]} with "
+                 f"admin.enabled={merged['admin']['enabled']}: /metrics, /livez and /readyz would be on the load balancer")
     # Memory: the service's documented worst case (README "Soak"): 20 MiB +
     # 1.5 x CACHE_MAX_BYTES + 155 B x RATE_LIMIT_MAX_KEYS. Below the limit the
     # pod is OOM-killed once its cache fills; below the request it lives above
@@ -881,7 +886,10 @@ def cmd_chart() -> None:
             {"chaos": {"enabled": True}, "redis": {"enabled": True}, "config": {"TRUSTED_PROXIES": "10.0.0.0/8"}}, "production"),
         # The platform review's (issue 13/15 "independent review").
         "a LoadBalancer Service that SNATs every client to a node address": (
-            {"service": {"type": "LoadBalancer", "externalTrafficPolicy": "Cluster"}}, "externalTrafficPolicy"),
+            {"service": {"type": "LoadBalancer", "externalTrafficPolicy": "Cluster"}, "admin": {"enabled": True}},
+            "externalTrafficPolicy"),
+        "a LoadBalancer Service whose API port still serves /metrics (no admin port)": (
+            {"service": {"type": "LoadBalancer"}}, "admin.enabled"),
         "a memory limit a full cache outgrows (OOM-killed once the cache fills)": (
             {"config": {"CACHE_MAX_BYTES": 268435456}}, "resources.limits.memory"),
         "Istio's ingress gateway kept out by the NetworkPolicy (nobody reaches the API)": (

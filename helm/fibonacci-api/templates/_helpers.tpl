@@ -365,6 +365,9 @@ from the workload template so every render runs it.
 {{- if and .Values.alertmanagerConfig.enabled .Values.alertmanagerConfig.pagingEnvironments (not .Values.alertmanagerConfig.pagerduty.routingKeySecret.name) }}
 {{- fail "alertmanagerConfig.pagingEnvironments pages through PagerDuty, but alertmanagerConfig.pagerduty.routingKeySecret.name is empty" }}
 {{- end }}
+{{- if and (ne .Values.service.type "ClusterIP") (not .Values.admin.enabled) }}
+{{- fail (printf "service.type=%s puts the API port on a load balancer, and without admin.enabled that port also serves /metrics, /livez and /readyz: set admin.enabled=true (the admin port stays on the in-cluster Service)" .Values.service.type) }}
+{{- end }}
 {{- if and (ne .Values.service.type "ClusterIP") (eq .Values.service.externalTrafficPolicy "Cluster") (not .Values.config.TRUSTED_PROXIES) }}
 {{- fail (printf "service.type=%s with service.externalTrafficPolicy=Cluster: kube-proxy SNATs every connection to a node's address, so all clients would share a few addresses' MAX_CONNECTIONS_PER_ADDRESS and rate limits. Use externalTrafficPolicy=Local (the client's address reaches the pod), or an L7 load balancer that sends X-Forwarded-For with its addresses in config.TRUSTED_PROXIES" .Values.service.type) }}
 {{- end }}
