@@ -1469,6 +1469,14 @@ def check_dashboard_failure_paths(d: dict) -> None:
             for hpa in ("fibonacci-api", "keda-hpa-fibonacci-api"):
                 need(re.fullmatch(pattern, hpa) if op == "=~" else pattern == hpa, D,
                      f"{where}: horizontalpodautoscaler{op}\"{value}\" misses the HPA {hpa} (keda.enabled names it so)")
+    # Every metric of the service's contract (README "Metrics") is on the
+    # dashboard: a signal nobody can see is a failure nobody notices (the
+    # connections refused at accept, for one, never reach http_requests_total).
+    metrics_section = (ROOT / "README.md").read_text().split("\n### Metrics\n", 1)[-1].split("\n### ", 1)[0]
+    contract = re.findall(r"^\| `([a-z_]+)` \|", metrics_section, re.M)
+    shown = " ".join(e for _, _, e in exprs)
+    unseen = [m for m in contract if m != "process_" and not re.search(rf"\b{m}(_bucket|_count|_sum)?\b", shown)]
+    need(contract and not unseen, D, f"metrics of the README's contract on no panel: {unseen}")
     # A legend never states an SLO number of its own: the variables do.
     for p in dashboard_panels(d):
         for t in p.get("targets", []):
