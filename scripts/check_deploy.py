@@ -888,6 +888,9 @@ def cmd_chart() -> None:
         "a LoadBalancer Service that SNATs every client to a node address": (
             {"service": {"type": "LoadBalancer", "externalTrafficPolicy": "Cluster"}, "admin": {"enabled": True}},
             "externalTrafficPolicy"),
+        "a LoadBalancer straight to pods under Istio's STRICT mTLS (plaintext from outside the mesh)": (
+            {"service": {"type": "LoadBalancer"}, "admin": {"enabled": True}, "mesh": {"istio": {"enabled": True}}},
+            "STRICT mTLS refuses"),
         "a LoadBalancer Service whose API port still serves /metrics (no admin port)": (
             {"service": {"type": "LoadBalancer"}}, "admin.enabled"),
         "a memory limit a full cache outgrows (OOM-killed once the cache fills)": (

@@ -344,6 +344,9 @@ from the workload template so every render runs it.
 {{- end }}
 {{- end }}
 {{- end }}
+{{- if ne .Values.service.type "ClusterIP" }}
+{{- fail (printf "service.type=%s with mesh.istio: a load balancer straight to the pods speaks plaintext from outside the mesh, which STRICT mTLS refuses on the API port; expose the API through the Istio ingress gateway (ingress.className: istio) and keep service.type ClusterIP" .Values.service.type) }}
+{{- end }}
 {{- if and .Values.serviceMonitor.enabled (not .Values.admin.enabled) (not $mesh.istio.prometheusPrincipals) }}
 {{- fail "mesh.istio with admin.enabled=false and no mesh.istio.prometheusPrincipals: under STRICT mTLS a Prometheus outside the mesh cannot scrape /metrics on the API port. Set admin.enabled=true (the admin port alone then accepts plaintext), or give Prometheus Istio certificates and list its identity in prometheusPrincipals" }}
 {{- end }}
