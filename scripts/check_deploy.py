@@ -647,6 +647,13 @@ def check_optional_parts(label: str, merged: dict, objects: list[dict]) -> None:
     for o, _, labels in pods:
         need(all(labels.get(k) == str(v) for k, v in merged["commonLabels"].items()), o,
              "commonLabels missing from its pod template")
+    # ...and so do the pods Chaos Mesh runs for the chaos workflows' load tasks.
+    for sched in by_kind.get("Schedule", []):
+        for t in dig(sched, "spec", "workflow", "templates", default=[]):
+            if t.get("templateType") == "Task":
+                have = dig(t, "task", "labels", default={}) or {}
+                need(all(have.get(k) == str(v) for k, v in merged["commonLabels"].items()), sched,
+                     f"task {t['name']}: commonLabels {merged['commonLabels']} missing from its pod's labels {have}")
     # Secrets never in a ConfigMap.
     for cm in by_kind.get("ConfigMap", []):
         leaked = [k for k in (cm.get("data") or {}) if k in SECRET_SETTINGS]
