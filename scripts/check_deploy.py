@@ -23,6 +23,7 @@ Checks:
 from __future__ import annotations
 
 import atexit
+import ipaddress
 import json
 import os
 import re
@@ -65,6 +66,7 @@ VALUES_FILES = {
     "external-redis": CHART / "ci" / "external-redis-values.yaml",
     "external-redis-cluster": CHART / "ci" / "external-redis-cluster-values.yaml",
     "keda-linkerd": CHART / "ci" / "keda-linkerd-values.yaml",
+    "linkerd": CHART / "ci" / "linkerd-values.yaml",
     "chaos": CHART / "ci" / "chaos-values.yaml",
 }
 
@@ -496,6 +498,11 @@ def check_notes(label: str, values: dict, objects: list[dict], notes: str) -> No
     namespace = next(o["metadata"]["namespace"] for o in objects if o["kind"] == "Service")
     merged = deep_merge(load_file(CHART / "values.yaml"), values)
     short = {"svc": "Service", "deployment": "Deployment", "hpa": "HorizontalPodAutoscaler", "pod": "Pod"}
+    # What NOTES says about Redis is what the pods get.
+    env = pod_environment(objects)
+    has_redis = bool({"REDIS_URL", "REDIS_CLUSTER_NODES"} & set(env))
+    need(("No Redis" in notes) != has_redis, N, f"NOTES says {'no Redis' if 'No Redis' in notes else 'Redis'} but the "
+                                                 f"pods get {sorted({'REDIS_URL', 'REDIS_CLUSTER_NODES'} & set(env)) or 'neither REDIS_URL nor REDIS_CLUSTER_NODES'}")
     for cmd in notes_commands(notes):
         words = cmd.split()
         if "-n" in words:
@@ -564,6 +571,38 @@ def check_failure_paths(label: str, values: dict, objects: list[dict], notes: st
         pods_metrics = [m for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
         need(bool(pods_metrics) == bool(merged["autoscaling"]["requestsPerSecond"]["enabled"]), hpa,
              "Pods metric present though autoscaling.requestsPerSecond is off, or the reverse")
+    # Behind a cloud load balancer straight to the Service (LoadBalancer or
+    # NodePort), externalTrafficPolicy Cluster SNATs every connection to a node
+    # address: without X-Forwarded-For from trusted proxies all clients would
+    # share a few nodes' connection caps and rate limits.
+    for svc in by_kind.get("Service", []):
+        if svc["spec"].get("type") in ("LoadBalancer", "NodePort"):
+            need(svc["spec"].get("externalTrafficPolicy") == "Local" or merged["config"]["TRUSTED_PROXIES"], svc,
+                 f"type {svc['spec']['type']} with externalTrafficPolicy {svc['spec'].get('externalTrafficPolicy', 'Cluster')} "
+                 "and no TRUSTED_PROXIES: every client arrives as a node's address")
+            # ...and it is on the internet: the API port only, and that port
+            # serving no /metrics or probes (the admin listener has them).
+            need(all(p_.get("targetPort") == "http" for p_ in svc["spec"]["ports"]) and merged["admin"]["enabled"], svc,
+                 f"type {svc['spec']['type']} exposes ports {[p_.get('targetPort') for p_ in svc['spec']['ports']]} with "
+                 f"admin.enabled={merged['admin']['enabled']}: /metrics, /livez and /readyz would be on the load balancer")
+    # Memory: the service's documented worst case (README "Soak"): 20 MiB +
+    # 1.5 x CACHE_MAX_BYTES + 155 B x RATE_LIMIT_MAX_KEYS. Below the limit the
+    # pod is OOM-killed once its cache fills; below the request it lives above
+    # what the scheduler reserved, first in line for eviction under node pressure.
+    def quantity(q) -> float:
+        m = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(q))
+        units = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+        need(m and m.group(2) in units, {"kind": "quantity", "metadata": {"name": str(q)}}, "unparsable memory quantity")
+        return float(m.group(1)) * units[m.group(2)]
+    for w in (o for o in objects if o["kind"] in ("Deployment", "Rollout")
+              and dig(o, "spec", "template", "metadata", "labels", "app.kubernetes.io/component") == "api"):
+        env = pod_environment(objects)
+        needed = 20 * 2**20 + 1.5 * int(env.get("CACHE_MAX_BYTES", 67108864)) + 155 * int(env.get("RATE_LIMIT_MAX_KEYS", 100000))
+        res = w["spec"]["template"]["spec"]["containers"][0]["resources"]
+        for kind_ in ("requests", "limits"):
+            have = quantity(res[kind_]["memory"])
+            need(have >= needed, w, f"resources.{kind_}.memory {res[kind_]['memory']} < {needed / 2**20:.0f}Mi, what "
+                                    "CACHE_MAX_BYTES and RATE_LIMIT_MAX_KEYS need (20 MiB + 1.5 x cache + 155 B x keys)")
     # Dual-stack listeners.
     for cm in by_kind.get("ConfigMap", []):
         for key in ("LISTEN_ADDR", "ADMIN_LISTEN_ADDR"):
@@ -608,6 +647,13 @@ def check_optional_parts(label: str, merged: dict, objects: list[dict]) -> None:
     for o, _, labels in pods:
         need(all(labels.get(k) == str(v) for k, v in merged["commonLabels"].items()), o,
              "commonLabels missing from its pod template")
+    # ...and so do the pods Chaos Mesh runs for the chaos workflows' load tasks.
+    for sched in by_kind.get("Schedule", []):
+        for t in dig(sched, "spec", "workflow", "templates", default=[]):
+            if t.get("templateType") == "Task":
+                have = dig(t, "task", "labels", default={}) or {}
+                need(all(have.get(k) == str(v) for k, v in merged["commonLabels"].items()), sched,
+                     f"task {t['name']}: commonLabels {merged['commonLabels']} missing from its pod's labels {have}")
     # Secrets never in a ConfigMap.
     for cm in by_kind.get("ConfigMap", []):
         leaked = [k for k in (cm.get("data") or {}) if k in SECRET_SETTINGS]
@@ -670,6 +716,54 @@ def check_optional_parts(label: str, merged: dict, objects: list[dict]) -> None:
         q = next(t for t in so["spec"]["triggers"] if t["type"] == "prometheus")["metadata"]["query"]
         need(f'namespace="{so["metadata"]["namespace"]}"' in q and f'job="{svc["metadata"]["name"]}"' in q, so,
              f"the Prometheus trigger does not select this release's namespace and job: {q}")
+    # KEDA's admission webhook (CheckFallbackValid) refuses a fallback unless
+    # every trigger is an AverageValue one other than cpu/memory: such a
+    # ScaledObject is never admitted, and the release never autoscales.
+    for so in by_kind.get("ScaledObject", []):
+        if so["spec"].get("fallback"):
+            refused = [t.get("name") or t["type"] for t in so["spec"]["triggers"]
+                       if t["type"] in ("cpu", "memory") or t.get("metricType") != "AverageValue"]
+            need(not refused, so, f"fallback with triggers {refused}: KEDA refuses a fallback next to cpu/memory or "
+                                  "non-AverageValue triggers (its webhook rejects the object)")
+    # Pods that are given a Redis address (from any source: in-cluster, values,
+    # their own Secret, the ExternalSecret) can reach it through the NetworkPolicy.
+    redis_env = {e["name"] for c in api_spec["containers"] for e in c.get("env", [])} & {"REDIS_URL", "REDIS_CLUSTER_NODES"}
+    redis_port = 6379 if merged["redis"]["enabled"] else merged["networkPolicy"]["egress"]["redis"]["port"]
+    for np in by_kind.get("NetworkPolicy", []):
+        if redis_env and matches(dig(np, "spec", "podSelector", "matchLabels"), api["spec"]["template"]["metadata"]["labels"]):
+            need(any(p_.get("port") == redis_port for r in np["spec"].get("egress") or [] for p_ in r.get("ports", [])), np,
+                 f"the API pods get {sorted(redis_env)} but no egress rule opens port {redis_port}: the cache tier and the "
+                 "cluster-wide rate limits would never reach Redis")
+    # Behind a mesh sidecar the service's TCP peer is the proxy in the pod
+    # (Istio's inbound cluster binds 127.0.0.6, ::6 on IPv6; Linkerd forwards
+    # from 127.0.0.1; either may use the pod's own address): unless those are
+    # TRUSTED_PROXIES, every client shares one address's connections
+    # (MAX_CONNECTIONS_PER_ADDRESS) and one rate limit, and X-Forwarded-For is ignored.
+    if meshed:
+        env = pod_environment(objects)
+        nets = [ipaddress.ip_network(x.strip(), strict=False) for x in env.get("TRUSTED_PROXIES", "").split(",") if x.strip()]
+        peers = (["127.0.0.6", "::6"] if merged["mesh"]["istio"]["enabled"] else ["127.0.0.1", "::1"]) \
+            + POD_IPS_STAND_IN.split(",")
+        missing = [p_ for p_ in peers if not any(ipaddress.ip_address(p_) in n for n in nets)]
+        need(not missing, api, f"TRUSTED_PROXIES={env.get('TRUSTED_PROXIES')!r} does not hold the mesh proxy's addresses "
+                               f"{missing}: every client would be one address to the service")
+    # Linkerd replaces the target port of meshed-to-meshed traffic by its
+    # inbound port 4143 (linkerd.io "Network Policy"): a policy that does not
+    # admit 4143 blocks the chart's own meshed pods (test, load test, Redis)
+    # and any meshed client, from every peer the other rules admit.
+    if merged["mesh"]["linkerd"]["enabled"]:
+        for np in by_kind.get("NetworkPolicy", []):
+            rules = np["spec"].get("ingress") or []
+            inbound = [r for r in rules if any(p_.get("port") == 4143 for p_ in r.get("ports", []))]
+            need(not rules or inbound, np, "no ingress rule opens Linkerd's inbound port 4143: every meshed client is refused")
+            others = [peer for r in rules if r not in inbound for peer in (r.get("from") or [None])]
+            admitted = [peer for r in inbound for peer in (r.get("from") or [None])]
+            need(None in admitted or (None not in others and all(p_ in admitted for p_ in others)), np,
+                 f"port 4143 admits {admitted}, less than the other rules {others}")
+            for r in np["spec"].get("egress") or []:
+                if any("podSelector" in peer and "namespaceSelector" not in peer for peer in r.get("to") or []):
+                    need(any(p_.get("port") == 4143 for p_ in r.get("ports", [])), np,
+                         f"egress to the release's meshed pods {r['to']} without port 4143: Linkerd sends there")
     # The load test aims at the Service, on its port.
     for o, spec, labels in pods:
         for c in spec["containers"]:
@@ -797,6 +891,20 @@ def cmd_chart() -> None:
         "the load test from one address without a trusted proxy": ({"loadTest": {"enabled": True}}, "TRUSTED_PROXIES"),
         "chaos experiments in production": (
             {"chaos": {"enabled": True}, "redis": {"enabled": True}, "config": {"TRUSTED_PROXIES": "10.0.0.0/8"}}, "production"),
+        # The platform review's (issue 13/15 "independent review").
+        "a LoadBalancer Service that SNATs every client to a node address": (
+            {"service": {"type": "LoadBalancer", "externalTrafficPolicy": "Cluster"}, "admin": {"enabled": True}},
+            "externalTrafficPolicy"),
+        "a LoadBalancer straight to pods under Istio's STRICT mTLS (plaintext from outside the mesh)": (
+            {"service": {"type": "LoadBalancer"}, "admin": {"enabled": True}, "mesh": {"istio": {"enabled": True}}},
+            "STRICT mTLS refuses"),
+        "a LoadBalancer Service whose API port still serves /metrics (no admin port)": (
+            {"service": {"type": "LoadBalancer"}}, "admin.enabled"),
+        "a memory limit a full cache outgrows (OOM-killed once the cache fills)": (
+            {"config": {"CACHE_MAX_BYTES": 268435456}}, "resources.limits.memory"),
+        "Istio's ingress gateway kept out by the NetworkPolicy (nobody reaches the API)": (
+            {"mesh": {"istio": {"enabled": True}}, "networkPolicy": {"ingressFrom": [
+                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}]}}, "does not admit"),
         "Redis chaos without the in-cluster Redis it targets": (
             {"chaos": {"enabled": True}, "config": {"TRUSTED_PROXIES": "10.0.0.0/8"},
              "prometheusRule": {"environment": "staging"}}, "redis.enabled"),
@@ -1364,6 +1472,34 @@ def check_dashboard_failure_paths(d: dict) -> None:
         if owner.get("type") == "timeseries":
             need("$__range" not in e, D,
                  f"{where}: a time series over [$__range] draws the whole range's total at every point: use $__rate_interval")
+    # The HPA panels find the chart's HPA (named $job) and KEDA's (keda-hpa-$job).
+    for where, owner, e in exprs:
+        for op, value in re.findall(r'horizontalpodautoscaler(=~|=)"([^"]*)"', e):
+            pattern = value.replace("${job}", "fibonacci-api").replace("$job", "fibonacci-api")
+            for hpa in ("fibonacci-api", "keda-hpa-fibonacci-api"):
+                need(re.fullmatch(pattern, hpa) if op == "=~" else pattern == hpa, D,
+                     f"{where}: horizontalpodautoscaler{op}\"{value}\" misses the HPA {hpa} (keda.enabled names it so)")
+    # Every metric of the service's contract (README "Metrics") is on the
+    # dashboard: a signal nobody can see is a failure nobody notices (the
+    # connections refused at accept, for one, never reach http_requests_total).
+    metrics_section = (ROOT / "README.md").read_text().split("\n### Metrics\n", 1)[-1].split("\n### ", 1)[0]
+    contract = re.findall(r"^\| `([a-z_]+)` \|", metrics_section, re.M)
+    shown = " ".join(e for _, _, e in exprs)
+    unseen = [m for m in contract if m != "process_" and not re.search(rf"\b{m}(_bucket|_count|_sum)?\b", shown)]
+    need(contract and not unseen, D, f"metrics of the README's contract on no panel: {unseen}")
+    # A legend never states an SLO number of its own: the variables do.
+    for p in dashboard_panels(d):
+        for t in p.get("targets", []):
+            need(not re.search(r"(?<![$\w{])[0-9]+(\.[0-9]+)?\s*(ms|s)\b", t.get("legendFormat", "")), D,
+                 f"panel {p['title']!r}: legend {t.get('legendFormat')!r} hard-codes a threshold: use ${{latency_threshold}}")
+    # The "Pod starts" annotation counts the API's pods only (not the load-test
+    # Job's fibonacci-api-loadtest-xxxxx): the hash segments use Kubernetes'
+    # alphabet, which has no vowels.
+    for a in d["annotations"]["list"]:
+        for pod_re in re.findall(r'pod=~"([^"]*)"', a.get("expr", "")):
+            pod_re = pod_re.replace("${job}", "fibonacci-api").replace("$job", "fibonacci-api")
+            need(not re.fullmatch(pod_re, "fibonacci-api-loadtest-x2x4k") and re.fullmatch(pod_re, "fibonacci-api-7d9f8b6c5-x2x4k"),
+                 D, f"annotation {a['name']!r}: pod=~\"{pod_re}\" must match the API's pods and not the load-test Job's")
     for a in d["annotations"]["list"]:
         need("changes(" not in a.get("expr", ""), D,
              f"annotation {a['name']!r}: changes() on per-pod series never sees a new pod (its series starts with it)")
@@ -2511,6 +2647,11 @@ def service_binary() -> Path:
     return binary
 
 
+# The pod's addresses (downward API status.podIPs) where an environment needs
+# them: a dual-stack pod.
+POD_IPS_STAND_IN = "10.244.1.23,fd00:10:244:1::17"
+
+
 def pod_environment(objects: list[dict]) -> dict[str, str]:
     """The API container's environment as Kubernetes would build it: envFrom
     ConfigMaps, then env (literal values, $(VAR) expanded; Secret and
@@ -2531,6 +2672,9 @@ def pod_environment(objects: list[dict]) -> dict[str, str]:
             env[e["name"]] = re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), ""), e["value"])
         elif "secretKeyRef" in e.get("valueFrom", {}):
             env[e["name"]] = stand_ins.get(e["name"], "stand-in")
+        elif dig(e, "valueFrom", "fieldRef", "fieldPath") in ("status.podIP", "status.podIPs"):
+            ips = POD_IPS_STAND_IN.split(",")
+            env[e["name"]] = ips[0] if e["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP" else ",".join(ips)
         else:
             env[e["name"]] = "stand-in"
     return env
@@ -2615,10 +2759,16 @@ def cmd_loadtest() -> None:
     job = next(o for o in objects if o["kind"] == "Job")
     need(dig(job, "metadata", "annotations", "argocd.argoproj.io/hook") == "PostSync", job,
          "staging runs it as an Argo CD PostSync hook")
-    job_env = {e["name"]: e["value"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    jwt_stand_in = "stand-in-secret-for-check-deploy-0123456789"
+
+    def container_env(job_obj: dict) -> dict:
+        # Secret references (the JWT key under auth) get the stand-in the service gets.
+        return {e["name"]: e["value"] if "value" in e else jwt_stand_in
+                for e in job_obj["spec"]["template"]["spec"]["containers"][0]["env"]}
+    job_env = container_env(job)
     pod_env = pod_environment(objects)
 
-    def run(what: str, service_env: dict, expect_ok: bool, must_say: str = "") -> str:
+    def run(what: str, service_env: dict, expect_ok: bool, must_say: str = "", job_env: dict = job_env) -> str:
         port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "REDIS_", "RATE_LIMIT"))}
         env |= {k: v for k, v in pod_env.items() if not k.startswith(("REDIS_", "OTEL_EXPORTER"))}
@@ -2644,6 +2794,93 @@ def cmd_loadtest() -> None:
     info(f"the pod outside TRUSTED_PROXIES: fails (one client: X-Forwarded-For check, then 429s); {untrusted}")
     broken = run("a service that refuses part of the asked range", trusted | {"MAX_N": "500"}, False, "error ratio")
     info(f"a service whose MAX_N is below the range the test asks for: fails on answers and error ratio; {broken}")
+
+    # JWT auth on (the key from the ExternalSecret): the load signs tokens with
+    # it, and the smoke test pod, which holds none, expects the 401 challenge.
+    auth_values = deep_merge(values, {"config": {"AUTH_JWT_AUDIENCE": "fibonacci-api", "AUTH_JWT_ISSUER": "https://id.example"},
+                                      "externalSecret": {"enabled": True, "data": [
+                                          {"env": "AUTH_JWT_HS256_SECRET", "secretKey": "jwt",
+                                           "remoteRef": {"key": "fibonacci-api/staging", "property": "jwt"}}]}})
+    auth_objects, _ = render(auth_values, namespace="fibonacci-api-staging")
+    auth_env = {"AUTH_JWT_HS256_SECRET": jwt_stand_in, "AUTH_JWT_AUDIENCE": "fibonacci-api", "AUTH_JWT_ISSUER": "https://id.example"}
+    with_auth = run("JWT auth on", trusted | auth_env, True,
+                    job_env=container_env(next(o for o in auth_objects if o["kind"] == "Job")))
+    info(f"JWT auth on: the load signs its requests with the ExternalSecret's key, passes; {with_auth}")
+    for what, objs, service_env in (("auth off", objects, {}), ("JWT auth on", auth_objects, auth_env)):
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "REDIS_", "RATE_LIMIT", "AUTH_JWT"))}
+        env |= {"LISTEN_ADDR": f"127.0.0.1:{port}", "RUST_LOG": "warn", "SHUTDOWN_DRAIN_SECONDS": "0"} | service_env
+        svc = start([str(binary)], tmp / f"smoke-{port}.log", env=env)
+        poll("the service's /health", lambda: http(f"http://127.0.0.1:{port}/health", timeout=1)[0] == 200, 30)
+        pod = next(o for o in objs if o["kind"] == "Pod" and o["metadata"]["name"].endswith("-test"))
+        c = pod["spec"]["containers"][0]
+        proc = subprocess.run(c["command"] + c["args"], capture_output=True, text=True, timeout=60,
+                              env=dict(os.environ) | {"BASE_URL": f"http://127.0.0.1:{port}"})
+        svc.terminate()
+        svc.wait(timeout=20)
+        need(proc.returncode == 0, pod, f"the smoke test ({what}) fails against the real service:\n    "
+             + "\n    ".join((proc.stdout + proc.stderr).splitlines()[-8:]))
+        info(f"smoke test pod's script ({what}) against the real service: {' / '.join(proc.stdout.split(chr(10))[-3:-1])}")
+
+    # Behind a mesh sidecar every connection comes from the proxy inside the
+    # pod (Istio: 127.0.0.6; Linkerd: 127.0.0.1): the service must trust it as
+    # a proxy, or all clients share one address's MAX_CONNECTIONS_PER_ADDRESS
+    # and one rate limit. The chart's own pod environment, the real binary, and
+    # more concurrent connections from the proxy's address than one address may
+    # hold, each request naming another client in X-Forwarded-For (as the
+    # ingress gateway or controller does).
+    for label, proxy in (("all-features", "127.0.0.6"), ("keda-linkerd", "127.0.0.1"), ("linkerd", "127.0.0.1")):
+        mesh_env = pod_environment(render(values_of(label))[0])
+        port, admin = free_port(), free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "REDIS_", "RATE_LIMIT", "AUTH_JWT"))}
+        env |= {k: v for k, v in mesh_env.items() if not k.startswith(("REDIS_", "OTEL_EXPORTER", "AUTH_JWT"))}
+        env |= {"LISTEN_ADDR": f"127.0.0.1:{port}", "RUST_LOG": "warn", "SHUTDOWN_DRAIN_SECONDS": "0"}
+        if "ADMIN_LISTEN_ADDR" in env:
+            env["ADMIN_LISTEN_ADDR"] = f"127.0.0.1:{admin}"
+        log = tmp / f"mesh-{label}.log"
+        svc = start([str(binary)], log, env=env)
+        poll(f"{label}: the service's /health", lambda: http(f"http://127.0.0.1:{port}/health", timeout=1)[0] == 200, 30)
+        clients = int(env.get("MAX_CONNECTIONS_PER_ADDRESS", 64)) + 36
+        socks, answers = [], []
+        try:
+            for i in range(clients):
+                sk = socket.socket()
+                sk.settimeout(10)
+                sk.bind((proxy, 0))
+                sk.connect(("127.0.0.1", port))
+                socks.append(sk)
+            for i, sk in enumerate(socks):
+                try:
+                    sk.sendall(f"GET /fibonacci?n=10 HTTP/1.1\r\nHost: fibonacci-api\r\n"
+                               f"X-Forwarded-For: 198.18.{i // 200}.{i % 200 + 1}\r\n\r\n".encode())
+                except OSError:
+                    pass
+            for sk in socks:
+                head = b""
+                try:
+                    while b"\r\n\r\n" not in head:
+                        chunk = sk.recv(4096)
+                        if not chunk:
+                            break
+                        head += chunk
+                except OSError:
+                    pass
+                status = head.split(b" ", 2)[1].decode() if head.startswith(b"HTTP/1.1 ") else "closed"
+                left = re.search(rb"(?im)^ratelimit-remaining:\s*([0-9]+)", head)
+                answers.append((status, left.group(1).decode() if left else None))
+        finally:
+            for sk in socks:
+                sk.close()
+            svc.terminate()
+            svc.wait(timeout=20)
+        statuses = sorted({a for a, _ in answers})
+        remaining = sorted({r for _, r in answers if r is not None})
+        need(statuses == ["200"] and len(remaining) == 1, {"kind": "mesh", "metadata": {"name": label}},
+             f"{clients} clients through the sidecar at {proxy} (TRUSTED_PROXIES={mesh_env.get('TRUSTED_PROXIES')!r}): "
+             f"answers {[(s_, sum(1 for a, _ in answers if a == s_)) for s_ in statuses]}, RateLimit-Remaining "
+             f"{remaining}: all clients count as the proxy's one address")
+        info(f"{label}: {clients} clients through the mesh proxy at {proxy}, more than one address may hold: all 200, "
+             f"each its own rate limit (RateLimit-Remaining {remaining[0]})")
 
 
 # --------------------------------------------------------------------------- container image

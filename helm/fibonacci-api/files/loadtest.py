@@ -12,7 +12,14 @@ the service's TRUSTED_PROXIES, and every request names a random client address
 from LOAD_CLIENT_CIDR in X-Forwarded-For, so the per-client rate limits and
 per-address connection limits see many clients, as in production, instead of
 rejecting one. The first check proves the service believes that header.
+
+With JWT auth on (the chart's ExternalSecret gives AUTH_JWT_HS256_SECRET), every
+request carries a token signed with that secret for the service's audience,
+its subject the synthetic client (the service counts rate limits by subject).
 """
+import base64
+import hashlib
+import hmac
 import ipaddress
 import json
 import os
@@ -42,6 +49,9 @@ LATENCY_TARGET = float(env("LOAD_LATENCY_TARGET"))
 MIN_REQUESTS = int(env("LOAD_MIN_REQUESTS", "200"))
 CHECKS = env("LOAD_CHECKS", "true") == "true"
 TIMEOUT = float(env("LOAD_REQUEST_TIMEOUT_SECONDS", "10"))
+JWT_SECRET = os.environ.get("LOAD_JWT_HS256_SECRET", "")
+JWT_AUDIENCE = os.environ.get("LOAD_JWT_AUDIENCE", "")
+JWT_ISSUER = os.environ.get("LOAD_JWT_ISSUER", "")
 
 failures = []
 
@@ -57,6 +67,22 @@ def client_address():
     return str(CLIENTS[random.randrange(CLIENTS.num_addresses)])
 
 
+def _b64(raw):
+    return base64.urlsafe_b64encode(raw).rstrip(b"=")
+
+
+def token(subject):
+    """An HS256 JWT for this subject, valid ten minutes."""
+    claims = {"sub": subject, "iat": int(time.time()), "exp": int(time.time()) + 600,
+              # "*" accepts any audience: name one anyway.
+              "aud": JWT_AUDIENCE if JWT_AUDIENCE not in ("", "*") else "fibonacci-api-loadtest"}
+    if JWT_ISSUER:
+        claims["iss"] = JWT_ISSUER
+    signing_input = _b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode()) + b"." + _b64(json.dumps(claims).encode())
+    signature = hmac.new(JWT_SECRET.encode(), signing_input, hashlib.sha256).digest()
+    return (signing_input + b"." + _b64(signature)).decode()
+
+
 def connect():
     return http.client.HTTPConnection(BASE.hostname, BASE.port or 80, timeout=TIMEOUT)
 
@@ -66,7 +92,11 @@ def get(path, client=None, conn=None):
     own = conn is None
     conn = conn or connect()
     try:
-        conn.request("GET", path, headers={"X-Forwarded-For": client or client_address()})
+        client = client or client_address()
+        headers = {"X-Forwarded-For": client}
+        if JWT_SECRET:
+            headers["Authorization"] = f"Bearer {token(client)}"
+        conn.request("GET", path, headers=headers)
         resp = conn.getresponse()
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
     finally:
@@ -155,7 +185,8 @@ def load():
 
 
 def main():
-    print(f"target {BASE.geturl()}; clients from {CLIENTS}; SLO: errors <= {MAX_ERROR_RATIO:.4%}, "
+    print(f"target {BASE.geturl()}; clients from {CLIENTS}{' with JWTs' if JWT_SECRET else ''}; "
+          f"SLO: errors <= {MAX_ERROR_RATIO:.4%}, "
           f"{LATENCY_TARGET:.2%} within {LATENCY_THRESHOLD}s", flush=True)
     if CHECKS:
         api_checks()

@@ -145,6 +145,25 @@ config.alpha.linkerd.io/proxy-enable-native-sidecar: "true"
 {{- end }}
 {{- end }}
 
+{{/*
+TRUSTED_PROXIES as the pods get it. Behind a mesh sidecar the service's TCP peer
+is the proxy inside the pod, never the client: Istio's inbound cluster binds
+127.0.0.6 (::6 on IPv6), Linkerd forwards from 127.0.0.1 (::1), and either may
+come from the pod's own address (forwarding to the pod IP, Istio's probe
+agent). Those are added, so that clients stay apart (the ingress gateway's or
+controller's X-Forwarded-For is believed) and the per-address connection caps
+do not put every client into one address's 64 connections. Only processes in
+the pod can use these source addresses. $(POD_IPS) is expanded by the kubelet.
+*/}}
+{{- define "fibonacci-api.trustedProxies" -}}
+{{- $list := list }}
+{{- with .Values.config.TRUSTED_PROXIES }}{{ $list = append $list . }}{{ end }}
+{{- if or .Values.mesh.istio.enabled .Values.mesh.linkerd.enabled }}
+{{- $list = concat $list (list "127.0.0.0/8" "::1/128" "::6/128" "$(POD_IPS)") }}
+{{- end }}
+{{- join "," $list }}
+{{- end }}
+
 {{/* "true" when an external Redis (one node or a cluster) is configured. */}}
 {{- define "fibonacci-api.externalRedis" -}}
 {{- if or .Values.externalRedis.url .Values.externalRedis.clusterNodes .Values.externalRedis.existingSecret }}true{{- end }}
@@ -187,6 +206,15 @@ releases in one cluster (staging and production) would fire each other's alerts.
 {{- $total }}
 {{- end }}
 
+{{/* Bytes in a Kubernetes memory quantity ("256Mi", "1G", "268435456"); -1 if unparsable. */}}
+{{- define "fibonacci-api.bytes" -}}
+{{- $q := toString . }}
+{{- $num := regexFind "^[0-9]+" $q }}
+{{- $unit := trimPrefix $num $q }}
+{{- $units := dict "" 1 "k" 1000 "M" 1000000 "G" 1000000000 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 }}
+{{- if and $num (hasKey $units $unit) }}{{ mul (int64 $num) (get $units $unit) }}{{ else }}-1{{ end }}
+{{- end }}
+
 {{/*
 Fail rendering on combinations that would deploy something broken. Included
 from the workload template so every render runs it.
@@ -214,6 +242,14 @@ from the workload template so every render runs it.
 {{- $needed := add $preStop $drain $requestDeadline 10 }}
 {{- if lt (int .Values.terminationGracePeriodSeconds) (int $needed) }}
 {{- fail (printf "terminationGracePeriodSeconds=%d is too short: preStop sleep %ds + SHUTDOWN_DRAIN_SECONDS %ds + request deadline %ds + 10s trace flush needs at least %d" (int .Values.terminationGracePeriodSeconds) $preStop $drain $requestDeadline $needed) }}
+{{- end }}
+{{- /* The service's memory at its bounds (README "Soak"): 20 MiB + 1.5 x
+       CACHE_MAX_BYTES + 155 B x RATE_LIMIT_MAX_KEYS. A limit below it is an
+       OOM kill a few hours in, once the cache has filled. */}}
+{{- $needed := add 20971520 (div (mul 3 (int64 .Values.config.CACHE_MAX_BYTES)) 2) (mul 155 (int64 .Values.config.RATE_LIMIT_MAX_KEYS)) }}
+{{- $limit := int64 (include "fibonacci-api.bytes" (dig "limits" "memory" "" .Values.resources)) }}
+{{- if and (ge $limit 0) (lt $limit $needed) }}
+{{- fail (printf "resources.limits.memory=%s is below what the service needs once its cache and rate limiter are full: 20 MiB + 1.5 x CACHE_MAX_BYTES (%d) + 155 B x RATE_LIMIT_MAX_KEYS (%d) = %dMi; raise the limit or lower those settings" (toString .Values.resources.limits.memory) (int64 .Values.config.CACHE_MAX_BYTES) (int64 .Values.config.RATE_LIMIT_MAX_KEYS) (div (add $needed 1048575) 1048576)) }}
 {{- end }}
 {{- if and .Values.rollout.enabled .Values.rollout.analysis.enabled (not .Values.serviceMonitor.enabled) }}
 {{- fail "rollout.analysis needs serviceMonitor.enabled: the analysis query selects canary pods by the rollouts_pod_template_hash label that the ServiceMonitor attaches" }}
@@ -285,6 +321,32 @@ from the workload template so every render runs it.
 {{- if not $mesh.istio.ingressPrincipals }}
 {{- fail "mesh.istio.ingressPrincipals is empty: the AuthorizationPolicy would admit no client to the API port (list the ingress gateway's identity, e.g. cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account)" }}
 {{- end }}
+{{- /* STRICT mTLS admits only the ingressPrincipals to the API port, the
+       NetworkPolicy only ingressFrom: unless the principals' namespaces are
+       among ingressFrom's peers, nothing can reach the API (e.g. ingressFrom
+       naming ingress-nginx, which is not the Istio gateway). Peers that
+       cannot be judged from values (other labels, ipBlocks) count as admitting. */}}
+{{- if and .Values.networkPolicy.enabled .Values.networkPolicy.ingressFrom }}
+{{- range $principal := $mesh.istio.ingressPrincipals }}
+{{- $ns := regexReplaceAll "^.*/ns/([^/]+)/sa/.*$" $principal "${1}" }}
+{{- $admitted := false }}
+{{- range $.Values.networkPolicy.ingressFrom }}
+{{- if .namespaceSelector }}
+{{- $name := dig "matchLabels" "kubernetes.io/metadata.name" "" .namespaceSelector }}
+{{- if or (not $name) (eq $name $ns) }}{{ $admitted = true }}{{ end }}
+{{- else if .podSelector }}
+{{- if eq $ns $.Release.Namespace }}{{ $admitted = true }}{{ end }}
+{{- else }}{{ $admitted = true }}
+{{- end }}
+{{- end }}
+{{- if not $admitted }}
+{{- fail (printf "mesh.istio.ingressPrincipals names %s in namespace %s, which networkPolicy.ingressFrom does not admit: STRICT mTLS lets only that gateway in, the NetworkPolicy keeps it out, and nothing reaches the API. Admit the gateway's namespace in networkPolicy.ingressFrom" $principal $ns) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if ne .Values.service.type "ClusterIP" }}
+{{- fail (printf "service.type=%s with mesh.istio: a load balancer straight to the pods speaks plaintext from outside the mesh, which STRICT mTLS refuses on the API port; expose the API through the Istio ingress gateway (ingress.className: istio) and keep service.type ClusterIP" .Values.service.type) }}
+{{- end }}
 {{- if and .Values.serviceMonitor.enabled (not .Values.admin.enabled) (not $mesh.istio.prometheusPrincipals) }}
 {{- fail "mesh.istio with admin.enabled=false and no mesh.istio.prometheusPrincipals: under STRICT mTLS a Prometheus outside the mesh cannot scrape /metrics on the API port. Set admin.enabled=true (the admin port alone then accepts plaintext), or give Prometheus Istio certificates and list its identity in prometheusPrincipals" }}
 {{- end }}
@@ -305,6 +367,12 @@ from the workload template so every render runs it.
 {{- end }}
 {{- if and .Values.alertmanagerConfig.enabled .Values.alertmanagerConfig.pagingEnvironments (not .Values.alertmanagerConfig.pagerduty.routingKeySecret.name) }}
 {{- fail "alertmanagerConfig.pagingEnvironments pages through PagerDuty, but alertmanagerConfig.pagerduty.routingKeySecret.name is empty" }}
+{{- end }}
+{{- if and (ne .Values.service.type "ClusterIP") (not .Values.admin.enabled) }}
+{{- fail (printf "service.type=%s puts the API port on a load balancer, and without admin.enabled that port also serves /metrics, /livez and /readyz: set admin.enabled=true (the admin port stays on the in-cluster Service)" .Values.service.type) }}
+{{- end }}
+{{- if and (ne .Values.service.type "ClusterIP") (eq .Values.service.externalTrafficPolicy "Cluster") (not .Values.config.TRUSTED_PROXIES) }}
+{{- fail (printf "service.type=%s with service.externalTrafficPolicy=Cluster: kube-proxy SNATs every connection to a node's address, so all clients would share a few addresses' MAX_CONNECTIONS_PER_ADDRESS and rate limits. Use externalTrafficPolicy=Local (the client's address reaches the pod), or an L7 load balancer that sends X-Forwarded-For with its addresses in config.TRUSTED_PROXIES" .Values.service.type) }}
 {{- end }}
 {{- if and .Values.ingress.enabled (not .Values.config.TRUSTED_PROXIES) }}
 {{- fail "ingress.enabled with config.TRUSTED_PROXIES empty: every request would arrive from the ingress controller's pods, so all clients would share one rate limit and one address's MAX_CONNECTIONS_PER_ADDRESS connections; set config.TRUSTED_PROXIES to the controller's pod CIDR (e.g. 10.0.0.0/8)" }}

@@ -25,6 +25,23 @@ env:
   - name: {{ $k }}
     value: {{ toString $v | quote }}
   {{- end }}
+  {{- if $.Values.externalSecret.enabled }}
+  {{- range $.Values.externalSecret.data }}
+  {{- if eq .env "AUTH_JWT_HS256_SECRET" }}
+  # JWT auth is on: the load signs its tokens with the service's own key, for
+  # its audience (and issuer), one subject per synthetic client.
+  - name: LOAD_JWT_HS256_SECRET
+    valueFrom:
+      secretKeyRef:
+        name: {{ include "fibonacci-api.externalSecretName" $ }}
+        key: {{ default .env .secretKey }}
+  - name: LOAD_JWT_AUDIENCE
+    value: {{ $.Values.config.AUTH_JWT_AUDIENCE | quote }}
+  - name: LOAD_JWT_ISSUER
+    value: {{ $.Values.config.AUTH_JWT_ISSUER | quote }}
+  {{- end }}
+  {{- end }}
+  {{- end }}
 volumeMounts:
   - name: loadtest
     mountPath: /loadtest

@@ -103,6 +103,16 @@ spec:
           valueFrom:
             fieldRef:
               fieldPath: spec.nodeName
+        {{- if or .Values.mesh.istio.enabled .Values.mesh.linkerd.enabled }}
+        # The mesh proxy in this pod is the TCP peer of every request: trusted
+        # as a proxy (fibonacci-api.trustedProxies), with the pod's addresses.
+        - name: POD_IPS
+          valueFrom:
+            fieldRef:
+              fieldPath: status.podIPs
+        - name: TRUSTED_PROXIES
+          value: {{ include "fibonacci-api.trustedProxies" . | quote }}
+        {{- end }}
         # Traces carry the pod they came from ($(VAR) expands the vars above).
         - name: OTEL_RESOURCE_ATTRIBUTES
           value: {{ printf "k8s.pod.name=$(POD_NAME),k8s.namespace.name=$(POD_NAMESPACE),k8s.node.name=$(NODE_NAME),service.version=%s%s" (include "fibonacci-api.imageTag" .) (ternary (printf ",%s" .Values.config.OTEL_RESOURCE_ATTRIBUTES) "" (ne .Values.config.OTEL_RESOURCE_ATTRIBUTES "")) | quote }}

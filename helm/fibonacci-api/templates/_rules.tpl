@@ -184,10 +184,18 @@ canary analysis use the same expressions.
           is counted as one (TRUSTED_PROXIES does not match the load balancer).
         runbook_url: {{ printf "%s#%s" $runbook "fibonacciapiratelimitrejectionspike" }}
     - alert: FibonacciApiPodsNotReady
-      # kube-state-metrics. The pod name pattern (<workload>-<hash>-<suffix>)
-      # matches the API's pods but not the in-cluster Redis or the test pod.
+      # kube-state-metrics. The pod name pattern (<workload>-<hash>-<suffix>,
+      # both in Kubernetes' vowel-free alphabet) matches the API's pods, not the
+      # in-cluster Redis, the test pod or the load-test Job's pod
+      # (<name>-loadtest-<suffix>). Finished pods (a Succeeded Job pod, an
+      # evicted Failed one kept until garbage collection) never become ready:
+      # they are not capacity to wait for.
       expr: |
-        sum by (namespace) (kube_pod_status_ready{namespace="{{ .Release.Namespace }}", pod=~"{{ include "fibonacci-api.fullname" . }}-[a-z0-9]+-[a-z0-9]{5}", condition!="true"}) > 0
+        sum by (namespace) (
+          kube_pod_status_ready{namespace="{{ .Release.Namespace }}", pod=~"{{ include "fibonacci-api.fullname" . }}-[bcdfghjklmnpqrstvwxz2456789]+-[bcdfghjklmnpqrstvwxz2456789]{5}", condition!="true"}
+          unless on (namespace, pod)
+          (kube_pod_status_phase{namespace="{{ .Release.Namespace }}", phase=~"Succeeded|Failed"} == 1)
+        ) > 0
       for: {{ .Values.prometheusRule.podsNotReady.for }}
       labels:
         severity: warning
