@@ -25,7 +25,7 @@ use pin_project_lite::pin_project;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{Layer, Service, ServiceExt};
 
-use super::{client::Client, error::ApiError};
+use super::{client::Client, error::ApiError, router::RouteLabels};
 use crate::{
     auth::{AuthError, Outcome},
     ratelimit::{ClientKey, Decision},
@@ -137,10 +137,13 @@ fn rejected(decision: &Decision, client: IpAddr, key: &ClientKey) -> Response {
     .into_response()
 }
 
-/// Admission (see the module).
+/// Admission (see the module), for the routes declared admitted.
 #[derive(Clone)]
 pub struct AdmitLayer {
     app: Arc<App>,
+    routes: Arc<RouteLabels>,
+    /// Labels (interned: compared by address) of the routes behind admission.
+    admitted: Arc<[&'static str]>,
     /// Permits for API requests being served; see `MAX_IN_FLIGHT`.
     permits: Arc<Semaphore>,
     /// The `RateLimit-Policy` value, made once.
@@ -148,10 +151,12 @@ pub struct AdmitLayer {
 }
 
 impl AdmitLayer {
-    /// Admission for `app`'s configuration.
-    pub fn new(app: &Arc<App>) -> Self {
+    /// Admission for `app`'s configuration, on the `admitted` routes of `routes`.
+    pub fn new(app: &Arc<App>, routes: Arc<RouteLabels>, admitted: Vec<&'static str>) -> Self {
         Self {
             app: app.clone(),
+            routes,
+            admitted: admitted.into(),
             permits: Arc::new(Semaphore::new(app.config.max_in_flight)),
             policy: app.limiter.as_ref().map(|limiter| {
                 HeaderValue::from_str(&limiter.policy().header()).expect("digits and separators")
@@ -192,6 +197,15 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let route = self.layer.routes.of_path(req.uri().path());
+        if !self.layer.admitted.iter().any(|a| std::ptr::eq(*a, route)) {
+            return AdmitFuture::Inner {
+                inner: self.inner.call(req),
+                permit: None,
+                quota: None,
+                policy: None,
+            };
+        }
         let Ok(permit) = self.layer.permits.clone().try_acquire_owned() else {
             return AdmitFuture::ready(ApiError::Overloaded.into_response());
         };

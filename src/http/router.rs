@@ -13,7 +13,7 @@ use bytes::Bytes;
 use tower::ServiceBuilder;
 use tower_http::{catch_panic::CatchPanicLayer, cors::CorsLayer};
 
-use super::{error::ApiError, observe::ObserveLayer, routes};
+use super::{admit::AdmitLayer, error::ApiError, observe::ObserveLayer, routes};
 use crate::state::App;
 
 /// What the handlers can ask for: the instance's state, and the OpenAPI document
@@ -109,36 +109,45 @@ fn cors(origins: &[HeaderValue]) -> Option<CorsLayer> {
 struct Table {
     router: Router<HttpState>,
     doc: utoipa::openapi::OpenApi,
-    labels: RouteLabels,
+    labels: Arc<RouteLabels>,
+    /// The labels of the routes behind admission.
+    admitted: Vec<&'static str>,
 }
 
 impl Table {
-    fn new(app: &Arc<App>, public: bool, admin: bool) -> Self {
-        let (public_router, mut doc) = routes::public(app).split_for_parts();
-        let (admin_router, admin_doc) = routes::admin().split_for_parts();
+    fn new(public: bool, admin: bool) -> Self {
+        let public_routes = routes::public();
+        let admin_routes = routes::admin();
+        let mut admitted = Vec::new();
+        let (public_router, mut doc) = public_routes.router.split_for_parts();
+        let (admin_router, admin_doc) = admin_routes.router.split_for_parts();
         let mut served = utoipa::openapi::OpenApi::default();
         let mut router = Router::new();
         if public {
             served.merge(doc.clone());
             router = router.merge(public_router);
+            admitted.extend(public_routes.admitted);
         }
         if admin {
             served.merge(admin_doc.clone());
             router = router.merge(admin_router);
+            admitted.extend(admin_routes.admitted);
         }
         doc.merge(admin_doc);
         Self {
             router,
-            labels: RouteLabels::of(&served),
+            labels: Arc::new(RouteLabels::of(&served)),
+            admitted: admitted.iter().map(|path| intern(path)).collect(),
             doc,
         }
     }
 
-    /// Layers every route gets, observation outermost so it sees every response and
-    /// every request (a caught panic's 500 included, an abandoned request as 499).
+    /// Layers every route gets (admission only acts on the admitted ones), observation
+    /// outermost so it sees every response and every request (a caught panic's 500
+    /// included, an abandoned request as 499).
     ///
-    /// Wrapped around the routed service once rather than with `Router::layer`, which
-    /// wraps every route separately in a boxed service cloned per request.
+    /// Wrapped around the routed service once rather than with `Router::layer` or a
+    /// route's own layer, which box the service per route and clone it per request.
     fn finish(self, app: &Arc<App>, extra: Router<HttpState>) -> Router {
         let state = HttpState {
             app: app.clone(),
@@ -151,9 +160,10 @@ impl Table {
             .method_not_allowed_fallback(method_not_allowed)
             .with_state(state);
         let stack = ServiceBuilder::new()
-            .layer(ObserveLayer::new(app, self.labels))
+            .layer(ObserveLayer::new(app, self.labels.clone()))
             .layer(CatchPanicLayer::custom(panic_response))
             .option_layer(cors(&app.config.cors_allowed_origins))
+            .layer(AdmitLayer::new(app, self.labels, self.admitted))
             .service(routed);
         Router::new().fallback_service(stack)
     }
@@ -171,10 +181,10 @@ pub fn router(app: Arc<App>) -> Router {
 /// for tests that need a route of their own (one that panics, say).
 pub fn router_with(app: Arc<App>, extra: Router<HttpState>) -> Router {
     let with_admin = app.config.admin_listen_addr.is_none();
-    Table::new(&app, true, with_admin).finish(&app, extra)
+    Table::new(true, with_admin).finish(&app, extra)
 }
 
 /// The admin router (`ADMIN_LISTEN_ADDR`): metrics and probes only.
 pub fn admin_router(app: Arc<App>) -> Router {
-    Table::new(&app, false, true).finish(&app, Router::new())
+    Table::new(false, true).finish(&app, Router::new())
 }

@@ -6,30 +6,54 @@ pub mod fibonacci;
 pub mod openapi;
 pub mod probes;
 
-use std::sync::Arc;
-
 use utoipa::OpenApi;
 use utoipa_axum::{
-    router::{OpenApiRouter, UtoipaMethodRouterExt},
+    router::{OpenApiRouter, UtoipaMethodRouter},
     routes,
 };
 
-use super::{admit::AdmitLayer, router::HttpState};
-use crate::state::App;
+use super::router::HttpState;
 
-/// The public API: `/fibonacci` behind admission (load shedding, authentication, the
-/// rate limits), `/health` and the document beside it, never limited.
-pub fn public(app: &Arc<App>) -> OpenApiRouter<HttpState> {
-    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
-        .routes(routes!(fibonacci::fibonacci).layer(AdmitLayer::new(app)))
-        .routes(routes!(probes::health))
-        .routes(routes!(openapi::openapi_json))
+/// The routes of one listener, and which of them pass through admission.
+pub struct Routes {
+    pub router: OpenApiRouter<HttpState>,
+    /// Paths (templates) behind the admission layer: shedding, authentication, limits.
+    pub admitted: Vec<String>,
+}
+
+impl Routes {
+    fn new(doc: utoipa::openapi::OpenApi) -> Self {
+        Self {
+            router: OpenApiRouter::with_openapi(doc),
+            admitted: Vec::new(),
+        }
+    }
+
+    /// A route open to everyone, never limited.
+    fn open(mut self, route: UtoipaMethodRouter<HttpState>) -> Self {
+        self.router = self.router.routes(route);
+        self
+    }
+
+    /// A route behind admission (applied once around the router, not boxed per route).
+    fn admitted(mut self, route: UtoipaMethodRouter<HttpState>) -> Self {
+        self.admitted.extend(route.1.paths.keys().cloned());
+        self.open(route)
+    }
+}
+
+/// The public API: `/fibonacci` behind admission, `/health` and the document beside it.
+pub fn public() -> Routes {
+    Routes::new(openapi::ApiDoc::openapi())
+        .admitted(routes!(fibonacci::fibonacci))
+        .open(routes!(probes::health))
+        .open(routes!(openapi::openapi_json))
 }
 
 /// Probes and metrics: on the admin port when there is one, else beside the API.
-pub fn admin() -> OpenApiRouter<HttpState> {
-    OpenApiRouter::new()
-        .routes(routes!(probes::livez))
-        .routes(routes!(probes::readyz))
-        .routes(routes!(probes::metrics))
+pub fn admin() -> Routes {
+    Routes::new(utoipa::openapi::OpenApi::default())
+        .open(routes!(probes::livez))
+        .open(routes!(probes::readyz))
+        .open(routes!(probes::metrics))
 }
