@@ -123,6 +123,11 @@ pub struct Config {
     #[arg(long, env = "CORS_ALLOWED_ORIGINS", default_value = "", hide_default_value = true, value_parser = origins)]
     pub cors_allowed_origins: List<http::HeaderValue>,
 
+    /// Serve the interactive API documentation (Swagger UI, compiled in) at /docs on the
+    /// public port: true or false.
+    #[arg(long, env = "DOCS_ENABLED", default_value = "true", value_parser = boolean, action = clap::ArgAction::Set)]
+    pub docs_enabled: bool,
+
     /// Milliseconds one /fibonacci request may take (then 503).
     #[arg(long = "request-timeout-ms", env = "REQUEST_TIMEOUT_MS", default_value = "10000", value_parser = millis_in(1, 3_600_000))]
     pub request_timeout: Duration,
@@ -331,6 +336,14 @@ fn cluster_nodes(value: &str) -> Result<List<String>, String> {
         return Err(expected.into());
     }
     Ok(nodes)
+}
+
+fn boolean(value: &str) -> Result<bool, String> {
+    match value.trim() {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err("true or false".into()),
+    }
 }
 
 fn log_format(value: &str) -> Result<LogFormat, String> {
@@ -592,7 +605,7 @@ impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         debug_struct!(self, f, Config {
             listen_addr, admin_listen_addr, max_n, rate_limits, trusted_proxies,
-            redis_timeout, cache_max_bytes, shutdown_drain, log_format, cors_allowed_origins,
+            redis_timeout, cache_max_bytes, shutdown_drain, log_format, cors_allowed_origins, docs_enabled,
             request_timeout, header_read_timeout, max_connections, max_connections_per_address,
             connection_rate_per_address, write_timeout, max_in_flight, rate_limit_max_keys,
             rate_limit_ipv6_48_factor, jwt,

@@ -271,7 +271,8 @@ where
         let headers = response.headers_mut();
         headers.reserve(SECURITY_HEADERS.len() + 2);
         for (name, value) in SECURITY_HEADERS {
-            headers.insert(name, value);
+            // A route that needs a policy of its own (the docs page runs scripts) sets it.
+            headers.entry(name).or_insert(value);
         }
         headers.insert(X_REQUEST_ID, in_flight.request_id.clone());
         if draining {

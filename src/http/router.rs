@@ -38,12 +38,13 @@ pub struct RouteLabels {
 }
 
 impl RouteLabels {
-    fn of(doc: &utoipa::openapi::OpenApi) -> Self {
+    fn of(doc: &utoipa::openapi::OpenApi, pages: &[&'static str]) -> Self {
         let mut templates = matchit::Router::new();
-        for path in doc.paths.paths.keys() {
+        let paths = doc.paths.paths.keys().map(String::as_str);
+        for path in paths.chain(pages.iter().copied()) {
             let label = intern(path);
             templates
-                .insert(path.as_str(), label)
+                .insert(path, label)
                 .expect("the route table's paths are distinct");
         }
         Self { templates }
@@ -115,10 +116,11 @@ struct Table {
 }
 
 impl Table {
-    fn new(public: bool, admin: bool) -> Self {
-        let public_routes = routes::public();
+    fn new(public: bool, admin: bool, with_docs: bool) -> Self {
+        let public_routes = routes::public(with_docs);
         let admin_routes = routes::admin();
         let mut admitted = Vec::new();
+        let mut pages = Vec::new();
         let (public_router, mut doc) = public_routes.router.split_for_parts();
         let (admin_router, admin_doc) = admin_routes.router.split_for_parts();
         let mut served = utoipa::openapi::OpenApi::default();
@@ -127,6 +129,7 @@ impl Table {
             served.merge(doc.clone());
             router = router.merge(public_router);
             admitted.extend(public_routes.admitted);
+            pages.extend(public_routes.pages);
         }
         if admin {
             served.merge(admin_doc.clone());
@@ -136,7 +139,7 @@ impl Table {
         doc.merge(admin_doc);
         Self {
             router,
-            labels: Arc::new(RouteLabels::of(&served)),
+            labels: Arc::new(RouteLabels::of(&served, &pages)),
             admitted: admitted.iter().map(|path| intern(path)).collect(),
             doc,
         }
@@ -169,8 +172,8 @@ impl Table {
     }
 }
 
-/// The API router: `/fibonacci` behind admission, `/health` and the OpenAPI document
-/// beside it. Probes and metrics are here too unless `ADMIN_LISTEN_ADDR` gives them a
+/// The API router: `/fibonacci` behind admission, `/health`, the OpenAPI document and its
+/// page (`/docs`) beside it. Probes and metrics are here too unless `ADMIN_LISTEN_ADDR` gives them a
 /// port of their own: then the public port (the one an Ingress routes to) never
 /// exposes them.
 pub fn router(app: Arc<App>) -> Router {
@@ -181,10 +184,10 @@ pub fn router(app: Arc<App>) -> Router {
 /// for tests that need a route of their own (one that panics, say).
 pub fn router_with(app: Arc<App>, extra: Router<HttpState>) -> Router {
     let with_admin = app.config.admin_listen_addr.is_none();
-    Table::new(true, with_admin).finish(&app, extra)
+    Table::new(true, with_admin, app.config.docs_enabled).finish(&app, extra)
 }
 
 /// The admin router (`ADMIN_LISTEN_ADDR`): metrics and probes only.
 pub fn admin_router(app: Arc<App>) -> Router {
-    Table::new(false, true).finish(&app, Router::new())
+    Table::new(false, true, false).finish(&app, Router::new())
 }

@@ -374,7 +374,10 @@ async fn with_the_breaker_open_misses_never_wait_on_redis() {
         .build()
         .unwrap();
     for n in 200..240 {
-        let response = impatient.get(app.url(&format!("/fibonacci?n={n}"))).send().await;
+        let response = impatient
+            .get(app.url(&format!("/fibonacci?n={n}")))
+            .send()
+            .await;
         assert!(
             response.is_ok_and(|r| r.status() == StatusCode::OK),
             "n={n}: a miss with the breaker open must not go to Redis"

@@ -43,6 +43,7 @@ fn a_bad_setting_stops_start_up_with_one_line() {
         ("REDIS_TIMEOUT_MS", "0", "REDIS_TIMEOUT_MS"),
         ("CACHE_MAX_BYTES", "64MB", "CACHE_MAX_BYTES"),
         ("LOG_FORMAT", "yaml", "LOG_FORMAT"),
+        ("DOCS_ENABLED", "yes", "DOCS_ENABLED"),
         ("LISTEN_ADDR", "nowhere", "LISTEN_ADDR"),
         (
             "REDIS_CLUSTER_NODES",

@@ -119,18 +119,94 @@ impl TestApp {
     }
 }
 
-/// A Prometheus scrape, parsed into samples.
+/// A Prometheus scrape, parsed into samples: one per line, histograms as their
+/// `_bucket`, `_sum` and `_count` lines.
 pub struct Scrape {
-    pub samples: Vec<prometheus_parse::Sample>,
+    pub samples: Vec<Sample>,
+}
+
+/// One line of the exposition format.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub metric: String,
+    pub labels: Labels,
+    pub value: f64,
+}
+
+/// A sample's labels.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Labels(std::collections::BTreeMap<String, String>);
+
+impl Labels {
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(String::as_str)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+/// `name="value",…}` with the exposition format's escapes, up to the closing brace; the
+/// rest of the line after it. Quote-aware: a route template's `{…}` is part of a value.
+fn parse_labels(mut text: &str) -> Option<(Labels, &str)> {
+    let mut labels = std::collections::BTreeMap::new();
+    loop {
+        text = text.trim_start_matches([',', ' ']);
+        if let Some(rest) = text.strip_prefix('}') {
+            return Some((Labels(labels), rest));
+        }
+        let (name, rest) = text.split_once("=\"")?;
+        let mut value = String::new();
+        let mut chars = rest.char_indices();
+        let end = loop {
+            match chars.next()? {
+                (i, '"') => break i,
+                (_, '\\') => match chars.next()?.1 {
+                    'n' => value.push('\n'),
+                    other => value.push(other),
+                },
+                (_, c) => value.push(c),
+            }
+        };
+        labels.insert(name.trim().to_owned(), value);
+        text = &rest[end + 1..];
+    }
 }
 
 impl Scrape {
     pub fn parse(text: &str) -> Self {
-        let lines = text.lines().map(|l| Ok(l.to_owned()));
-        let scrape = prometheus_parse::Scrape::parse(lines).expect("valid exposition format");
-        Self {
-            samples: scrape.samples,
-        }
+        let samples = text
+            .lines()
+            .filter(|line| !line.is_empty() && !line.starts_with('#'))
+            .map(|line| {
+                let (metric, labels, rest) = match line.split_once('{') {
+                    Some((metric, rest)) if !metric.contains(' ') => {
+                        let (labels, rest) =
+                            parse_labels(rest).unwrap_or_else(|| panic!("bad labels in {line:?}"));
+                        (metric, labels, rest)
+                    }
+                    _ => {
+                        let (metric, rest) = line.split_once(' ').expect("name value");
+                        (metric, Labels::default(), rest)
+                    }
+                };
+                let value = rest.split_whitespace().next().expect("a value");
+                let value = match value {
+                    "+Inf" => f64::INFINITY,
+                    "-Inf" => f64::NEG_INFINITY,
+                    v => v
+                        .parse()
+                        .unwrap_or_else(|_| panic!("bad value in {line:?}")),
+                };
+                Sample {
+                    metric: metric.to_owned(),
+                    labels,
+                    value,
+                }
+            })
+            .collect();
+        Self { samples }
     }
 
     /// The value of the series `name{labels}` (exact label set), if present.
@@ -142,15 +218,7 @@ impl Scrape {
                     && s.labels.len() == labels.len()
                     && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
             })
-            .map(|s| match s.value {
-                prometheus_parse::Value::Counter(v)
-                | prometheus_parse::Value::Gauge(v)
-                | prometheus_parse::Value::Untyped(v) => v,
-                prometheus_parse::Value::Histogram(ref buckets) => {
-                    buckets.last().map_or(0.0, |b| b.count)
-                }
-                prometheus_parse::Value::Summary(_) => f64::NAN,
-            })
+            .map(|s| s.value)
     }
 
     /// A counter or gauge that must be there.

@@ -7,6 +7,7 @@ mod auth;
 mod cache;
 mod cluster;
 mod config;
+mod docs;
 mod hygiene;
 mod jwks;
 mod observability;

@@ -235,6 +235,9 @@ async fn cases() -> Vec<Case> {
         case("ADMIN_LISTEN_ADDR", None, "127.0.0.1:0", &[], |b| {
             boxed(async move { status(&b, "/metrics", &[]).await })
         }),
+        case("DOCS_ENABLED", None, "false", &[], |b| {
+            boxed(async move { status(&b, "/docs", &[]).await })
+        }),
         case("MAX_N", None, "2000", &[], |b| {
             boxed(async move { status(&b, "/fibonacci?n=1500", &[]).await })
         }),

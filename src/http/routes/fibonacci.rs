@@ -5,12 +5,13 @@ use std::sync::Arc;
 use axum::{
     body::Body,
     extract::{Request, State},
-    http::{header, HeaderMap, HeaderValue, StatusCode},
+    http::{header, HeaderValue, StatusCode},
     response::Response,
 };
 use serde::Serialize;
 use utoipa::{IntoParams, ToSchema};
 
+use super::matches_if_none_match;
 use crate::{cache::etag, http::error::ApiError, input::parse_n, state::App};
 
 /// A year, the longest max-age caches honour; `immutable` tells browsers not to revalidate.
@@ -46,18 +47,6 @@ pub struct FibonacciQuery {
     n: u64,
 }
 
-/// Whether `If-None-Match` lists `etag` (weak comparison, as RFC 9110 prescribes for it).
-fn matches_if_none_match(headers: &HeaderMap, etag: &HeaderValue) -> bool {
-    let ours = etag.as_bytes();
-    headers
-        .get_all(header::IF_NONE_MATCH)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .any(|tag| tag == "*" || tag.strip_prefix("W/").unwrap_or(tag).as_bytes() == ours)
-}
-
 /// Returns F(n).
 #[utoipa::path(get, path = "/fibonacci", tag = "fibonacci", params(FibonacciQuery),
     responses(
@@ -68,15 +57,19 @@ fn matches_if_none_match(headers: &HeaderMap, etag: &HeaderValue) -> bool {
             headers(("ETag" = String), ("Cache-Control" = String), ("RateLimit-Limit" = u64),
                     ("RateLimit-Remaining" = u64), ("RateLimit-Reset" = u64), ("RateLimit-Policy" = String))),
         (status = 400, description = "n missing, repeated, not a plain non-negative integer, or above MAX_N", body = crate::http::routes::openapi::ErrorBody,
-            headers(("RateLimit-Limit" = u64), ("RateLimit-Remaining" = u64), ("RateLimit-Reset" = u64), ("RateLimit-Policy" = String))),
+            headers(("RateLimit-Limit" = u64), ("RateLimit-Remaining" = u64), ("RateLimit-Reset" = u64), ("RateLimit-Policy" = String)),
+            example = json!({"error": "query parameter 'n' must be at most 1000; got 5000"})),
         (status = 401, description = "JWT authentication is enabled (AUTH_JWT_*) and the bearer token is missing or invalid",
-            body = crate::http::routes::openapi::ErrorBody, headers(("WWW-Authenticate" = String))),
-        (status = 405, description = "Method other than GET or HEAD", body = crate::http::routes::openapi::ErrorBody),
+            body = crate::http::routes::openapi::ErrorBody, headers(("WWW-Authenticate" = String)),
+            example = json!({"error": "unauthorized: missing bearer token: send Authorization: Bearer <JWT>"})),
+        (status = 405, description = "Method other than GET or HEAD", body = crate::http::routes::openapi::ErrorBody,
+            example = json!({"error": "method not allowed: this endpoint answers GET and HEAD"})),
         (status = 429, description = "Over a rate limit; see Retry-After", body = crate::http::routes::openapi::ErrorBody,
             headers(("Retry-After" = u64, description = "Whole seconds (at least 1) after which a retry is allowed"),
-                    ("RateLimit-Limit" = u64), ("RateLimit-Remaining" = u64), ("RateLimit-Reset" = u64), ("RateLimit-Policy" = String))),
+                    ("RateLimit-Limit" = u64), ("RateLimit-Remaining" = u64), ("RateLimit-Reset" = u64), ("RateLimit-Policy" = String)),
+            example = json!({"error": "rate limit exceeded: 30 requests per minute; retry in 52 s"})),
         (status = 503, description = "Overloaded, timed out, or (AUTH_JWT_JWKS_URL) the signing keys not loaded yet; see Retry-After", body = crate::http::routes::openapi::ErrorBody,
-            headers(("Retry-After" = u64))),
+            headers(("Retry-After" = u64)), example = json!({"error": "the service is at capacity: retry shortly"})),
     ))]
 pub async fn fibonacci(State(app): State<Arc<App>>, req: Request) -> Result<Response, ApiError> {
     let n = parse_n(req.uri().query(), app.config.max_n)?;
@@ -113,27 +106,4 @@ fn answer(status: StatusCode, body: Body, etag: HeaderValue, json: bool) -> Resp
     headers.insert(header::ETAG, etag);
     headers.insert(header::CACHE_CONTROL, CACHE_CONTROL);
     response
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn if_none_match_forms() {
-        let ours = HeaderValue::try_from(etag(10)).unwrap();
-        let cases = [
-            ("\"fib-v1-10\"", true, "exact"),
-            ("W/\"fib-v1-10\"", true, "weak form of ours"),
-            ("\"x\", \"fib-v1-10\"", true, "in a list"),
-            ("*", true, "any"),
-            ("\"fib-v1-11\"", false, "another n"),
-            ("fib-v1-10", false, "unquoted is not our tag"),
-        ];
-        for (value, expected, why) in cases {
-            let mut headers = HeaderMap::new();
-            headers.insert(header::IF_NONE_MATCH, HeaderValue::from_static(value));
-            assert_eq!(matches_if_none_match(&headers, &ours), expected, "{why}");
-        }
-    }
 }
