@@ -7,6 +7,7 @@
 //! without asking, and a new release is a new address.
 
 use std::{
+    borrow::Cow,
     collections::HashMap,
     hash::{DefaultHasher, Hash, Hasher},
     sync::{Arc, LazyLock},
@@ -106,7 +107,11 @@ impl Ui {
                 let file = utoipa_swagger_ui::serve(name, config.clone())
                     .expect("the vendored files are valid")
                     .expect("the vendored distribution has every file the page loads");
-                let body = Bytes::from(file.bytes.into_owned());
+                // Borrowed from the binary (no copy) except the generated initializer.
+                let body = match file.bytes {
+                    Cow::Borrowed(bytes) => Bytes::from_static(bytes),
+                    Cow::Owned(bytes) => Bytes::from(bytes),
+                };
                 (name, File::new(body, &file.content_type))
             })
             .collect();
