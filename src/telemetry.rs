@@ -221,8 +221,7 @@ pub fn continue_trace(span: &tracing::Span, headers: &http::HeaderMap) {
 /// Written here rather than `tracing_subscriber::fmt().json()`: that formatter has no
 /// hook for the OpenTelemetry trace and span ids (they live in the span's extensions,
 /// put there by `tracing-opentelemetry`), and those ids are what links a log line in
-/// Loki to its trace. It also nests fields under `fields`, where log queries want them
-/// at the top level.
+/// Loki to its trace.
 struct JsonLines;
 
 struct Fields<'a>(&'a mut Map<String, Value>);
