@@ -581,6 +581,9 @@ impl Default for Config {
 /// field does not compile until it is listed here, either shown or `secret`.
 macro_rules! debug_struct {
     ($this:expr, $f:expr, $name:ident { $($field:ident),* $(,)? } secret { $($secret:ident => $redact:expr),* $(,)? }) => {{
+        // "pattern requires `..` due to inaccessible fields" on this line means a field
+        // of the struct is missing from its `debug_struct!` list below: add it there
+        // (under `secret` if it is one). Adding `..` would let secrets print.
         let $name { $($field,)* $($secret,)* } = $this;
         let mut debug = $f.debug_struct(stringify!($name));
         $(debug.field(stringify!($field), $field);)*
