@@ -52,6 +52,17 @@ impl CircuitBreaker {
         }
     }
 
+    /// A health check's definitive verdict that the dependency cannot serve (not a
+    /// timeout, which may be a blip): open at once, whatever the count.
+    pub fn open_now(&self) -> Transition {
+        self.failures.store(self.threshold, Ordering::Relaxed);
+        if self.open.swap(true, Ordering::Relaxed) {
+            Transition::None
+        } else {
+            Transition::Opened
+        }
+    }
+
     /// A call (or probe) failed.
     pub fn record_failure(&self) -> Transition {
         let failures = self
@@ -125,5 +136,16 @@ mod tests {
             handles.into_iter().map(|h| h.join().unwrap()).sum()
         });
         assert_eq!(opened, 1);
+    }
+
+    #[test]
+    fn a_definitive_verdict_opens_at_once_and_only_a_success_closes() {
+        let breaker = CircuitBreaker::new(3);
+        assert_eq!(breaker.open_now(), Transition::Opened);
+        assert!(!breaker.is_available());
+        assert_eq!(breaker.open_now(), Transition::None, "reported once");
+        assert_eq!(breaker.record_failure(), Transition::None);
+        assert_eq!(breaker.record_success(), Transition::Closed);
+        assert!(breaker.is_available());
     }
 }

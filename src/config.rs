@@ -335,6 +335,16 @@ fn cluster_nodes(value: &str) -> Result<List<String>, String> {
     if !tcp || redis::cluster::ClusterClient::new(nodes.iter().map(String::as_str)).is_err() {
         return Err(expected.into());
     }
+    // A cluster has database 0 only: a node URL naming another would never work.
+    let other_db = nodes.iter().any(|url| {
+        redis::IntoConnectionInfo::into_connection_info(url.as_str())
+            .is_ok_and(|info| info.redis_settings().db() != 0)
+    });
+    if other_db {
+        return Err(format!(
+            "{expected} (no /db: a Redis Cluster has database 0 only)"
+        ));
+    }
     Ok(nodes)
 }
 

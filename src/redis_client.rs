@@ -8,12 +8,15 @@
 //! client of the `redis` crate follows MOVED/ASK redirections, refreshes the topology and
 //! finds promoted replicas; everything above this module is the same for both.
 
-use std::{sync::Arc, sync::Mutex, time::Duration};
+use std::{
+    sync::{Arc, Mutex, RwLock},
+    time::Duration,
+};
 
 use metrics::Gauge;
 use redis::{
     aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
-    cluster::ClusterClientBuilder,
+    cluster::{ClusterClient, ClusterClientBuilder},
     cluster_async::ClusterConnection,
     Cmd, FromRedisValue, Pipeline, RedisFuture, Value,
 };
@@ -28,6 +31,9 @@ const FAILURES_TO_OPEN: u32 = 3;
 /// How often the pinger checks Redis while it is healthy, and while the breaker is open.
 const PING_HEALTHY: Duration = Duration::from_secs(5);
 const PING_OPEN: Duration = Duration::from_millis(500);
+/// How long a new cluster connection may take to read the topology (it is never on a
+/// request's path: the breaker is open while it happens).
+const RECONNECT_BOUND: Duration = Duration::from_secs(2);
 /// At most one log line per this period for commands Redis refuses.
 const REFUSAL_LOG_PERIOD: Duration = Duration::from_secs(60);
 
@@ -40,6 +46,10 @@ pub enum RedisUnavailable {
     Timeout,
     #[error("{0}")]
     Failed(#[from] redis::RedisError),
+    /// The health probe's answer: Redis is there and says it cannot serve (a cluster
+    /// with slots unserved, a node without cluster mode, a refused probe).
+    #[error("{0}")]
+    Unhealthy(String),
 }
 
 impl RedisUnavailable {
@@ -52,9 +62,20 @@ impl RedisUnavailable {
         let Self::Failed(e) = self else {
             return false;
         };
+        // TRYAGAIN: a multi-key call on a slot caught mid-migration (an aborted reshard
+        // can leave one so); the node is fine and so is every other slot.
         matches!(
             e.code(),
-            Some("WRONGTYPE" | "OOM" | "ERR" | "NOSCRIPT" | "EXECABORT" | "NOPERM" | "CROSSSLOT")
+            Some(
+                "WRONGTYPE"
+                    | "OOM"
+                    | "ERR"
+                    | "NOSCRIPT"
+                    | "EXECABORT"
+                    | "NOPERM"
+                    | "CROSSSLOT"
+                    | "TRYAGAIN"
+            )
         )
     }
 
@@ -71,6 +92,7 @@ impl RedisUnavailable {
         let e = match self {
             Self::CircuitOpen => return "circuit open",
             Self::Timeout => return "timeout",
+            Self::Unhealthy(_) => return "unhealthy",
             Self::Failed(e) => e,
         };
         let text = e.to_string().to_ascii_lowercase();
@@ -143,9 +165,11 @@ impl ConnectionLike for Connection {
 
 /// A Redis connection behind a circuit breaker.
 pub struct RedisClient {
-    conn: Connection,
-    /// Whether `conn` is a cluster: its health probe asks for the whole cluster's state.
-    cluster: bool,
+    /// Replaced, for a cluster, by a new one each time the breaker has opened.
+    conn: RwLock<Connection>,
+    /// For a cluster: the client that makes new connections, each reading the topology
+    /// afresh.
+    cluster: Option<ClusterClient>,
     timeout: Duration,
     breaker: CircuitBreaker,
     /// The cause last logged while the breaker is open, so a change is logged once.
@@ -162,6 +186,7 @@ impl RedisClient {
         timeout: Duration,
         metrics: &Metrics,
     ) -> redis::RedisResult<Arc<Self>> {
+        let mut cluster = None;
         let conn = match target {
             Target::Node(url) => {
                 let client = redis::Client::open(url)?;
@@ -185,16 +210,16 @@ impl RedisClient {
                     .min_retry_wait(1)
                     .max_retry_wait(10)
                     .build()?;
-                Connection::Cluster(
-                    client.get_pending_async_connection_with_config(Default::default()),
-                )
+                let conn = client.get_pending_async_connection_with_config(Default::default());
+                cluster = Some(client);
+                Connection::Cluster(conn)
             }
         };
         let up = metrics.scope(|| metrics::gauge!(REDIS_UP));
         up.set(0.0);
         Ok(Arc::new(Self {
-            cluster: matches!(conn, Connection::Cluster(_)),
-            conn,
+            cluster,
+            conn: RwLock::new(conn),
             timeout,
             breaker: CircuitBreaker::new(FAILURES_TO_OPEN),
             open_cause: Mutex::new(""),
@@ -216,9 +241,20 @@ impl RedisClient {
     }
 
     fn on_failure(&self, error: &RedisUnavailable) {
+        let transition = self.breaker.record_failure();
+        self.log_failure(error, transition);
+    }
+
+    /// A definitive verdict of the health probe: the breaker opens now.
+    fn on_unhealthy(&self, error: &RedisUnavailable) {
+        let transition = self.breaker.open_now();
+        self.log_failure(error, transition);
+    }
+
+    fn log_failure(&self, error: &RedisUnavailable, transition: Transition) {
         let cause = error.cause();
         let mut logged = self.open_cause.lock().expect("not poisoned");
-        match self.breaker.record_failure() {
+        match transition {
             Transition::Opened => {
                 self.up.set(0.0);
                 *logged = cause;
@@ -265,11 +301,10 @@ impl RedisClient {
         };
         match &result {
             Ok(_) => self.on_success(),
-            Err(e) if e.is_refusal() => {
-                // It answered: as available as a success, and worth one line now and then.
-                self.on_success();
-                self.on_refusal(e);
-            }
+            // It answered, refusing this one command: not a failure that should open the
+            // breaker for every other call, nor a success that should close it (a Redis
+            // that refuses everything, one without cluster mode say, is not available).
+            Err(e) if e.is_refusal() => self.on_refusal(e),
             Err(e) => self.on_failure(e),
         }
         result
@@ -280,7 +315,7 @@ impl RedisClient {
         if !self.is_available() {
             return Err(RedisUnavailable::CircuitOpen);
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.connection();
         self.bounded(cmd.query_async(&mut conn)).await
     }
 
@@ -301,32 +336,84 @@ impl RedisClient {
         }
     }
 
+    /// The current connection (a handle: cloning it is cheap).
+    fn connection(&self) -> Connection {
+        self.conn.read().expect("not poisoned").clone()
+    }
+
     /// Checks Redis as a whole: a node answers `PING`; a cluster must also say that every
     /// slot is served (`cluster_state:ok`), so the breaker does not close on a cluster
-    /// that would fail every other call.
-    async fn probe(&self) -> redis::RedisResult<()> {
-        let mut conn = self.conn.clone();
-        if !self.cluster {
+    /// that would fail every other call. An error reply is a verdict too: a Redis without
+    /// cluster mode refuses `CLUSTER INFO`, and must not look healthy because it answers
+    /// single-key commands.
+    async fn probe(&self) -> Result<(), RedisUnavailable> {
+        let mut conn = self.connection();
+        let verdict = |e: redis::RedisError| {
+            if e.code().is_some() {
+                RedisUnavailable::Unhealthy(format!("health probe refused: {e}"))
+            } else {
+                RedisUnavailable::Failed(e)
+            }
+        };
+        if self.cluster.is_none() {
             return redis::cmd("PING")
                 .query_async::<String>(&mut conn)
                 .await
-                .map(drop);
+                .map(drop)
+                .map_err(verdict);
         }
         let info: String = redis::cmd("CLUSTER")
             .arg("INFO")
             .query_async(&mut conn)
-            .await?;
-        if info.lines().any(|l| l.trim() == "cluster_state:ok") {
-            Ok(())
-        } else {
-            Err(redis::RedisError::from((
-                redis::ErrorKind::Client,
-                "cluster state is not ok",
-                info.lines()
-                    .find(|l| l.starts_with("cluster_state:"))
-                    .unwrap_or_default()
-                    .to_owned(),
-            )))
+            .await
+            .map_err(verdict)?;
+        match info
+            .lines()
+            .map(str::trim)
+            .find(|l| l.starts_with("cluster_state:"))
+        {
+            Some("cluster_state:ok") => Ok(()),
+            state => Err(RedisUnavailable::Unhealthy(format!(
+                "cluster state is not ok: {}",
+                state.unwrap_or("no cluster_state")
+            ))),
+        }
+    }
+
+    /// While the breaker is open, a cluster is probed through a new connection, which
+    /// reads the slot map afresh. The client library refreshes its map on redirections
+    /// and errors, but not on timeouts: a master that hangs (a frozen VM, a partition)
+    /// rather than refusing would otherwise keep its slots, replica promoted or not.
+    async fn reconnect_if_open(&self) -> Result<(), RedisUnavailable> {
+        let Some(client) = &self.cluster else {
+            return Ok(());
+        };
+        if self.is_available() {
+            return Ok(());
+        }
+        let bound = RECONNECT_BOUND.max(self.timeout);
+        match tokio::time::timeout(bound, client.get_async_connection()).await {
+            Ok(Ok(fresh)) => {
+                *self.conn.write().expect("not poisoned") = Connection::Cluster(fresh);
+                Ok(())
+            }
+            Ok(Err(e)) => Err(RedisUnavailable::Failed(e)),
+            Err(_) => Err(RedisUnavailable::Timeout),
+        }
+    }
+
+    /// One round of the pinger: a new connection if need be, then the probe. A timeout
+    /// or a lost connection counts as one failure, as a request's would; a verdict that
+    /// Redis cannot serve opens the breaker at once.
+    async fn check(&self) {
+        if let Err(e) = self.reconnect_if_open().await {
+            return self.on_failure(&e);
+        }
+        match tokio::time::timeout(self.timeout, self.probe()).await {
+            Ok(Ok(())) => self.on_success(),
+            Ok(Err(e @ RedisUnavailable::Unhealthy(_))) => self.on_unhealthy(&e),
+            Ok(Err(e)) => self.on_failure(&e),
+            Err(_) => self.on_failure(&RedisUnavailable::Timeout),
         }
     }
 
@@ -339,7 +426,7 @@ impl RedisClient {
             // stuck until REDIS_TIMEOUT_MS must not hold up shutdown.
             tokio::select! {
                 _ = &mut stop => return,
-                _ = self.bounded(self.probe()) => {}
+                () = self.check() => {}
             }
             let period = if self.is_available() {
                 PING_HEALTHY

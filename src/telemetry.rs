@@ -15,6 +15,7 @@ use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::{propagation::TraceContextPropagator, trace::SdkTracerProvider, Resource};
 use serde_json::{Map, Value};
 use tracing::{field::Field, Event, Subscriber};
+use tracing_log::NormalizeEvent;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::{
     filter::{filter_fn, FilterExt, Targets},
@@ -138,19 +139,21 @@ fn tracer_provider() -> Result<SdkTracerProvider, TelemetryError> {
 
 /// Installs the global subscriber (and the tracer, if asked for). Call once, in `main`.
 pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
-    let log_filter = match env("RUST_LOG") {
-        None => EnvFilter::new("info"),
-        // A typo must not silently mean `info`, or quiet a service that should speak.
-        Some(directives) => {
-            EnvFilter::builder()
-                .parse(&directives)
-                .map_err(|_| TelemetryError {
-                    var: "RUST_LOG",
-                    value: directives.clone(),
-                    expected: "tracing directives, e.g. info or warn,fibonacci_api=debug",
-                })?
-        }
-    };
+    let directives = env("RUST_LOG").unwrap_or_else(|| "info".into());
+    // A typo must not silently mean `info`, or quiet a service that should speak.
+    let mut log_filter = EnvFilter::builder()
+        .parse(&directives)
+        .map_err(|_| TelemetryError {
+            var: "RUST_LOG",
+            value: directives.clone(),
+            expected: "tracing directives, e.g. info or warn,fibonacci_api=debug",
+        })?;
+    // The redis crate logs every step of a topology change, hundreds of lines a second
+    // during a failover; this service logs Redis's state itself, once per change. Its
+    // lines come back when RUST_LOG names it (`info,redis=warn`).
+    if !names_target(&directives, "redis") {
+        log_filter = log_filter.add_directive("redis=off".parse().expect("a valid directive"));
+    }
     // Spans are for traces; log lines are events. Without this the log layer would
     // format every span's fields on every request for nothing.
     let log_filter = log_filter.and(filter_fn(|meta| meta.is_event()));
@@ -216,6 +219,18 @@ pub fn continue_trace(span: &tracing::Span, headers: &http::HeaderMap) {
     }
 }
 
+/// Whether tracing `directives` name `target` (or a module of it).
+fn names_target(directives: &str, target: &str) -> bool {
+    directives.split(',').any(|directive| {
+        let named = directive
+            .split(['=', '['])
+            .next()
+            .unwrap_or_default()
+            .trim();
+        named == target || named.starts_with(&format!("{target}::"))
+    })
+}
+
 /// One JSON object per line: timestamp, level, target, message, fields, trace ids.
 ///
 /// Written here rather than `tracing_subscriber::fmt().json()`: that formatter has no
@@ -226,25 +241,32 @@ struct JsonLines;
 
 struct Fields<'a>(&'a mut Map<String, Value>);
 
+impl Fields<'_> {
+    fn insert(&mut self, field: &Field, value: Value) {
+        if !field.name().starts_with("log.") {
+            self.0.insert(field.name().into(), value);
+        }
+    }
+}
+
 impl tracing::field::Visit for Fields<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.0.insert(field.name().into(), value.into());
+        self.insert(field, value.into());
     }
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.0.insert(field.name().into(), value.into());
+        self.insert(field, value.into());
     }
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.0.insert(field.name().into(), value.into());
+        self.insert(field, value.into());
     }
     fn record_f64(&mut self, field: &Field, value: f64) {
-        self.0.insert(field.name().into(), value.into());
+        self.insert(field, value.into());
     }
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.0.insert(field.name().into(), value.into());
+        self.insert(field, value.into());
     }
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.0
-            .insert(field.name().into(), format!("{value:?}").into());
+        self.insert(field, format!("{value:?}").into());
     }
 }
 
@@ -263,8 +285,12 @@ where
         let mut timestamp = String::new();
         tracing_subscriber::fmt::time::SystemTime.format_time(&mut Writer::new(&mut timestamp))?;
         line.insert("timestamp".into(), timestamp.into());
-        line.insert("level".into(), event.metadata().level().as_str().into());
-        line.insert("target".into(), event.metadata().target().into());
+        // A `log` crate's record (the redis client's) arrives with the target `log` and
+        // its origin in `log.*` fields: shown under its own target, without them.
+        let normalized = event.normalized_metadata();
+        let metadata = normalized.as_ref().unwrap_or_else(|| event.metadata());
+        line.insert("level".into(), metadata.level().as_str().into());
+        line.insert("target".into(), metadata.target().into());
         event.record(&mut Fields(&mut line));
         let context = tracing::Span::current().context();
         let span = context.span();

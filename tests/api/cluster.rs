@@ -379,3 +379,165 @@ async fn slots_moved_under_load_cost_no_errors_and_no_early_rejection() {
         "every allowed 31st request is explained by a request limited in process"
     );
 }
+
+/// Clients (`X-Forwarded-For` addresses) whose rate-limit key lives on the master `port`.
+fn clients_on(cluster: &RedisCluster, port: u16, count: usize) -> Vec<String> {
+    (0..=255u8)
+        .flat_map(|a| (1..=254u8).map(move |b| format!("203.0.{a}.{b}")))
+        .filter(|client| cluster.owner_of(&format!("ratelimit:v2:{{{client}}}")) == port)
+        .take(count)
+        .collect()
+}
+
+/// How many of 40 requests of `client`, alternating over `apps`, are accepted.
+async fn accepted_of_40(apps: &[TestApp], proxy: &reqwest::Client, client: &str) -> usize {
+    let mut accepted = 0;
+    for i in 0..40 {
+        accepted +=
+            usize::from(as_client(&apps[i % apps.len()], proxy, client, 9).await == StatusCode::OK);
+    }
+    accepted
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_that_hangs_is_routed_around_once_its_replica_takes_over() {
+    let Some(mut cluster) = RedisCluster::start(1000) else {
+        return;
+    };
+    let apps = [
+        spawn_app(limited_on(&cluster, "30/minute")).await,
+        spawn_app(limited_on(&cluster, "30/minute")).await,
+    ];
+    let proxy = client_from(Some("127.0.0.5".parse().unwrap()));
+    let (masters, _) = cluster.roles();
+    let victim = masters[0];
+    let clients = clients_on(&cluster, victim, 200);
+    assert_eq!(
+        accepted_of_40(&apps, &proxy, &clients[0]).await,
+        30,
+        "before"
+    );
+    // A frozen VM, a partition: connections stay open, nothing answers, no reset.
+    cluster.freeze(victim);
+    let frozen = Instant::now();
+    for client in &clients[1..4] {
+        accepted_of_40(&apps, &proxy, client).await;
+    }
+    eventually(Duration::from_secs(30), "the replica promoted", || {
+        let promoted = tokio::task::block_in_place(|| cluster.roles().0.len() == 3);
+        async move { promoted }
+    })
+    .await;
+    tokio::task::block_in_place(|| cluster.wait_until_ok(Duration::from_secs(30)));
+    let promoted = frozen.elapsed();
+    // The same instances (not fresh ones) count the failed-over slots in the cluster
+    // again, while the old master still hangs.
+    let mut next = clients[4..].iter();
+    eventually(
+        Duration::from_secs(15),
+        "limits cluster-wide again on the failed-over slots",
+        || {
+            let client = next.next().expect("clients enough");
+            let (apps, proxy) = (&apps, &proxy);
+            async move {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                accepted_of_40(apps, proxy, client).await == 30
+            }
+        },
+    )
+    .await;
+    let recovered = frozen.elapsed();
+    for client in next.take(3) {
+        assert_eq!(
+            accepted_of_40(&apps, &proxy, client).await,
+            30,
+            "{client}: stays exact"
+        );
+    }
+    eprintln!(
+        "master frozen: replica promoted after {promoted:?}, limits cluster-wide again after \
+         {recovered:?}"
+    );
+}
+
+#[tokio::test]
+async fn cluster_nodes_that_are_not_a_cluster_are_reported_down() {
+    let Some(redis) = crate::helpers::RedisServer::start() else {
+        return;
+    };
+    let app = spawn_app(Config {
+        redis_cluster_nodes: vec![redis.url()],
+        ..test_config()
+    })
+    .await;
+    for n in 0..5 {
+        app.fib(&n.to_string()).await;
+    }
+    // The pinger probes every 500 ms while the breaker is open: over 3 s, Redis must
+    // never be reported up, nor used.
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        assert_eq!(
+            app.scrape().await.get("redis_up", &[]),
+            0.0,
+            "a Redis without cluster mode serves nothing through REDIS_CLUSTER_NODES"
+        );
+        assert!(
+            !app.state.redis.as_ref().unwrap().is_available(),
+            "not used"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_librarys_own_log_lines_are_off_unless_rust_log_names_it() {
+    let Some(mut cluster) = RedisCluster::start(1000) else {
+        return;
+    };
+    let seeds = cluster.seeds().join(",");
+    let mut services = Vec::new();
+    for rust_log in [None, Some("debug"), Some("info,redis=warn")] {
+        let mut env = vec![
+            ("REDIS_CLUSTER_NODES", seeds.clone()),
+            ("REDIS_TIMEOUT_MS", "250".to_owned()),
+        ];
+        if let Some(filter) = rust_log {
+            env.push(("RUST_LOG", filter.to_owned()));
+        }
+        services.push((rust_log, crate::helpers::spawn_binary(&env).await));
+    }
+    // A failover: the client library logs each step of its topology refresh.
+    let (masters, _) = cluster.roles();
+    cluster.kill(masters[0]);
+    let client = reqwest::Client::new();
+    let until = Instant::now() + Duration::from_secs(4);
+    let mut n = 0;
+    while Instant::now() < until {
+        for (_, service) in &services {
+            let _ = client
+                .get(format!("{}/fibonacci?n={}", service.base(), n % 1000))
+                .send()
+                .await;
+        }
+        n += 1;
+    }
+    for (rust_log, service) in services {
+        let (_, lines) = service.terminate();
+        let library = lines
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|l| {
+                l["target"]
+                    .as_str()
+                    .is_some_and(|t| t.starts_with("redis::"))
+            })
+            .count();
+        match rust_log {
+            Some(filter) if filter.contains("redis=") => {
+                assert!(library > 0, "named, the library speaks: {filter}");
+            }
+            _ => assert_eq!(library, 0, "{rust_log:?}: our own events only"),
+        }
+    }
+}

@@ -56,6 +56,11 @@ fn a_bad_setting_stops_start_up_with_one_line() {
             "REDIS_CLUSTER_NODES",
         ),
         (
+            "REDIS_CLUSTER_NODES",
+            "redis://127.0.0.1:7000,redis://127.0.0.1:7001/3",
+            "REDIS_CLUSTER_NODES",
+        ),
+        (
             "OTEL_EXPORTER_OTLP_PROTOCOL",
             "carrier-pigeon",
             "OTEL_EXPORTER_OTLP_PROTOCOL",

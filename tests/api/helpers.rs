@@ -592,6 +592,8 @@ impl Drop for KillOnDrop {
 pub struct RedisCluster {
     pub ports: Vec<u16>,
     children: Vec<Option<Child>>,
+    /// Nodes stopped with SIGSTOP: they accept connections and never answer.
+    frozen: Vec<u16>,
     dir: std::path::PathBuf,
 }
 
@@ -624,6 +626,7 @@ impl RedisCluster {
         let mut cluster = Self {
             ports: Vec::new(),
             children: Vec::new(),
+            frozen: Vec::new(),
             dir,
         };
         for _ in 0..6 {
@@ -731,7 +734,7 @@ impl RedisCluster {
                 .ports
                 .iter()
                 .zip(&self.children)
-                .filter(|(_, c)| c.is_some())
+                .filter(|(p, c)| c.is_some() && !self.frozen.contains(p))
                 .all(|(p, _)| {
                     Self::info(*p).is_some_and(|i| i.contains("cluster_state:ok"))
                         && Self::replication(*p).is_some_and(|r| {
@@ -753,7 +756,7 @@ impl RedisCluster {
     pub fn roles(&self) -> (Vec<u16>, Vec<u16>) {
         let (mut masters, mut replicas) = (Vec::new(), Vec::new());
         for (port, child) in self.ports.iter().zip(&self.children) {
-            if child.is_none() {
+            if child.is_none() || self.frozen.contains(port) {
                 continue;
             }
             let Ok(mut conn) = redis::Client::open(format!("redis://127.0.0.1:{port}"))
@@ -777,6 +780,64 @@ impl RedisCluster {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Stops (SIGSTOP) the node on `port`, as a frozen VM or a partition would: its
+    /// connections stay open and nothing answers. Killed like the others when dropped.
+    pub fn freeze(&mut self, port: u16) {
+        let i = self.ports.iter().position(|p| *p == port).expect("a node");
+        let pid = self.children[i].as_ref().expect("running").id().to_string();
+        assert!(Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .unwrap()
+            .success());
+        self.frozen.push(port);
+    }
+
+    /// The port of the master that serves `key` now, asked of a node that answers.
+    pub fn owner_of(&self, key: &str) -> u16 {
+        let port = self
+            .ports
+            .iter()
+            .zip(&self.children)
+            .find(|(p, c)| c.is_some() && !self.frozen.contains(p))
+            .map(|(p, _)| *p)
+            .expect("a live node");
+        let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let slot: u16 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query(&mut conn)
+            .unwrap();
+        // Each entry: [start, end, [ip, port, id], replicas...].
+        let slots: Vec<(u16, u16, (String, u16))> = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query::<Vec<redis::Value>>(&mut conn)
+            .unwrap()
+            .into_iter()
+            .map(|entry| {
+                let redis::Value::Array(items) = entry else {
+                    panic!("CLUSTER SLOTS entry")
+                };
+                let start: u16 = redis::from_redis_value(items[0].clone()).unwrap();
+                let end: u16 = redis::from_redis_value(items[1].clone()).unwrap();
+                let redis::Value::Array(master) = &items[2] else {
+                    panic!("CLUSTER SLOTS master")
+                };
+                let ip: String = redis::from_redis_value(master[0].clone()).unwrap();
+                let port: u16 = redis::from_redis_value(master[1].clone()).unwrap();
+                (start, end, (ip, port))
+            })
+            .collect();
+        slots
+            .into_iter()
+            .find(|(start, end, _)| (*start..=*end).contains(&slot))
+            .map(|(_, _, (_, port))| port)
+            .expect("every slot is served")
     }
 
     /// The node id of the node on `port`.
