@@ -541,3 +541,72 @@ async fn the_client_librarys_own_log_lines_are_off_unless_rust_log_names_it() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_left_mid_migration_is_not_an_outage_for_everyone_else() {
+    let Some(cluster) = RedisCluster::start(1000) else {
+        return;
+    };
+    let apps = [
+        spawn_app(limited_on(&cluster, "30/minute")).await,
+        spawn_app(limited_on(&cluster, "30/minute")).await,
+    ];
+    let proxy = client_from(Some("127.0.0.5".parse().unwrap()));
+    // An IPv6 client's check touches two keys of one slot: its /64's and its /48's.
+    let client = "2001:db8:77:1::1";
+    let net48 = "ratelimit:v2:{2001:db8:77::/48}";
+    as_client(&apps[0], &proxy, client, 3).await;
+    // A resharding aborted half-way: the slot MIGRATING on its master, IMPORTING on
+    // another, and only the /48's key moved. Every check of this client now gets
+    // TRYAGAIN (the keys of one call are on two nodes) until an operator runs
+    // `redis-cli --cluster fix`.
+    let source = cluster.owner_of(net48);
+    let (masters, _) = cluster.roles();
+    let target = *masters.iter().find(|p| **p != source).unwrap();
+    let node = |port: u16| {
+        redis::Client::open(format!("redis://127.0.0.1:{port}"))
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    };
+    let (mut from, mut to) = (node(source), node(target));
+    let slot: u16 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(net48)
+        .query(&mut from)
+        .unwrap();
+    let (from_id, to_id) = (RedisCluster::node_id(source), RedisCluster::node_id(target));
+    let setslot = |conn: &mut redis::Connection, state: &str, id: &str| {
+        redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg(state)
+            .arg(id)
+            .query::<()>(conn)
+            .unwrap();
+    };
+    setslot(&mut to, "IMPORTING", &from_id);
+    setslot(&mut from, "MIGRATING", &to_id);
+    redis::cmd("MIGRATE")
+        .arg("127.0.0.1")
+        .arg(target)
+        .arg(net48)
+        .arg(0)
+        .arg(5000)
+        .query::<()>(&mut from)
+        .unwrap();
+    for _ in 0..10 {
+        as_client(&apps[0], &proxy, client, 3).await;
+    }
+    for app in &apps {
+        assert!(
+            app.state.redis.as_ref().unwrap().is_available(),
+            "one client's half-migrated slot is no outage"
+        );
+    }
+    assert_eq!(
+        accepted_of_40(&apps, &proxy, "198.51.100.77").await,
+        30,
+        "other clients' limits stay cluster-wide"
+    );
+}
