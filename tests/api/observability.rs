@@ -430,3 +430,33 @@ async fn requested_n_is_counted_by_range_and_by_where_the_answer_came_from() {
     );
     app.stop().await;
 }
+
+/// This process's CPU seconds (user + system), from /proc, in clock ticks of 1/100 s.
+fn cpu_seconds_now() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+    // After the command name: state is field 3, utime 14 and stime 15 (1-based).
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+#[tokio::test]
+async fn process_cpu_seconds_are_not_truncated_to_whole_seconds() {
+    let app = spawn_app(test_config()).await;
+    // Some CPU, so that the fraction is most likely not zero.
+    let until = std::time::Instant::now() + Duration::from_millis(150);
+    let mut x = 0u64;
+    while std::time::Instant::now() < until {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+    }
+    std::hint::black_box(x);
+    let before = cpu_seconds_now();
+    let exported = app.scrape().await.get("process_cpu_seconds_total", &[]);
+    let after = cpu_seconds_now();
+    assert!(
+        exported >= before - 0.011 && exported <= after + 0.011,
+        "process_cpu_seconds_total {exported} vs /proc {before}..{after}: a rate() over it \
+         would read 0 most of the time"
+    );
+    app.stop().await;
+}
