@@ -434,7 +434,12 @@ async fn requested_n_is_counted_by_range_and_by_where_the_answer_came_from() {
 /// This process's CPU seconds (user + system), from /proc, in clock ticks of 1/100 s.
 fn cpu_seconds_now() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
     // After the command name: state is field 3, utime 14 and stime 15 (1-based).
     let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
     ticks / 100.0
