@@ -24,5 +24,5 @@ fn main() {
     });
     let value = fibonacci_api::fib::fibonacci(n);
     let decimal = best_ms(10, || drop(std::hint::black_box(value.to_str_radix(10))));
-    println!("rust {compute:.2} {decimal:.2}");
+    println!("rust {compute:.4} {decimal:.4}");
 }
