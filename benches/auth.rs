@@ -2,7 +2,7 @@
 //! check (RS256, ES256), a token verified a moment ago (a lookup), and a token from an
 //! address refused by the limiter a moment ago (not even parsed).
 //!
-//! `cargo bench --bench auth` prints the figures; the README quotes them.
+//! `cargo bench --bench auth` prints the figures; docs/security.md quotes them.
 
 use std::{
     future::Future,

@@ -1,7 +1,7 @@
 //! Criterion benchmarks of the answer's cost: computing and formatting F(n) for growing n,
 //! and a memory-tier hit (what a repeated request costs); plus the limiter's per-request cost.
 //!
-//! `cargo bench` prints the figures; the README quotes them.
+//! `cargo bench` prints the figures; docs/performance.md quotes them.
 
 use std::{
     hint::black_box,

@@ -585,7 +585,7 @@ def check_failure_paths(label: str, values: dict, objects: list[dict], notes: st
             need(all(p_.get("targetPort") == "http" for p_ in svc["spec"]["ports"]) and merged["admin"]["enabled"], svc,
                  f"type {svc['spec']['type']} exposes ports {[p_.get('targetPort') for p_ in svc['spec']['ports']]} with "
                  f"admin.enabled={merged['admin']['enabled']}: /metrics, /livez and /readyz would be on the load balancer")
-    # Memory: the service's documented worst case (README "Soak"): 20 MiB +
+    # Memory: the service's documented worst case (docs/reliability.md "Memory stays flat"): 20 MiB +
     # 1.5 x CACHE_MAX_BYTES + 155 B x RATE_LIMIT_MAX_KEYS. Below the limit the
     # pod is OOM-killed once its cache fills; below the request it lives above
     # what the scheduler reserved, first in line for eviction under node pressure.
@@ -1274,13 +1274,16 @@ def cmd_alerts_sync() -> None:
     untested = set(alerts) - tested
     if untested:
         fail(f"alerts without a firing promtool test in alerts_test.yaml: {sorted(untested)}")
-    readme_anchor = set()
-    for doc in (ROOT / "README.md",):
-        if doc.exists():
-            readme_anchor |= {m.lower() for m in re.findall(r"^#+\s+`?([A-Za-z]+)`?\s*$", doc.read_text(), re.M)}
-    missing = [a for a in alerts if a.lower() not in readme_anchor]
+    # runbook_url is runbookBaseUrl + "#<alert in lower case>": the anchor of a
+    # heading named after the alert in the file the base URL names.
+    base = load_file(CHART / "values.yaml")["prometheusRule"]["runbookBaseUrl"]
+    runbook = ROOT / base.split("/blob/main/", 1)[-1]
+    if "/blob/main/" not in base or not runbook.is_file():
+        fail(f"prometheusRule.runbookBaseUrl {base} names no file of this repository")
+    anchors = {m.lower() for m in re.findall(r"^#+\s+`?([A-Za-z]+)`?\s*$", runbook.read_text(), re.M)}
+    missing = [a for a in alerts if a.lower() not in anchors]
     if missing:
-        fail(f"alerts without a runbook section (a heading named after the alert): {missing}")
+        fail(f"alerts without a runbook section in {runbook.relative_to(ROOT)} (a heading named after the alert): {missing}")
     info(f"identical to the chart; {len(alerts)} alerts, each with a firing unit test and a runbook section")
 
 
@@ -1479,14 +1482,16 @@ def check_dashboard_failure_paths(d: dict) -> None:
             for hpa in ("fibonacci-api", "keda-hpa-fibonacci-api"):
                 need(re.fullmatch(pattern, hpa) if op == "=~" else pattern == hpa, D,
                      f"{where}: horizontalpodautoscaler{op}\"{value}\" misses the HPA {hpa} (keda.enabled names it so)")
-    # Every metric of the service's contract (README "Metrics") is on the
-    # dashboard: a signal nobody can see is a failure nobody notices (the
+    # Every metric of the service's contract (docs/operations.md "Metrics") is
+    # on the dashboard: a signal nobody can see is a failure nobody notices (the
     # connections refused at accept, for one, never reach http_requests_total).
-    metrics_section = (ROOT / "README.md").read_text().split("\n### Metrics\n", 1)[-1].split("\n### ", 1)[0]
+    ops = (ROOT / "docs" / "operations.md").read_text()
+    need("\n## Metrics\n" in ops, D, "docs/operations.md has no \"## Metrics\" section: the metric contract moved?")
+    metrics_section = ops.split("\n## Metrics\n", 1)[-1].split("\n## ", 1)[0]
     contract = re.findall(r"^\| `([a-z_]+)` \|", metrics_section, re.M)
     shown = " ".join(e for _, _, e in exprs)
     unseen = [m for m in contract if m != "process_" and not re.search(rf"\b{m}(_bucket|_count|_sum)?\b", shown)]
-    need(contract and not unseen, D, f"metrics of the README's contract on no panel: {unseen}")
+    need(contract and not unseen, D, f"metrics of docs/operations.md's contract on no panel: {unseen}")
     # A legend never states an SLO number of its own: the variables do.
     for p in dashboard_panels(d):
         for t in p.get("targets", []):
@@ -3016,12 +3021,100 @@ def cmd_image() -> None:
          f"HEALTHCHECK healthy, SIGTERM -> exit 0 in {stopped:.1f}s")
 
 
+# --------------------------------------------------------------------------- docs
+
+CHART_README = CHART / "README.md"
+README = ROOT / "README.md"
+
+
+def values_default_cell(v) -> str | None:
+    """How the chart README writes a scalar default; None for objects and lists,
+    whose defaults the table may leave to values.yaml."""
+    if isinstance(v, (dict, list)):
+        return None
+    if isinstance(v, str):
+        return '`""`' if v == "" else f"`{v}`"
+    return f"`{json.dumps(v)}`"
+
+
+def chart_values_keys(values: dict) -> dict[str, object]:
+    """The keys the chart README's table must document: every top-level key and
+    every key of a top-level object (`parent.key`). Deeper keys are described in
+    their parent's row: a leaf-level table would be ~260 rows, most of them the
+    fields of Kubernetes objects passed through as they are."""
+    keys = {}
+    for k, v in values.items():
+        keys[k] = v
+        if isinstance(v, dict):
+            for k2, v2 in v.items():
+                keys[f"{k}.{k2}"] = v2
+    return keys
+
+
+def check_chart_values_table(readme_text: str, values: dict) -> list[str]:
+    """Problems of the chart README's values table against values.yaml."""
+    rows = {}
+    for line in readme_text.split("\n## Values\n", 1)[-1].splitlines():
+        m = re.match(r"^\| `([^`]+)` \| (.*?) \| .*\S.* \|$", line)
+        if m:
+            rows[m.group(1)] = m.group(2)
+    keys = chart_values_keys(values)
+    problems = [f"values.yaml key `{k}` missing from {CHART_README.relative_to(ROOT)}'s values table"
+                for k in keys if k not in rows]
+    problems += [f"{CHART_README.relative_to(ROOT)} documents `{k}`, which values.yaml does not have"
+                 for k in rows if k not in keys]
+    for k, v in keys.items():
+        want = values_default_cell(v)
+        if k in rows and want is not None and rows[k] != want:
+            problems.append(f"{CHART_README.relative_to(ROOT)}: default of `{k}` is {rows[k]}, values.yaml says {want}")
+    return problems
+
+
+def git_top_level_entries() -> set[str]:
+    """The repository's top-level entries as Git tracks them (directories with a
+    trailing slash): what a fresh clone has."""
+    out = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z"], capture_output=True, check=True).stdout
+    entries = set()
+    for path in out.decode().split("\0"):
+        if path:
+            head, sep, _ = path.partition("/")
+            entries.add(head + "/" if sep else head)
+    return entries
+
+
+def check_repository_layout(readme_text: str, tracked: set[str]) -> list[str]:
+    """Problems of the README's "Repository layout" table against the tree: each
+    row's first cell names one or more top-level entries in backticks."""
+    if "\n## Repository layout\n" not in readme_text:
+        return ["README.md has no \"## Repository layout\" section"]
+    section = readme_text.split("\n## Repository layout\n", 1)[1].split("\n## ", 1)[0]
+    listed = set()
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            listed |= set(re.findall(r"`([^`]+)`", line.split("|")[1]))
+    return ([f"README.md's repository layout does not list `{e}` (a top-level entry of git ls-files)"
+             for e in sorted(tracked - listed)]
+            + [f"README.md's repository layout lists `{e}`, which is not in the tree" for e in sorted(listed - tracked)])
+
+
+def cmd_docs() -> None:
+    """The documentation that describes the tree stays in step with it: the
+    chart README's values table covers values.yaml, and the README's repository
+    layout lists exactly the top-level entries Git tracks."""
+    problems = check_chart_values_table(CHART_README.read_text(), load_file(CHART / "values.yaml"))
+    problems += check_repository_layout(README.read_text(), git_top_level_entries())
+    if problems:
+        fail("; ".join(problems))
+    info(f"chart README documents all {len(chart_values_keys(load_file(CHART / 'values.yaml')))} values "
+         f"(top level and second level); README layout = the {len(git_top_level_entries())} top-level entries of git ls-files")
+
+
 # --------------------------------------------------------------------------- main
 
 COMMANDS = {
     "chart": cmd_chart, "argocd": cmd_argocd, "alerts-sync": cmd_alerts_sync, "gen-alerts": cmd_gen_alerts,
     "dashboard": cmd_dashboard, "sli-sync": cmd_sli_sync, "image": cmd_image, "images": cmd_images, "alert-routes": cmd_alert_routes, "crd-schemas": cmd_crd_schemas, "promql-scenarios": cmd_promql_scenarios, "dockerfile": cmd_dockerfile, "queries": cmd_queries, "config": cmd_config,
-    "loadtest": cmd_loadtest, "logs-config": cmd_logs_config, "log-lines": cmd_log_lines,
+    "loadtest": cmd_loadtest, "logs-config": cmd_logs_config, "log-lines": cmd_log_lines, "docs": cmd_docs,
 }
 
 if __name__ == "__main__":

@@ -243,7 +243,7 @@ from the workload template so every render runs it.
 {{- if lt (int .Values.terminationGracePeriodSeconds) (int $needed) }}
 {{- fail (printf "terminationGracePeriodSeconds=%d is too short: preStop sleep %ds + SHUTDOWN_DRAIN_SECONDS %ds + request deadline %ds + 10s trace flush needs at least %d" (int .Values.terminationGracePeriodSeconds) $preStop $drain $requestDeadline $needed) }}
 {{- end }}
-{{- /* The service's memory at its bounds (README "Soak"): 20 MiB + 1.5 x
+{{- /* The service's memory at its bounds (docs/reliability.md "Memory stays flat"): 20 MiB + 1.5 x
        CACHE_MAX_BYTES + 155 B x RATE_LIMIT_MAX_KEYS. A limit below it is an
        OOM kill a few hours in, once the cache has filled. */}}
 {{- $needed := add 20971520 (div (mul 3 (int64 .Values.config.CACHE_MAX_BYTES)) 2) (mul 155 (int64 .Values.config.RATE_LIMIT_MAX_KEYS)) }}
