@@ -116,6 +116,20 @@ def check(args: argparse.Namespace, log) -> int:
                 response is not None and response.status == 200,
                 f"GET /docs answers 200 (got {response.status if response else None})",
             )
+            csp = (
+                response.headers.get("content-security-policy") if response else ""
+            ) or ""
+            loose = [
+                w
+                for w in ("unsafe-inline", "unsafe-eval", "*", "http:", "https:")
+                if w in csp.split()
+            ]
+            failures.check(
+                "frame-ancestors 'none'" in csp
+                and "default-src 'none'" in csp
+                and not loose,
+                f"the page's Content-Security-Policy is tight ({csp!r})",
+            )
             page.wait_for_selector(".swagger-ui .info .title", timeout=20_000)
             title = page.inner_text(".swagger-ui .info .title")
             failures.check(
@@ -186,6 +200,15 @@ def check(args: argparse.Namespace, log) -> int:
             )
             failures.check(
                 not page_errors, f"no uncaught page errors ({page_errors or 'none'})"
+            )
+
+            # Past the default limits (30 a minute): the page and its files are never limited.
+            assets = sorted({u for u in requests if u.startswith(origin + "/docs")})
+            statuses = [page.request.get(u).status for _ in range(40) for u in assets]
+            failures.check(
+                len(assets) >= 5 and 429 not in statuses,
+                f"{len(statuses)} more loads of the page and its {len(assets)} files: never 429 "
+                f"({sorted(set(statuses))})",
             )
 
             shot = Path(args.screenshot)

@@ -349,3 +349,27 @@ async fn the_documents_error_examples_are_what_the_service_says() {
         documented_error(&secured, 401).await
     );
 }
+
+/// The probes' documented answers are the ones they give (they once all showed the
+/// `/health` body, and `/readyz`'s 503 an error about `n`).
+#[tokio::test]
+async fn the_probes_documented_answers_are_what_they_answer() {
+    let app = spawn_app(config_from(&[])).await;
+    let document: serde_json::Value = app.get("/openapi.json").await.json().await.unwrap();
+    for path in ["/health", "/livez", "/readyz"] {
+        let pointer = format!(
+            "/paths/~1{}/get/responses/200/content/application~1json/example",
+            &path[1..]
+        );
+        let documented = document
+            .pointer(&pointer)
+            .unwrap_or_else(|| panic!("no 200 example for {path}"));
+        let answered: serde_json::Value = app.get(path).await.json().await.unwrap();
+        assert_eq!(&answered, documented, "{path}");
+    }
+    let not_ready = document
+        .pointer("/paths/~1readyz/get/responses/503/content/application~1json/example/error")
+        .and_then(|e| e.as_str())
+        .expect("a 503 example for /readyz");
+    assert!(not_ready.starts_with("not ready: "), "{not_ready}");
+}

@@ -42,17 +42,25 @@ fn big_integer() -> utoipa::openapi::Object {
 #[into_params(parameter_in = Query)]
 #[allow(dead_code)]
 pub struct FibonacciQuery {
-    /// A non-negative decimal integer (digits only) from 0 to `MAX_N` (default 1000), given once.
+    /// A non-negative decimal integer (digits only) from 0 to `MAX_N` (default 1000), given
+    /// once. This page checks it before sending; curl shows the server's 400 for bad input.
     #[param(minimum = 0, maximum = 1000)]
     n: u64,
 }
 
 /// Returns F(n).
+///
+/// Exactly, as a JSON integer of any size (F(1000) has 209 digits). This page's viewer
+/// rounds integers above 2^53 (n ≥ 79): the curl command it shows gets every digit.
 #[utoipa::path(get, path = "/fibonacci", tag = "fibonacci", params(FibonacciQuery),
     responses(
         (status = 200, description = "F(n)", body = FibonacciResponse,
-            headers(("ETag" = String), ("Cache-Control" = String), ("RateLimit-Limit" = u64),
-                    ("RateLimit-Remaining" = u64), ("RateLimit-Reset" = u64), ("RateLimit-Policy" = String))),
+            headers(("ETag" = String, description = "\"fib-v1-{n}\": known from n alone; send it back in If-None-Match for a 304"),
+                    ("Cache-Control" = String, description = "public, max-age=31536000, immutable: an answer never changes"),
+                    ("RateLimit-Limit" = u64, description = "Quota of the tightest window (absent with RATE_LIMITS=off)"),
+                    ("RateLimit-Remaining" = u64, description = "Requests left in that window"),
+                    ("RateLimit-Reset" = u64, description = "Seconds until Remaining next grows if no request comes (sliding windows: can be longer than the window)"),
+                    ("RateLimit-Policy" = String, description = "Every window: quota;w=seconds, e.g. 30;w=60,50;w=3600,200;w=86400"))),
         (status = 304, description = "Not modified: the client's cached copy (If-None-Match) is current",
             headers(("ETag" = String), ("Cache-Control" = String), ("RateLimit-Limit" = u64),
                     ("RateLimit-Remaining" = u64), ("RateLimit-Reset" = u64), ("RateLimit-Policy" = String))),

@@ -21,7 +21,25 @@ pub struct ErrorBody {
 #[openapi(
     info(
         title = "fibonacci-api",
-        description = "Returns the nth Fibonacci number, exactly."
+        description = "Returns the nth Fibonacci number, exactly: `GET /fibonacci?n=10` answers \
+`{\"n\":10,\"fibonacci\":55}`, the value a JSON integer of any size.\n\n\
+**On this page.** Its response viewer is JavaScript, which rounds integers above 2^53: \
+from n = 79 on, the body shown here has wrong last digits (F(1000) even turns into a float). \
+The service sends every digit: run the curl command the page shows. The page also checks n \
+before sending it (an integer from 0 to MAX_N), so the server's own 400 for bad input is only \
+seen with curl. With JWT authentication on (`AUTH_JWT_*`), Try it out gets 401: it sends no token.\n\n\
+**Rate limits.** Each client (IP address, an IPv6 /64) has windows, by default 30 requests a \
+minute, 50 an hour and 200 a day; every `/fibonacci` answer carries `RateLimit-Limit`, \
+`-Remaining`, `-Reset` (seconds until Remaining next grows if no request comes: with \
+sliding windows that can be longer than the window) and `-Policy`; past a limit the answer is 429 with \
+`Retry-After`. The probes, `/metrics`, `/openapi.json` and this page are never limited.\n\n\
+**Caching.** An answer never changes: `Cache-Control: public, max-age=31536000, immutable` \
+and `ETag: \"fib-v1-{n}\"`; a request with a matching `If-None-Match` gets 304. Your browser \
+may answer a repeated Execute from its own cache (same `x-request-id`, same remaining count): \
+change n to reach the server.\n\n\
+**Operations.** Every response carries `X-Request-Id` (yours if sane, else a new one), also in \
+the service's logs and traces. With `ADMIN_LISTEN_ADDR` set, `/livez`, `/readyz` and \
+`/metrics` are on that port only."
     ),
     components(schemas(ErrorBody, super::fibonacci::FibonacciResponse, super::probes::Status))
 )]

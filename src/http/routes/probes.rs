@@ -20,29 +20,37 @@ pub struct Status {
     pub status: &'static str,
 }
 
-/// The original API's health check: the process is up and answering.
+/// Health check: the process is up and answering.
+///
+/// Kept from the original API for load balancers and uptime checks; Kubernetes uses
+/// `/livez` and `/readyz`. Never rate limited.
 #[utoipa::path(get, path = "/health", tag = "probes",
     responses((status = 200, description = "The service is up", body = Status, example = json!({"status": "healthy"}))))]
 pub async fn health() -> Json<Status> {
     Json(Status { status: "healthy" })
 }
 
-/// Kubernetes liveness: the process is not wedged. Deliberately checks nothing else, so a
-/// dependency outage never gets healthy pods restarted.
+/// Kubernetes liveness: the process is not wedged.
+///
+/// Deliberately checks nothing else, so a dependency outage never gets healthy pods
+/// restarted. With `ADMIN_LISTEN_ADDR` set it is served on that port only (404 here).
 #[utoipa::path(get, path = "/livez", tag = "probes",
-    responses((status = 200, description = "Alive", body = Status)))]
+    responses((status = 200, description = "Alive", body = Status, example = json!({"status": "alive"}))))]
 pub async fn livez() -> Json<Status> {
     Json(Status { status: "alive" })
 }
 
-/// Kubernetes readiness: 503 while starting or draining, so load balancers stop sending
-/// traffic before the process stops taking it, and with `AUTH_JWT_JWKS_URL` until its
-/// keys first load. Redis is deliberately not consulted: an outage degrades the cache,
-/// it must not empty the load balancer.
+/// Kubernetes readiness: 503 while starting or draining.
+///
+/// Load balancers stop sending traffic before the process stops taking it; with
+/// `AUTH_JWT_JWKS_URL` it is also 503 until the signing keys first load. Redis is
+/// deliberately not consulted: an outage degrades the cache, it must not empty the load
+/// balancer. With `ADMIN_LISTEN_ADDR` set it is served on that port only (404 here).
 #[utoipa::path(get, path = "/readyz", tag = "probes",
     responses(
-        (status = 200, description = "Ready for traffic", body = Status),
-        (status = 503, description = "Starting, draining, or waiting for the first JWKS fetch", body = crate::http::routes::openapi::ErrorBody),
+        (status = 200, description = "Ready for traffic", body = Status, example = json!({"status": "ready"})),
+        (status = 503, description = "Starting, draining, or waiting for the first JWKS fetch", body = crate::http::routes::openapi::ErrorBody,
+            example = json!({"error": "not ready: draining: shutting down"})),
     ))]
 pub async fn readyz(State(app): State<Arc<App>>) -> Response {
     // Not ready until the first JWKS fetch succeeds: during a rollout, old pods keep
@@ -70,8 +78,11 @@ pub async fn readyz(State(app): State<Arc<App>>) -> Response {
     }
 }
 
-/// Prometheus text exposition of every metric of this instance.
-#[utoipa::path(get, path = "/metrics", tag = "probes",
+/// Prometheus metrics of this instance.
+///
+/// The text exposition format, for a Prometheus scrape. With `ADMIN_LISTEN_ADDR` set it
+/// is served on that port only (404 here).
+#[utoipa::path(get, path = "/metrics", tag = "metrics",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain; version=0.0.4", body = String)))]
 pub async fn metrics(State(app): State<Arc<App>>) -> Response {
     (
