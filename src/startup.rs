@@ -120,6 +120,7 @@ impl Application {
             admin_addr = admin_addr.map(|a| a.to_string()),
             max_n = app.config.max_n,
             redis = app.redis.is_some(),
+            docs = app.config.docs_enabled,
             rate_limits = %app.config.rate_limits.as_ref().map_or("off".to_string(), |p| p.to_string()),
             "serving"
         );

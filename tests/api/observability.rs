@@ -465,3 +465,27 @@ async fn process_cpu_seconds_are_not_truncated_to_whole_seconds() {
     );
     app.stop().await;
 }
+
+/// An operator can confirm from the start-up line that `/docs` is off in production.
+#[test]
+fn the_serving_line_says_whether_the_docs_are_on() {
+    use std::io::{BufRead, BufReader};
+    for (setting, expected) in [("true", true), ("false", false)] {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fibonacci-api"))
+            .env_clear()
+            .env("LISTEN_ADDR", "127.0.0.1:0")
+            .env("DOCS_ENABLED", setting)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        while stdout.read_line(&mut line).unwrap() > 0 && !line.contains("\"serving\"") {
+            line.clear();
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        let json: serde_json::Value = serde_json::from_str(&line).expect("a JSON serving line");
+        assert_eq!(json["docs"], expected, "DOCS_ENABLED={setting}: {line}");
+    }
+}
