@@ -196,6 +196,13 @@ impl RedisWindows {
         }
     }
 
+    /// The script's Lua source, for measuring it outside the service (`redis-benchmark`
+    /// in `scripts/bench-redis`).
+    #[doc(hidden)]
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
     /// Checks and counts one request of `client` in Redis (`now` is used only by the
     /// parity test's script).
     pub async fn check(
