@@ -354,7 +354,7 @@ async fn slots_moved_under_load_cost_no_errors_and_no_early_rejection() {
     // The counts moved with their slots: the 31st request is refused, except for clients
     // one of whose requests fell back to an instance's own limiter while the client
     // library refreshed its slot map (it stalls calls on every MOVED): those were
-    // counted there, so the cluster's count is short by as many (the README says so).
+    // counted there, so the cluster's count is short by as many (docs/scaling.md says so).
     let mut refused = 0;
     for (i, client) in clients.iter().enumerate() {
         refused += usize::from(
