@@ -8,23 +8,26 @@ from collections import defaultdict
 raw, out, date, machine, load = sys.argv[1:6]
 rows = defaultdict(list)
 for line in open(raw):
-    scenario, label, rps, p50, p99, p999, rss, errors = line.rstrip("\n").split("\t")
-    rows[(scenario, label)].append((float(rps), float(p50), float(p99), float(p999), int(rss) / 1024, int(errors)))
+    scenario, label, rps, p50, p99, p999, rss, errors, cpu = line.rstrip("\n").split("\t")
+    rows[(scenario, label)].append(
+        (float(rps), float(p50), float(p99), float(p999), int(rss) / 1024, int(errors), float(cpu))
+    )
 
 def median(key, i):
     return statistics.median(r[i] for r in rows[key])
 
 ceiling_for = {"hot": ("hot", "ceiling"), "limiter": ("limiter", "ceiling"),
+               "limiter-redis": ("limiter", "ceiling"), "limiter-redis-cluster": ("limiter", "ceiling"),
                "bad-input": ("hot", "ceiling"), "hot-access-logs": ("hot", "ceiling"),
                "uncached-n50k-100k": ("hot", "ceiling")}
 lines = [
     f"Measured {date} on {machine}; load {load} on 127.0.0.1 (wrk shares the cores with the server).",
     "Medians of the rounds; ratios are against the ceiling run in the same rounds.",
     "",
-    "| scenario | server | req/s | p50 µs | p99 µs | p99.9 µs | peak RSS MiB | req/s ÷ ceiling | p99 ÷ ceiling |",
-    "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    "| scenario | server | req/s | p50 µs | p99 µs | p99.9 µs | peak RSS MiB | CPU µs/req | req/s ÷ ceiling | p99 ÷ ceiling | CPU/req ÷ ceiling |",
+    "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
 ]
-order = ["hot", "hot-access-logs", "limiter", "bad-input", "uncached-n50k-100k"]
+order = ["hot", "hot-access-logs", "limiter", "limiter-redis", "limiter-redis-cluster", "bad-input", "uncached-n50k-100k"]
 bars = []
 for scenario in order:
     for label in ("ceiling", "service"):
@@ -32,13 +35,27 @@ for scenario in order:
         if key not in rows:
             continue
         rps, p50, p99, p999, rss = (median(key, i) for i in range(5))
+        cpu = median(key, 6)
         ceiling = ceiling_for[scenario]
-        ratio = p99_ratio = ""
+        ratio = p99_ratio = cpu_ratio = ""
         if label == "service" and ceiling in rows:
             ratio = f"{rps / median(ceiling, 0):.2f}"
             p99_ratio = f"{p99 / median(ceiling, 2):.2f}"
-        lines.append(f"| {scenario} | {label} | {rps:,.0f} | {p50:.0f} | {p99:.0f} | {p999:.0f} | {rss:.1f} | {ratio} | {p99_ratio} |")
+            cpu_ratio = f"{cpu / median(ceiling, 6):.2f}"
+        lines.append(
+            f"| {scenario} | {label} | {rps:,.0f} | {p50:.0f} | {p99:.0f} | {p999:.0f} | {rss:.1f} | {cpu:.1f} "
+            f"| {ratio} | {p99_ratio} | {cpu_ratio} |"
+        )
         bars.append((f"{scenario} ({label})", rps, p99))
+in_process = ("limiter", "service")
+for scenario in ("limiter-redis", "limiter-redis-cluster"):
+    if (scenario, "service") in rows and in_process in rows:
+        lines.append("")
+        lines.append(
+            f"Service CPU per request, {scenario} ÷ limiter (in process): "
+            f"{median((scenario, 'service'), 6) / median(in_process, 6):.2f} "
+            "(medians of the rounds; Redis's own CPU is not in it)"
+        )
 open(f"{out}/results.md", "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 
