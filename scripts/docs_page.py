@@ -23,8 +23,12 @@ The screenshot is taken after the response is shown: CI keeps it as an artifact,
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
+import hmac
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -46,7 +50,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_service(binary: str, log) -> tuple[subprocess.Popen, int]:
+def start_service(binary: str, log, **settings: str) -> tuple[subprocess.Popen, int]:
     # A port freed here can be taken by someone else before the service binds it:
     # retry on a new port when the service exits early.
     for _ in range(5):
@@ -57,6 +61,7 @@ def start_service(binary: str, log) -> tuple[subprocess.Popen, int]:
             "PATH": os.environ.get("PATH", ""),
             "LISTEN_ADDR": f"127.0.0.1:{port}",
             "SHUTDOWN_DRAIN_SECONDS": "0",
+            **settings,
         }
         proc = subprocess.Popen([binary], env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
@@ -85,7 +90,84 @@ class Failures:
 
 def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryFile(mode="w+") as log:
-        return check(args, log)
+        failed = check(args, log)
+    with tempfile.TemporaryFile(mode="w+") as log:
+        failed |= check_with_auth(args, log)
+    return failed
+
+
+def hs256_token(secret: str, audience: str) -> str:
+    """A JWT as an identity provider would sign it (HS256), valid for five minutes."""
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    header = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    claims = {"sub": "docs-page-check", "aud": audience, "exp": int(time.time()) + 300}
+    body = b64(json.dumps(claims).encode())
+    signature = hmac.new(
+        secret.encode(), f"{header}.{body}".encode(), hashlib.sha256
+    ).digest()
+    return f"{header}.{body}.{b64(signature)}"
+
+
+def check_with_auth(args: argparse.Namespace, log) -> int:
+    """With JWT auth on, the page offers Authorize and Try it out sends the token."""
+    failures = Failures()
+    secret = secrets.token_hex(32)
+    proc, port = start_service(
+        args.bin, log, AUTH_JWT_HS256_SECRET=secret, AUTH_JWT_AUDIENCE="fibonacci-api"
+    )
+    origin = f"http://127.0.0.1:{port}"
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(
+                executable_path=args.chromium, headless=True, args=["--no-sandbox"]
+            )
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(f"{origin}/docs", wait_until="load")
+            page.locator(".auth-wrapper button.authorize").click()
+            page.locator(".modal-ux input").first.fill(
+                hs256_token(secret, "fibonacci-api")
+            )
+            page.locator(".modal-ux .auth-btn-wrapper button.authorize").click()
+            page.locator(".modal-ux button.btn-done").click()
+            op = (
+                page.locator(".opblock-get")
+                .filter(
+                    has=page.locator(".opblock-summary-path", has_text="/fibonacci")
+                )
+                .first
+            )
+            op.locator(".opblock-summary").click()
+            try_out = op.locator("button.try-out__btn")
+            if try_out.inner_text().strip() == "Try it out":
+                try_out.click()
+            op.locator("tr[data-param-name='n'] input").fill("10")
+            with page.expect_response(lambda r: "/fibonacci?n=10" in r.url) as answer:
+                op.locator("button.execute").click()
+            api = answer.value
+            sent = api.request.headers.get("authorization", "")
+            failures.check(
+                sent.startswith("Bearer "),
+                "with JWT auth on, Authorize makes Execute send the token",
+            )
+            failures.check(
+                api.status == 200 and api.json().get("fibonacci") == 55,
+                f"and the answer is 200 with fibonacci 55 (got {api.status})",
+            )
+            browser.close()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        if failures.items:
+            log.seek(0)
+            print("--- the service's log ---\n" + log.read()[-4000:])
+    print(f"docs-page (JWT auth on): {len(failures.items)} failed")
+    return 1 if failures.items else 0
 
 
 def check(args: argparse.Namespace, log) -> int:

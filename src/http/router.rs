@@ -154,7 +154,11 @@ impl Table {
     fn finish(self, app: &Arc<App>, extra: Router<HttpState>) -> Router {
         let state = HttpState {
             app: app.clone(),
-            openapi: Bytes::from(routes::openapi::render(&self.doc, app.config.max_n)),
+            openapi: Bytes::from(routes::openapi::render(
+                &self.doc,
+                app.config.max_n,
+                app.config.auth.is_some(),
+            )),
         };
         let routed = self
             .router

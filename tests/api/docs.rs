@@ -373,3 +373,36 @@ async fn the_probes_documented_answers_are_what_they_answer() {
         .expect("a 503 example for /readyz");
     assert!(not_ready.starts_with("not ready: "), "{not_ready}");
 }
+
+/// With JWT auth on, the document declares the bearer scheme on `/fibonacci` (so /docs
+/// offers "Authorize" and Try it out sends the token); without it, nothing asks for one.
+#[tokio::test]
+async fn the_document_asks_for_a_bearer_token_exactly_when_the_service_does() {
+    let open = spawn_app(config_from(&[])).await;
+    let document: serde_json::Value = open.get("/openapi.json").await.json().await.unwrap();
+    assert!(document.pointer("/components/securitySchemes").is_none());
+    assert!(document
+        .pointer("/paths/~1fibonacci/get/security")
+        .is_none());
+
+    let secured = spawn_app(config_from(&[
+        "--auth-jwt-hs256-secret",
+        "hunter2-jwt-secret-of-32-bytes-or-more",
+        "--auth-jwt-audience",
+        "*",
+    ]))
+    .await;
+    let document: serde_json::Value = secured.get("/openapi.json").await.json().await.unwrap();
+    assert_eq!(
+        document.pointer("/components/securitySchemes/bearer"),
+        Some(&serde_json::json!({"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}))
+    );
+    assert_eq!(
+        document.pointer("/paths/~1fibonacci/get/security"),
+        Some(&serde_json::json!([{"bearer": []}]))
+    );
+    assert!(
+        document.pointer("/paths/~1health/get/security").is_none(),
+        "the probes need no token"
+    );
+}

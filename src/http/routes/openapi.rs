@@ -27,7 +27,7 @@ pub struct ErrorBody {
 from n = 79 on, the body shown here has wrong last digits (F(1000) even turns into a float). \
 The service sends every digit: run the curl command the page shows. The page also checks n \
 before sending it (an integer from 0 to MAX_N), so the server's own 400 for bad input is only \
-seen with curl. With JWT authentication on (`AUTH_JWT_*`), Try it out gets 401: it sends no token.\n\n\
+seen with curl. With JWT authentication on (`AUTH_JWT_*`), give a token with Authorize first.\n\n\
 **Rate limits.** Each client (IP address, an IPv6 /64) has windows, by default 30 requests a \
 minute, 50 an hour and 200 a day; every `/fibonacci` answer carries `RateLimit-Limit`, \
 `-Remaining`, `-Reset` (seconds until Remaining next grows if no request comes: with \
@@ -45,11 +45,23 @@ the service's logs and traces. With `ADMIN_LISTEN_ADDR` set, `/livez`, `/readyz`
 )]
 pub struct ApiDoc;
 
-/// The document as JSON text, with this instance's `MAX_N` as the bound of `n`.
-pub fn render(doc: &utoipa::openapi::OpenApi, max_n: u64) -> String {
+/// The document as JSON text, with this instance's `MAX_N` as the bound of `n`, and, when
+/// it requires JWTs, their bearer scheme on `/fibonacci` (so /docs offers "Authorize" and
+/// Try it out can send a token).
+pub fn render(doc: &utoipa::openapi::OpenApi, max_n: u64, bearer_auth: bool) -> String {
     let mut doc = serde_json::to_value(doc).expect("the document serializes");
     if let Some(schema) = doc.pointer_mut("/paths/~1fibonacci/get/parameters/0/schema") {
         schema["maximum"] = max_n.into();
+    }
+    if bearer_auth {
+        doc["components"]["securitySchemes"]["bearer"] = serde_json::json!({
+            "type": "http",
+            "scheme": "bearer",
+            "bearerFormat": "JWT",
+        });
+        if let Some(operation) = doc.pointer_mut("/paths/~1fibonacci/get") {
+            operation["security"] = serde_json::json!([{"bearer": []}]);
+        }
     }
     serde_json::to_string_pretty(&doc).expect("the document serializes")
 }
