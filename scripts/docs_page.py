@@ -88,6 +88,41 @@ class Failures:
             self.items.append(text)
 
 
+def execute_fibonacci(page, n: int):
+    """Opens GET /fibonacci, fills n and presses Execute as a person would; returns the
+    operation's element and the response the page got."""
+    op = (
+        page.locator(".opblock-get")
+        .filter(has=page.locator(".opblock-summary-path", has_text="/fibonacci"))
+        .first
+    )
+    op.wait_for(timeout=10_000)
+    op.locator(".opblock-summary").click()
+    # The page opens with "Try it out" on (tryItOutEnabled): the button then reads
+    # "Cancel", and clicking it would turn the inputs off.
+    try_out = op.locator("button.try-out__btn")
+    if try_out.inner_text().strip() == "Try it out":
+        try_out.click()
+    op.locator("tr[data-param-name='n'] input").fill(str(n))
+    with page.expect_response(lambda r: f"/fibonacci?n={n}" in r.url) as answer:
+        op.locator("button.execute").click()
+    return op, answer.value
+
+
+def stop_service(proc: subprocess.Popen, log, failures: Failures, what: str) -> int:
+    """Stops the service; on failure shows its log. Returns the exit status to report."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    if failures.items:
+        log.seek(0)
+        print("--- the service's log ---\n" + log.read()[-4000:])
+    print(f"{what}: {len(failures.items)} failed")
+    return 1 if failures.items else 0
+
+
 def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryFile(mode="w+") as log:
         failed = check(args, log)
@@ -132,21 +167,7 @@ def check_with_auth(args: argparse.Namespace, log) -> int:
             )
             page.locator(".modal-ux .auth-btn-wrapper button.authorize").click()
             page.locator(".modal-ux button.btn-done").click()
-            op = (
-                page.locator(".opblock-get")
-                .filter(
-                    has=page.locator(".opblock-summary-path", has_text="/fibonacci")
-                )
-                .first
-            )
-            op.locator(".opblock-summary").click()
-            try_out = op.locator("button.try-out__btn")
-            if try_out.inner_text().strip() == "Try it out":
-                try_out.click()
-            op.locator("tr[data-param-name='n'] input").fill("10")
-            with page.expect_response(lambda r: "/fibonacci?n=10" in r.url) as answer:
-                op.locator("button.execute").click()
-            api = answer.value
+            _, api = execute_fibonacci(page, 10)
             sent = api.request.headers.get("authorization", "")
             failures.check(
                 sent.startswith("Bearer "),
@@ -158,16 +179,8 @@ def check_with_auth(args: argparse.Namespace, log) -> int:
             )
             browser.close()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        if failures.items:
-            log.seek(0)
-            print("--- the service's log ---\n" + log.read()[-4000:])
-    print(f"docs-page (JWT auth on): {len(failures.items)} failed")
-    return 1 if failures.items else 0
+        failed = stop_service(proc, log, failures, "docs-page (JWT auth on)")
+    return failed
 
 
 def check(args: argparse.Namespace, log) -> int:
@@ -219,25 +232,7 @@ def check(args: argparse.Namespace, log) -> int:
                 f"the UI shows the API's title ({title!r})",
             )
 
-            op = (
-                page.locator(".opblock-get")
-                .filter(
-                    has=page.locator(".opblock-summary-path", has_text="/fibonacci")
-                )
-                .first
-            )
-            op.wait_for(timeout=10_000)
-            op.locator(".opblock-summary").click()
-            # The page opens with "Try it out" on (tryItOutEnabled): the button then
-            # reads "Cancel", and clicking it would turn the inputs off.
-            try_out = op.locator("button.try-out__btn")
-            if try_out.inner_text().strip() == "Try it out":
-                try_out.click()
-            op.locator("tr[data-param-name='n'] input").fill("10")
-
-            with page.expect_response(lambda r: "/fibonacci?n=10" in r.url) as answer:
-                op.locator("button.execute").click()
-            api = answer.value
+            op, api = execute_fibonacci(page, 10)
             failures.check(
                 urlsplit(api.url).netloc == urlsplit(origin).netloc,
                 f"Execute calls the same origin ({api.url})",
@@ -305,16 +300,8 @@ def check(args: argparse.Namespace, log) -> int:
                 print(f"updated {target.relative_to(ROOT)}")
             browser.close()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        if failures.items:
-            log.seek(0)
-            print("--- the service's log ---\n" + log.read()[-4000:])
-    print(f"docs-page: {len(failures.items)} failed")
-    return 1 if failures.items else 0
+        failed = stop_service(proc, log, failures, "docs-page")
+    return failed
 
 
 def main() -> int:
