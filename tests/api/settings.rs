@@ -435,7 +435,13 @@ async fn cases() -> Vec<Case> {
                         let b = b.clone();
                         tokio::spawn(async move { status(&b, "/fibonacci?n=71", &[]).await })
                     };
-                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    // The first is in flight once a scrape counts it besides itself.
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                    while metric(&b, "http_requests_in_flight", &[]).await != "Some(2.0)"
+                        && tokio::time::Instant::now() < deadline
+                    {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
                     let second = status(&b, "/fibonacci?n=72", &[]).await;
                     let _ = first.await;
                     second
