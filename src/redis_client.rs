@@ -38,7 +38,7 @@ const RECONNECT_BOUND: Duration = Duration::from_secs(2);
 const REFUSAL_LOG_PERIOD: Duration = Duration::from_secs(60);
 
 /// Why a Redis call gave nothing.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum RedisUnavailable {
     #[error("circuit open: Redis is being skipped")]
     CircuitOpen,
@@ -226,6 +226,11 @@ impl RedisClient {
             refusal_logged: Mutex::new(None),
             up,
         }))
+    }
+
+    /// Whether this is a Redis Cluster (`REDIS_CLUSTER_NODES`), not one node.
+    pub fn is_cluster(&self) -> bool {
+        self.cluster.is_some()
     }
 
     /// Whether calls currently go to Redis (the breaker is closed).

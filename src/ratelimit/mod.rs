@@ -40,7 +40,7 @@ fn now_ms() -> u64 {
 pub struct RateLimiter {
     policy: Policy,
     local: local::LocalLimiter,
-    redis: Option<(Arc<RedisClient>, redis::RedisWindows)>,
+    redis: Option<(Arc<RedisClient>, Arc<redis::RedisWindows>)>,
     rejections: Vec<(Unit, Counter)>,
     /// Checks made in process because Redis could not be asked: while it is down, or a
     /// call timed out; during them a client's budget is per replica.
@@ -73,7 +73,12 @@ impl RateLimiter {
         });
         Self {
             local: local::LocalLimiter::new(policy.clone(), net48.clone(), max_keys),
-            redis: redis.map(|r| (r, redis::RedisWindows::new(&policy, net48.as_ref()))),
+            redis: redis.map(|r| {
+                (
+                    r,
+                    Arc::new(redis::RedisWindows::new(&policy, net48.as_ref())),
+                )
+            }),
             rejections,
             keys: metrics.scope(|| metrics::gauge!(RATE_LIMITER_KEYS)),
             policy: policy.clone(),

@@ -12,6 +12,8 @@ use super::{
     policy::Policy,
     window::{self, Decision, View},
 };
+use std::sync::Arc;
+
 use crate::redis_client::{RedisClient, RedisUnavailable};
 
 /// Where the script's clock comes from: Redis's `TIME` in service, an argument in the
@@ -19,66 +21,90 @@ use crate::redis_client::{RedisClient, RedisUnavailable};
 const NOW_FROM_TIME: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local first_count = 1
 "#;
 const NOW_FROM_ARGUMENT: &str = r#"
 local now = tonumber(ARGV[1])
+local first_count = 2
 "#;
 
 /// The check itself: `window.rs`'s integer arithmetic in Lua (every product stays below
 /// 2^53, exact in Lua's doubles; see `policy::MAX_SCALED_LIMIT`). The policies are part
-/// of the script (`limits[k][i]`, `periods[k][i]` for key k, window i), so a call sends
-/// only its keys: less to encode per request here and to parse in Redis.
+/// of the script (`limits[k][i]`, `periods[k][i]` for a client's key k, window i), so a
+/// call sends only its keys: less to encode per request here and to parse in Redis.
+///
+/// One call may check several clients, one after the other (a client twice in one call
+/// sees its first request counted): the arguments after the clock give each client's
+/// number of keys, in the order of `KEYS`; without them, every key is one client's. The
+/// reply is each client's `allowed, (prev, cur, elapsed) per window per key`, in order.
 const CHECK: &str = r#"
 local n = #limits[1]
 local fields = {}
 for i = 1, n do fields[i] = tostring(i) end
-local views = {}
-local allowed = 1
-for k = 1, #KEYS do
-  -- A key of another type (not ours: someone wrote there) is dropped and counted afresh,
-  -- rather than failing every check of this client.
-  local ok, stored = pcall(redis.call, 'HMGET', KEYS[k], unpack(fields))
-  if not ok then
-    redis.call('DEL', KEYS[k])
-    stored = {}
-  end
-  views[k] = {}
-  for i = 1, n do
-    local limit = limits[k][i]
-    local period = periods[k][i]
-    local index = math.floor(now / period)
-    local prev, cur = 0, 0
-    if stored[i] then
-      local si, sp, sc = string.match(stored[i], '^(%d+):(%d+):(%d+)$')
-      si, sp, sc = tonumber(si), tonumber(sp), tonumber(sc)
-      if si then
-        -- A clock stepped backwards keeps the counts, as the Rust window does.
-        if si >= index then prev, cur = sp, sc
-        elseif si == index - 1 then prev, cur = sc, 0 end
-      end
-    end
-    local elapsed = now - index * period
-    if prev * (period - elapsed) + (cur + 1) * period > limit * period then allowed = 0 end
-    views[k][i] = { index, prev, cur, elapsed, period }
-  end
+local counts = {}
+local total = 0
+for a = first_count, #ARGV do
+  counts[#counts + 1] = tonumber(ARGV[a])
+  total = total + counts[#counts]
 end
-local out = { allowed }
-for k = 1, #KEYS do
-  local set = {}
-  local ttl = 1
-  for i = 1, n do
-    local v = views[k][i]
-    set[#set + 1] = fields[i]
-    set[#set + 1] = string.format('%.0f:%.0f:%.0f', v[1], v[2], v[3] + 1)
-    ttl = math.max(ttl, (v[1] + 2) * v[5] - now)
-    out[#out + 1] = v[2]
-    out[#out + 1] = v[3]
-    out[#out + 1] = v[4]
+if #counts == 0 then
+  counts[1] = #KEYS
+  total = #KEYS
+end
+if total ~= #KEYS then return redis.error_reply('ERR key counts do not add up to the keys') end
+local out = {}
+local base = 0
+for c = 1, #counts do
+  local views = {}
+  local allowed = 1
+  for k = 1, counts[c] do
+    local key = KEYS[base + k]
+    -- A key of another type (not ours: someone wrote there) is dropped and counted afresh,
+    -- rather than failing every check of this client.
+    local ok, stored = pcall(redis.call, 'HMGET', key, unpack(fields))
+    if not ok then
+      redis.call('DEL', key)
+      stored = {}
+    end
+    views[k] = {}
+    for i = 1, n do
+      local limit = limits[k][i]
+      local period = periods[k][i]
+      local index = math.floor(now / period)
+      local prev, cur = 0, 0
+      if stored[i] then
+        local si, sp, sc = string.match(stored[i], '^(%d+):(%d+):(%d+)$')
+        si, sp, sc = tonumber(si), tonumber(sp), tonumber(sc)
+        if si then
+          -- A clock stepped backwards keeps the counts, as the Rust window does.
+          if si >= index then prev, cur = sp, sc
+          elseif si == index - 1 then prev, cur = sc, 0 end
+        end
+      end
+      local elapsed = now - index * period
+      if prev * (period - elapsed) + (cur + 1) * period > limit * period then allowed = 0 end
+      views[k][i] = { index, prev, cur, elapsed, period }
+    end
   end
-  if allowed == 1 then
-    redis.call('HSET', KEYS[k], unpack(set))
-    redis.call('PEXPIRE', KEYS[k], ttl)
+  out[#out + 1] = allowed
+  for k = 1, counts[c] do
+    local set = {}
+    local ttl = 1
+    for i = 1, n do
+      local v = views[k][i]
+      set[#set + 1] = fields[i]
+      set[#set + 1] = string.format('%.0f:%.0f:%.0f', v[1], v[2], v[3] + 1)
+      ttl = math.max(ttl, (v[1] + 2) * v[5] - now)
+      out[#out + 1] = v[2]
+      out[#out + 1] = v[3]
+      out[#out + 1] = v[4]
+    end
+    if allowed == 1 then
+      redis.call('HSET', KEYS[base + k], unpack(set))
+      redis.call('PEXPIRE', KEYS[base + k], ttl)
+    end
   end
+  base = base + counts[c]
 end
 return out
 "#;
@@ -152,6 +178,16 @@ pub fn redis_key(key: &ClientKey) -> String {
     }
 }
 
+/// Most clients one script call checks: bounds the call's size and the time Redis spends
+/// in one script (a few microseconds per client).
+const MAX_BATCH: usize = 128;
+
+/// A request waiting for the next call to Redis.
+struct Waiter {
+    client: ClientKey,
+    reply: tokio::sync::oneshot::Sender<Result<Decision, RedisUnavailable>>,
+}
+
 /// The script for one policy (and its /48 share), run by hash.
 pub struct RedisWindows {
     script: redis::Script,
@@ -159,6 +195,8 @@ pub struct RedisWindows {
     policy: Policy,
     net48: Option<Policy>,
     clock_argument: bool,
+    /// Checks waiting for the next call; a flush task is under way whenever it is not empty.
+    waiting: std::sync::Mutex<Vec<Waiter>>,
 }
 
 impl RedisWindows {
@@ -193,6 +231,7 @@ impl RedisWindows {
             policy: policy.clone(),
             net48: net48.cloned(),
             clock_argument,
+            waiting: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -205,52 +244,195 @@ impl RedisWindows {
 
     /// Checks and counts one request of `client` in Redis (`now` is used only by the
     /// parity test's script).
+    ///
+    /// Against one node, the checks that arrive while the worker thread is busy go to
+    /// Redis as one script call: a call per request cost the service more in system
+    /// calls and wake-ups than the rest of the request (`docs/scaling.md`), and Redis
+    /// more in command dispatch than the script. A cluster's clients mostly hash to
+    /// different slots, which one call cannot span: there every check is its own call.
     pub async fn check(
-        &self,
-        redis: &RedisClient,
+        self: &Arc<Self>,
+        redis: &Arc<RedisClient>,
         client: &ClientKey,
         now: u64,
     ) -> Result<Decision, RedisUnavailable> {
+        if self.clock_argument || redis.is_cluster() {
+            return self
+                .check_all(redis, &[client], now)
+                .await?
+                .pop()
+                .expect("one client");
+        }
+        if !redis.is_available() {
+            return Err(RedisUnavailable::CircuitOpen);
+        }
+        let (reply, decision) = tokio::sync::oneshot::channel();
+        let first = {
+            let mut waiting = self.waiting.lock().expect("not poisoned");
+            waiting.push(Waiter {
+                client: client.clone(),
+                reply,
+            });
+            waiting.len() == 1
+        };
+        if first {
+            Self::spawn_flush(self.clone(), redis.clone(), true);
+        }
+        decision.await.unwrap_or_else(|_| {
+            // The flush task ended without answering (the runtime is shutting down).
+            Err(RedisUnavailable::Failed(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "rate-limit call abandoned",
+            ))))
+        })
+    }
+
+    /// Checks `clients` in order in one call (`now` is used only by the parity test's
+    /// script); one key slot only, in a cluster.
+    #[doc(hidden)]
+    pub async fn check_all(
+        &self,
+        redis: &RedisClient,
+        clients: &[&ClientKey],
+        now: u64,
+    ) -> Result<Vec<Result<Decision, RedisUnavailable>>, RedisUnavailable> {
+        let call = self.call(clients, Some(now));
+        let reply = redis.eval_sha(&call, &self.source).await?;
+        Ok(self.split(&reply, clients))
+    }
+
+    /// A task that sends the waiting checks (at most [`MAX_BATCH`]; another task takes
+    /// the rest) as one call and answers each.
+    fn spawn_flush(this: Arc<Self>, redis: Arc<RedisClient>, first: bool) {
+        tokio::spawn(async move {
+            if first {
+                // Lets every request already runnable on this thread join the call: the
+                // yield resumes once the thread has nothing else to run.
+                tokio::task::yield_now().await;
+            }
+            this.flush(&redis).await;
+        });
+    }
+
+    async fn flush(self: &Arc<Self>, redis: &Arc<RedisClient>) {
+        let batch = {
+            let mut waiting = self.waiting.lock().expect("not poisoned");
+            let taken = waiting.len().min(MAX_BATCH);
+            let rest = waiting.split_off(taken);
+            let batch = std::mem::replace(&mut *waiting, rest);
+            if !waiting.is_empty() {
+                Self::spawn_flush(self.clone(), redis.clone(), false);
+            }
+            batch
+        };
+        let clients: Vec<&ClientKey> = batch.iter().map(|w| &w.client).collect();
+        let call = self.call(&clients, None);
+        let answers = match redis.eval_sha::<redis::Value>(&call, &self.source).await {
+            Ok(reply) => self.split(&reply, &clients),
+            Err(e) => vec![Err(e); clients.len()],
+        };
+        for (waiter, answer) in batch.into_iter().zip(answers) {
+            // A request that is gone (its client hung up) no longer waits: nothing to do.
+            let _ = waiter.reply.send(answer);
+        }
+    }
+
+    /// The keys of `client`: its own, and its /48's when that has a budget.
+    fn keys_of(&self, client: &ClientKey) -> (KeyBuf, Option<KeyBuf>) {
         let net48 = self.net48.as_ref().and(client.net48());
+        (KeyBuf::of(client), net48.as_ref().map(KeyBuf::of))
+    }
+
+    /// One `EVALSHA` checking `clients` in order.
+    fn call(&self, clients: &[&ClientKey], now: Option<u64>) -> redis::Cmd {
         let mut call = redis::cmd("EVALSHA");
+        let counts: Vec<u8> = clients
+            .iter()
+            .map(|c| 1 + u8::from(self.net48.is_some() && c.net48().is_some()))
+            .collect();
         call.arg(self.script.get_hash())
-            .arg(1 + usize::from(net48.is_some()))
-            .arg(KeyBuf::of(client).as_bytes());
-        if let Some(net48) = &net48 {
-            call.arg(KeyBuf::of(net48).as_bytes());
+            .arg(counts.iter().map(|&c| usize::from(c)).sum::<usize>());
+        for client in clients {
+            let (own, net48) = self.keys_of(client);
+            call.arg(own.as_bytes());
+            if let Some(net48) = &net48 {
+                call.arg(net48.as_bytes());
+            }
         }
         if self.clock_argument {
-            call.arg(now);
+            call.arg(now.unwrap_or_default());
         }
-        let reply: redis::Value = redis.eval_sha(&call, &self.source).await?;
-        let policies = [Some(&self.policy), net48.and(self.net48.as_ref())];
-        decide(&reply, &policies).ok_or_else(|| {
+        for count in counts {
+            call.arg(count);
+        }
+        call
+    }
+
+    /// Each client's decision from the reply of [`RedisWindows::call`], or for all of
+    /// them an error if the reply is not what the script returns.
+    fn split(
+        &self,
+        reply: &redis::Value,
+        clients: &[&ClientKey],
+    ) -> Vec<Result<Decision, RedisUnavailable>> {
+        let unexpected = || {
             RedisUnavailable::Failed(redis::RedisError::from((
                 redis::ErrorKind::Client,
                 "rate-limit script returned an unexpected reply",
             )))
-        })
+        };
+        let policies: Vec<[Option<&Policy>; 2]> = clients
+            .iter()
+            .map(|c| {
+                let net48 = self.net48.as_ref().filter(|_| c.net48().is_some());
+                [Some(&self.policy), net48]
+            })
+            .collect();
+        let expected: usize = policies.iter().map(reply_len).sum();
+        let items = match reply {
+            redis::Value::Array(items) if items.len() == expected => items,
+            _ => return vec![Err(unexpected()); clients.len()],
+        };
+        let mut rest = &items[..];
+        policies
+            .iter()
+            .map(|p| {
+                let (mine, after) = rest.split_at(reply_len(p));
+                rest = after;
+                decide_items(mine, p).ok_or_else(unexpected)
+            })
+            .collect()
     }
 }
 
-/// The decision a script reply encodes, or `None` if the reply is not what the script
-/// returns (not an array of integers of the right length, or an "allowed" flag the counts
-/// contradict). `policies` are those of the keys sent (the second absent for one key).
+/// The length of one client's share of the reply.
+fn reply_len(policies: &[Option<&Policy>; 2]) -> usize {
+    1 + policies
+        .iter()
+        .flatten()
+        .map(|p| 3 * p.windows().len())
+        .sum::<usize>()
+}
+
+/// The decision a script reply for one client encodes (see [`decide_items`]).
+#[cfg(test)]
 fn decide(reply: &redis::Value, policies: &[Option<&Policy>; 2]) -> Option<Decision> {
     let redis::Value::Array(items) = reply else {
         return None;
     };
+    decide_items(items, policies)
+}
+
+/// The decision one client's share of a reply encodes, or `None` if it is not what the
+/// script returns (not integers, the wrong length, or an "allowed" flag the counts
+/// contradict). `policies` are those of the keys sent (the second absent for one key).
+fn decide_items(items: &[redis::Value], policies: &[Option<&Policy>; 2]) -> Option<Decision> {
     let mut numbers = items.iter().map(|v| match v {
         redis::Value::Int(i) => u64::try_from(*i).ok(),
         _ => None,
     });
     let allowed = numbers.next()??;
-    let expected: usize = policies
-        .iter()
-        .flatten()
-        .map(|p| 3 * p.windows().len())
-        .sum();
-    if items.len() != 1 + expected || allowed > 1 {
+    if items.len() != reply_len(policies) || allowed > 1 {
         return None;
     }
     let mut decision: Option<Decision> = None;

@@ -428,19 +428,124 @@ async fn the_lua_script_and_the_rust_window_decide_alike() {
             85..=92 => now + rng.random_range(1_000..4_000_000),
             _ => now.saturating_sub(rng.random_range(1..150_000)),
         };
-        let key = &keys[rng.random_range(0..keys.len())];
-        let in_redis = lua.check(&client, key, now).await.expect("the script runs");
-        let in_process = rust.check(key, now);
-        assert_eq!(
-            in_redis, in_process,
-            "seed {seed}, step {step}: {key} at {now} ms decided differently"
-        );
-        rejected += usize::from(!in_process.is_allowed());
+        // One call may check several clients (the service batches concurrent checks),
+        // a client more than once: each is decided as if alone, in order.
+        let batch: Vec<&ClientKey> = (0..rng.random_range(1..=4))
+            .map(|_| &keys[rng.random_range(0..keys.len())])
+            .collect();
+        let in_redis = lua
+            .check_all(&client, &batch, now)
+            .await
+            .expect("the script runs");
+        for (key, in_redis) in batch.iter().zip(in_redis) {
+            let in_process = rust.check(key, now);
+            assert_eq!(
+                in_redis.expect("a well-formed reply"),
+                in_process,
+                "seed {seed}, step {step}: {key} at {now} ms decided differently"
+            );
+            rejected += usize::from(!in_process.is_allowed());
+        }
     }
     assert!(
         rejected > 100,
         "the sequence must exercise rejections: {rejected}"
     );
+}
+
+/// The `EVALSHA` calls Redis has served since its statistics were last reset.
+fn evalsha_calls(conn: &mut redis::Connection) -> u64 {
+    let info: String = redis::cmd("INFO").arg("commandstats").query(conn).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |calls| calls.parse().unwrap())
+}
+
+// A single-threaded runtime makes "concurrent" exact: every check is runnable before the
+// first call goes out.
+#[tokio::test]
+async fn concurrent_checks_share_one_redis_call_and_stay_exact() {
+    use fibonacci_api::{
+        metrics::Metrics,
+        ratelimit::{redis::RedisWindows, ClientKey},
+        redis_client::{RedisClient, Target},
+    };
+    use std::sync::Arc;
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let client = RedisClient::new(
+        Target::Node(&redis.url()),
+        std::time::Duration::from_secs(5),
+        &Metrics::new(),
+    )
+    .unwrap();
+    let windows = Arc::new(RedisWindows::new(
+        &Policy::parse("30/minute").unwrap(),
+        None,
+    ));
+    // The first call loads the script: not part of what is counted.
+    let warm = ClientKey::of(ip("198.51.100.1"));
+    windows.check(&client, &warm, 0).await.unwrap();
+    let mut conn = redis.conn();
+    redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query::<()>(&mut conn)
+        .unwrap();
+
+    let run = |clients: Vec<ClientKey>| {
+        let (windows, client) = (windows.clone(), client.clone());
+        async move {
+            let checks: Vec<_> = clients
+                .into_iter()
+                .map(|key| {
+                    let (windows, client) = (windows.clone(), client.clone());
+                    tokio::spawn(async move {
+                        let allowed = windows.check(&client, &key, 0).await.unwrap().is_allowed();
+                        (key, allowed)
+                    })
+                })
+                .collect();
+            let mut allowed = std::collections::BTreeMap::<String, usize>::new();
+            for check in checks {
+                let (key, ok) = check.await.unwrap();
+                *allowed.entry(key.to_string()).or_default() += usize::from(ok);
+            }
+            allowed
+        }
+    };
+    // 50 checks of each of two clients, interleaved: one call, 30 each allowed.
+    let two: Vec<ClientKey> = (0..100)
+        .map(|i| ClientKey::of(ip(["192.0.2.1", "192.0.2.2"][i % 2])))
+        .collect();
+    let allowed = run(two).await;
+    assert_eq!(
+        allowed.values().copied().collect::<Vec<_>>(),
+        [30, 30],
+        "{allowed:?}"
+    );
+    assert_eq!(
+        evalsha_calls(&mut conn),
+        1,
+        "100 concurrent checks, one call"
+    );
+
+    // Past the most one call carries (128), the rest go in further calls.
+    redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query::<()>(&mut conn)
+        .unwrap();
+    let many: Vec<ClientKey> = (0..300u32)
+        .map(|i| ClientKey::of(IpAddr::from([203, 0, 113, (i % 250) as u8])))
+        .collect();
+    let allowed = run(many).await;
+    assert_eq!(
+        allowed.values().sum::<usize>(),
+        300,
+        "all under their limit"
+    );
+    assert_eq!(evalsha_calls(&mut conn), 3, "300 checks: 128 + 128 + 44");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
