@@ -531,5 +531,8 @@ class Verdict:
     def ok(self) -> bool:
         return not self.failed
 
+    def report(self) -> str:
+        return "not met:\n" + "\n".join(f"  - {t}" for t in self.failed)
+
     def done(self) -> None:
-        assert not self.failed, "not met:\n" + "\n".join(f"  - {t}" for t in self.failed)
+        assert not self.failed, self.report()
