@@ -449,6 +449,7 @@ async def client(port: int, next_path: Callable[[], str], until: Callable[[], bo
                 out.append(Rec(t, time.monotonic(), error="connect-" + error_kind(e), fresh=True))
                 await asyncio.sleep(0.05)
                 continue
+        assert reader is not None and writer is not None  # connected above, or continued
         path = next_path()
         extra = extra_fn() if extra_fn else ""
         t0 = time.monotonic()

@@ -152,6 +152,7 @@ async def scenario_redis(v: Verdict, tmp: Path) -> None:
             await asyncio.wait_for(wrk.wait(), 0.25)
         except TimeoutError:
             pass
+    assert wrk.stdout is not None
     out = (await wrk.stdout.read()).decode()
     if wrk.returncode is None:
         wrk.kill()
@@ -263,13 +264,13 @@ async def scenario_sigterm(v: Verdict, tmp: Path) -> None:
     v.check(len(served_in_drain) > 100, f"load kept being served during the drain ({len(served_in_drain)} answers)")
     early = [r for r in recs if r.error and not r.error.startswith("connect") and r.t1 < t_last_accept]
     v.check(not early, f"no connection error before the listener closed ({len(early)}: "
-            f"{sorted({r.error for r in early})})")
+            f"{sorted({str(r.error) for r in early})})")
     late = [r for r in recs if r.error and not r.error.startswith("connect") and r.t1 >= t_last_accept]
     stale = [r for r in late if r.t0 < t_last_accept - 0.1]
     v.check(not stale, f"every request sent more than 100 ms before the close got its answer "
             f"({len(stale)} did not)")
     conns = 28
-    v.info(f"at the close: {len(late)} requests ended without an answer ({sorted({r.error for r in late})}; "
+    v.info(f"at the close: {len(late)} requests ended without an answer ({sorted({str(r.error) for r in late})}; "
            f"{sum(1 for r in late if r.fresh)} first on their connection), sent "
            f"{', '.join(f'{(r.t0 - t_last_accept) * 1000:+.0f}' for r in sorted(late, key=lambda r: r.t0)[:30])} ms "
            f"from the last accepted connect, on {conns} busy keep-alive connections; "
@@ -453,6 +454,7 @@ async def scenario_overload(v: Verdict, tmp: Path) -> None:
             await asyncio.sleep(0.1)
 
     await asyncio.gather(sampler(), prober())
+    assert wrk.stdout is not None
     out = (await asyncio.wait_for(wrk.stdout.read(), 15)).decode()
     await wrk.wait()
     hwm = vm_kib(svc.pid, "VmHWM")
@@ -489,8 +491,9 @@ async def scenario_overload(v: Verdict, tmp: Path) -> None:
     for r in shed:
         try:
             body = json.loads(r.body or b"")
-            good = (r.headers.get("retry-after") == "1" and isinstance(body.get("error"), str)
-                    and r.headers.get("content-type", "").startswith("application/json"))
+            headers = r.headers or {}
+            good = (headers.get("retry-after") == "1" and isinstance(body.get("error"), str)
+                    and headers.get("content-type", "").startswith("application/json"))
         except ValueError:
             good = False
         if not good:

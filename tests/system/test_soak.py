@@ -158,7 +158,7 @@ def test_soak(tmp_path: Path, pytestconfig: pytest.Config) -> None:
           f"CACHE_MAX_BYTES={env['CACHE_MAX_BYTES']}" + "".join(f", {setting}" for setting in args.env)
           + (", Redis down " + " and ".join(f"from t={a} s to t={b} s" for a, b in outages) if outages
              else ", Redis up throughout"))
-    wrk = spawn(["wrk", "-t2", "-c32", f"-d{duration}s", "--timeout", "10s", "-s", lua, f"http://127.0.0.1:{port}/"],
+    wrk = spawn(["wrk", "-t2", "-c32", f"-d{duration}s", "--timeout", "10s", "-s", str(lua), f"http://127.0.0.1:{port}/"],
                 pipe=True)
     t0 = time.monotonic()
     samples: list[tuple[int, int, float | None, float | None]] = []  # (t, rss KiB, limiter keys, redis_up)
