@@ -1,28 +1,26 @@
-"""/docs in a real browser: headless Chromium renders the page, runs /fibonacci for n=10.
+"""/docs in a real browser: headless Chromium (Debian's package, never a browser
+download) driven by Playwright renders the page and runs GET /fibonacci for n=10.
 
-Run by scripts/check-docs-page (which installs Chromium and Playwright); usable alone:
+    tests/system/run -k docs_page [--update-doc-images]   (or UPDATE_DOC_IMAGES=1)
 
-    .venv/bin/python scripts/docs_page.py [--bin target/debug/fibonacci-api]
-        [--chromium /usr/bin/chromium] [--screenshot target/artifacts/docs-page.png]
-        [--update-doc-images]
-
-Starts the service on a free 127.0.0.1 port with its default settings (rate limits on:
-the page and its files must never be limited), opens /docs as a person would and fails
-unless, in that browser:
+Starts the service on port 0 with its default settings (rate limits on: the page and
+its files must never be limited), opens /docs as a person would and fails unless, in
+that browser:
   * Swagger UI renders the document (its title and the GET /fibonacci operation);
-  * "Try it out" → n=10 → "Execute" shows the response 200 whose body has fibonacci 55,
-    from a request the page made to the same origin;
+  * "Try it out" -> n=10 -> "Execute" shows the response 200 whose body has fibonacci
+    55, from a request the page made to the same origin;
   * every request the page made went to the service's own origin (nothing from a CDN,
     no validator badge from swagger.io);
   * the browser console logged no error and the page threw no exception
     (a Content-Security-Policy violation is a console error).
-The screenshot is taken after the response is shown: CI keeps it as an artifact, and
---update-doc-images also writes docs/images/docs-page.png, the one the docs show.
+A second pass runs with HS256 JWT auth on: the page offers Authorize, and Execute then
+sends the token and gets 55. The screenshot is taken after the response is shown and
+kept in target/artifacts/docs-page.png (CI keeps it); --update-doc-images also writes
+docs/images/docs-page.png, the one the docs show. $CHROMIUM overrides /usr/bin/chromium.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import hashlib
 import hmac
@@ -30,65 +28,37 @@ import json
 import os
 import secrets
 import shutil
-import socket
-import subprocess
-import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from playwright.sync_api import sync_playwright
+import pytest
+from playwright.sync_api import Locator, Page, Response, sync_playwright
 
-ROOT = Path(__file__).resolve().parent.parent
+from .harness import ARTIFACTS, ROOT, Service, Verdict, http_get
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 
 
-def start_service(binary: str, log, **settings: str) -> tuple[subprocess.Popen, int]:
-    # A port freed here can be taken by someone else before the service binds it:
-    # retry on a new port when the service exits early.
-    for _ in range(5):
-        port = free_port()
-        # A clean environment: nothing from the caller's (REDIS_URL, DOCS_ENABLED, ...)
-        # leaks in; the service runs on its defaults.
-        env = {
-            "PATH": os.environ.get("PATH", ""),
-            "LISTEN_ADDR": f"127.0.0.1:{port}",
-            "SHUTDOWN_DRAIN_SECONDS": "0",
-            **settings,
-        }
-        proc = subprocess.Popen([binary], env=env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                with urllib.request.urlopen(
-                    f"http://127.0.0.1:{port}/health", timeout=1
-                ):
-                    return proc, port
-            except OSError:
-                time.sleep(0.1)
-        proc.kill()
-        proc.wait()
-    sys.exit("docs-page: the service did not start (see its log above)")
+def start_service(tmp: Path, name: str, **settings: str) -> Service:
+    """The service on its defaults (per-address and rate limits on), answering /health."""
+    svc = Service(tmp, name, per_address_limits=True, SHUTDOWN_DRAIN_SECONDS="0", **settings)
+    deadline = time.monotonic() + 30
+    while http_get(svc.base + "/health", 1)[0] != 200:
+        assert time.monotonic() < deadline, f"docs-page: the service did not answer /health:\n{svc.tail()}"
+        time.sleep(0.1)
+    return svc
 
 
-class Failures:
-    def __init__(self) -> None:
-        self.items: list[str] = []
-
-    def check(self, ok: bool, text: str) -> None:
-        print(("PASS " if ok else "FAIL ") + text, flush=True)
-        if not ok:
-            self.items.append(text)
+def finish(v: Verdict, svc: Service) -> None:
+    """Stops the service; on failure shows its log; fails the test on any unmet check."""
+    svc.stop_sync(15)
+    if not v.ok:
+        print("--- the service's log ---\n" + svc.tail(60)[-4000:])
+    v.done()
 
 
-def execute_fibonacci(page, n: int):
+def execute_fibonacci(page: Page, n: int) -> tuple[Locator, Response]:
     """Opens GET /fibonacci, fills n and presses Execute as a person would; returns the
     operation's element and the response the page got."""
     op = (
@@ -109,28 +79,6 @@ def execute_fibonacci(page, n: int):
     return op, answer.value
 
 
-def stop_service(proc: subprocess.Popen, log, failures: Failures, what: str) -> int:
-    """Stops the service; on failure shows its log. Returns the exit status to report."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    if failures.items:
-        log.seek(0)
-        print("--- the service's log ---\n" + log.read()[-4000:])
-    print(f"{what}: {len(failures.items)} failed")
-    return 1 if failures.items else 0
-
-
-def run(args: argparse.Namespace) -> int:
-    with tempfile.TemporaryFile(mode="w+") as log:
-        failed = check(args, log)
-    with tempfile.TemporaryFile(mode="w+") as log:
-        failed |= check_with_auth(args, log)
-    return failed
-
-
 def hs256_token(secret: str, audience: str) -> str:
     """A JWT as an identity provider would sign it (HS256), valid for five minutes."""
 
@@ -146,54 +94,21 @@ def hs256_token(secret: str, audience: str) -> str:
     return f"{header}.{body}.{b64(signature)}"
 
 
-def check_with_auth(args: argparse.Namespace, log) -> int:
-    """With JWT auth on, the page offers Authorize and Try it out sends the token."""
-    failures = Failures()
-    secret = secrets.token_hex(32)
-    proc, port = start_service(
-        args.bin, log, AUTH_JWT_HS256_SECRET=secret, AUTH_JWT_AUDIENCE="fibonacci-api"
-    )
-    origin = f"http://127.0.0.1:{port}"
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(
-                executable_path=args.chromium, headless=True, args=["--no-sandbox"]
-            )
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.goto(f"{origin}/docs", wait_until="load")
-            page.locator(".auth-wrapper button.authorize").click()
-            page.locator(".modal-ux input").first.fill(
-                hs256_token(secret, "fibonacci-api")
-            )
-            page.locator(".modal-ux .auth-btn-wrapper button.authorize").click()
-            page.locator(".modal-ux button.btn-done").click()
-            _, api = execute_fibonacci(page, 10)
-            sent = api.request.headers.get("authorization", "")
-            failures.check(
-                sent.startswith("Bearer "),
-                "with JWT auth on, Authorize makes Execute send the token",
-            )
-            failures.check(
-                api.status == 200 and api.json().get("fibonacci") == 55,
-                f"and the answer is 200 with fibonacci 55 (got {api.status})",
-            )
-            browser.close()
-    finally:
-        failed = stop_service(proc, log, failures, "docs-page (JWT auth on)")
-    return failed
-
-
-def check(args: argparse.Namespace, log) -> int:
-    failures = Failures()
-    proc, port = start_service(args.bin, log)
-    origin = f"http://127.0.0.1:{port}"
+def test_docs_page(tmp_path: Path, pytestconfig: pytest.Config) -> None:
+    """Swagger UI renders with a tight CSP, Try it out for n=10 shows 200 and 55 from the
+    same origin, nothing loaded from another origin, no console or page error, and 40
+    more loads of the page and its files are never 429."""
+    v = Verdict()
+    update_doc_images = pytestconfig.getoption("update_doc_images")
+    svc = start_service(tmp_path, "docs-page")
+    origin = svc.base
     requests: list[str] = []
     console_errors: list[str] = []
     page_errors: list[str] = []
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(
-                executable_path=args.chromium,
+                executable_path=CHROMIUM,
                 headless=True,
                 # Root in a container has no user namespaces for Chromium's sandbox.
                 args=["--no-sandbox"],
@@ -207,7 +122,7 @@ def check(args: argparse.Namespace, log) -> int:
             page.on("pageerror", lambda e: page_errors.append(str(e)))
 
             response = page.goto(f"{origin}/docs", wait_until="load")
-            failures.check(
+            v.check(
                 response is not None and response.status == 200,
                 f"GET /docs answers 200 (got {response.status if response else None})",
             )
@@ -219,7 +134,7 @@ def check(args: argparse.Namespace, log) -> int:
                 for w in ("unsafe-inline", "unsafe-eval", "*", "http:", "https:")
                 if w in csp.split()
             ]
-            failures.check(
+            v.check(
                 "frame-ancestors 'none'" in csp
                 and "default-src 'none'" in csp
                 and not loose,
@@ -227,13 +142,13 @@ def check(args: argparse.Namespace, log) -> int:
             )
             page.wait_for_selector(".swagger-ui .info .title", timeout=20_000)
             title = page.inner_text(".swagger-ui .info .title")
-            failures.check(
+            v.check(
                 "fibonacci" in title.lower(),
                 f"the UI shows the API's title ({title!r})",
             )
 
             op, api = execute_fibonacci(page, 10)
-            failures.check(
+            v.check(
                 urlsplit(api.url).netloc == urlsplit(origin).netloc,
                 f"Execute calls the same origin ({api.url})",
             )
@@ -242,7 +157,7 @@ def check(args: argparse.Namespace, log) -> int:
             )
             status_cell.wait_for(timeout=10_000)
             shown_status = status_cell.inner_text().strip()
-            failures.check(
+            v.check(
                 shown_status.startswith("200"),
                 f"the page shows status 200 ({shown_status!r})",
             )
@@ -253,7 +168,7 @@ def check(args: argparse.Namespace, log) -> int:
                 shown = json.loads(body_text)
             except ValueError:
                 shown = None
-            failures.check(
+            v.check(
                 isinstance(shown, dict)
                 and shown.get("n") == 10
                 and shown.get("fibonacci") == 55,
@@ -269,56 +184,70 @@ def check(args: argparse.Namespace, log) -> int:
                     if not u.startswith(origin + "/") and not u.startswith("data:")
                 }
             )
-            failures.check(
+            v.check(
                 not foreign, f"nothing loaded from another origin ({foreign or 'none'})"
             )
-            failures.check(
+            v.check(
                 not console_errors, f"no console errors ({console_errors or 'none'})"
             )
-            failures.check(
+            v.check(
                 not page_errors, f"no uncaught page errors ({page_errors or 'none'})"
             )
 
             # Past the default limits (30 a minute): the page and its files are never limited.
             assets = sorted({u for u in requests if u.startswith(origin + "/docs")})
             statuses = [page.request.get(u).status for _ in range(40) for u in assets]
-            failures.check(
+            v.check(
                 len(assets) >= 5 and 429 not in statuses,
                 f"{len(statuses)} more loads of the page and its {len(assets)} files: never 429 "
                 f"({sorted(set(statuses))})",
             )
 
-            shot = Path(args.screenshot)
+            shot = ARTIFACTS / "docs-page.png"
             shot.parent.mkdir(parents=True, exist_ok=True)
             op.scroll_into_view_if_needed()
             page.screenshot(path=str(shot), full_page=False)
             print(f"screenshot: {shot}")
-            if args.update_doc_images:
+            if update_doc_images:
                 target = ROOT / "docs" / "images" / "docs-page.png"
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(shot, target)
                 print(f"updated {target.relative_to(ROOT)}")
             browser.close()
     finally:
-        failed = stop_service(proc, log, failures, "docs-page")
-    return failed
+        finish(v, svc)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--bin",
-        default=os.environ.get("FIBONACCI_API_BIN", "target/debug/fibonacci-api"),
-    )
-    parser.add_argument("--chromium", default="/usr/bin/chromium")
-    parser.add_argument("--screenshot", default="target/artifacts/docs-page.png")
-    parser.add_argument(
-        "--update-doc-images",
-        action="store_true",
-        help="also write docs/images/docs-page.png, the screenshot the docs show",
-    )
-    return run(parser.parse_args())
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def test_docs_page_with_auth(tmp_path: Path) -> None:
+    """With JWT auth on, the page offers Authorize and Try it out sends the token: Execute
+    sends "Bearer ..." and gets 200 with fibonacci 55."""
+    v = Verdict()
+    secret = secrets.token_hex(32)
+    svc = start_service(tmp_path, "docs-page-auth", AUTH_JWT_HS256_SECRET=secret, AUTH_JWT_AUDIENCE="fibonacci-api")
+    origin = svc.base
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(
+                executable_path=CHROMIUM, headless=True, args=["--no-sandbox"]
+            )
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(f"{origin}/docs", wait_until="load")
+            page.locator(".auth-wrapper button.authorize").click()
+            page.locator(".modal-ux input").first.fill(
+                hs256_token(secret, "fibonacci-api")
+            )
+            page.locator(".modal-ux .auth-btn-wrapper button.authorize").click()
+            page.locator(".modal-ux button.btn-done").click()
+            _, api = execute_fibonacci(page, 10)
+            sent = api.request.headers.get("authorization", "")
+            v.check(
+                sent.startswith("Bearer "),
+                "with JWT auth on, Authorize makes Execute send the token",
+            )
+            v.check(
+                api.status == 200 and api.json().get("fibonacci") == 55,
+                f"and the answer is 200 with fibonacci 55 (got {api.status})",
+            )
+            browser.close()
+    finally:
+        finish(v, svc)

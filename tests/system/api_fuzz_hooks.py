@@ -1,4 +1,4 @@
-"""Schemathesis hooks for scripts/check-api-fuzz (loaded through SCHEMATHESIS_HOOKS).
+"""Schemathesis hooks for tests/system/test_api_fuzz.py (loaded through SCHEMATHESIS_HOOKS).
 
 Schemathesis checks every response against the OpenAPI document. These hooks add
 what the document cannot say, so that the fuzzing also fails when the service
@@ -112,7 +112,7 @@ def map_case(context, case):
 def fibonacci_is_exact(ctx, response, case):
     n, is_fib = request_n(response)
     if not is_fib or response.status_code != 200:
-        return None
+        return
     if n is None:
         raise AssertionError(f"200 for an n the service must reject: {response.request.url}")
     body = json.loads(response.content)  # Python's int is exact at any size
@@ -122,14 +122,14 @@ def fibonacci_is_exact(ctx, response, case):
         raise AssertionError(f"ETag {header(response, 'etag')!r} for n={n}, want \"fib-v1-{n}\"")
     if "immutable" not in (header(response, "cache-control") or ""):
         raise AssertionError(f"Cache-Control {header(response, 'cache-control')!r} is not immutable")
-    return None
+    return
 
 
 @schemathesis.check
 def conditional_get(ctx, response, case):
     n, is_fib = request_n(response)
     if not is_fib:
-        return None
+        return
     inm = response.request.headers.get("If-None-Match")
     matches = if_none_match_matches(inm, n)
     if response.status_code == 304:
@@ -141,28 +141,28 @@ def conditional_get(ctx, response, case):
             raise AssertionError(f"304 with a body: {response.content[:100]!r}")
     elif response.status_code == 200 and matches:
         raise AssertionError(f"200 although If-None-Match {inm!r} names the current ETag (want 304)")
-    return None
+    return
 
 
 @schemathesis.check
 def retry_after_present(ctx, response, case):
     if response.status_code not in (429, 503):
-        return None
+        return
     value = header(response, "retry-after")
     if value is None or not value.isdigit() or int(value) < 1:
         raise AssertionError(f"{response.status_code} with Retry-After {value!r}: want whole seconds >= 1")
-    return None
+    return
 
 
 @schemathesis.check
 def rate_limit_headers(ctx, response, case):
     _, is_fib = request_n(response)
     if not RATE_LIMITED or not is_fib or response.status_code not in (200, 304, 400, 429):
-        return None
+        return
     missing = [name for name in RATE_LIMIT_FIELDS if header(response, name) is None]
     if missing:
         raise AssertionError(f"{response.status_code} from /fibonacci without {', '.join(missing)}")
-    return None
+    return
 
 
 @schemathesis.check
@@ -172,4 +172,3 @@ def security_headers(ctx, response, case):
     for name in ("server", "x-powered-by"):
         if header(response, name) is not None:
             raise AssertionError(f"{name}: {header(response, name)!r} leaks the server software")
-    return None
