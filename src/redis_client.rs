@@ -309,6 +309,9 @@ impl RedisClient {
             // It answered, refusing this one command: not a failure that should open the
             // breaker for every other call, nor a success that should close it (a Redis
             // that refuses everything, one without cluster mode say, is not available).
+            // A script Redis does not have yet (a start, a restart, a new node) is loaded
+            // by `eval_sha` and the call made again: routine, not worth a warning.
+            Err(e) if e.code() == Some("NOSCRIPT") => tracing::debug!("loading the script"),
             Err(e) if e.is_refusal() => self.on_refusal(e),
             Err(e) => self.on_failure(e),
         }
