@@ -16,7 +16,7 @@ for line in open(raw):
 def median(key, i):
     return statistics.median(r[i] for r in rows[key])
 
-ceiling_for = {"hot": ("hot", "ceiling"), "limiter": ("limiter", "ceiling"),
+ceiling_for = {"hot": ("hot", "ceiling"), "hot-wrk-t2": ("hot-wrk-t2", "ceiling"), "limiter": ("limiter", "ceiling"),
                "limiter-redis": ("limiter", "ceiling"), "limiter-redis-cluster": ("limiter", "ceiling"),
                "bad-input": ("hot", "ceiling"), "hot-access-logs": ("hot", "ceiling"),
                "uncached-n50k-100k": ("hot", "ceiling")}
@@ -27,7 +27,7 @@ lines = [
     "| scenario | server | req/s | p50 µs | p99 µs | p99.9 µs | peak RSS MiB | CPU µs/req | req/s ÷ ceiling | p99 ÷ ceiling | CPU/req ÷ ceiling |",
     "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
 ]
-order = ["hot", "hot-access-logs", "limiter", "limiter-redis", "limiter-redis-cluster", "bad-input", "uncached-n50k-100k"]
+order = ["hot", "hot-wrk-t2", "hot-access-logs", "limiter", "limiter-redis", "limiter-redis-cluster", "bad-input", "uncached-n50k-100k"]
 bars = []
 for scenario in order:
     for label in ("ceiling", "service"):
