@@ -270,15 +270,21 @@ impl RedisServer {
             eprintln!("\n*** SKIPPING: redis-server is not on PATH (install it, or set REQUIRE_REDIS=1 to fail instead) ***\n");
             return None;
         }
-        let port = free_port();
-        let mut server = Self {
-            port,
-            child: None,
-            args: vec!["--port".into(), port.to_string()],
-            url: format!("redis://127.0.0.1:{port}/0"),
-        };
-        server.launch();
-        Some(server)
+        // The port is free when picked, but another process may take it before our
+        // server binds it: then that server exits, and another port is tried.
+        for _ in 0..5 {
+            let port = free_port();
+            let mut server = Self {
+                port,
+                child: None,
+                args: vec!["--port".into(), port.to_string()],
+                url: format!("redis://127.0.0.1:{port}/0"),
+            };
+            if server.try_launch() {
+                return Some(server);
+            }
+        }
+        panic!("redis-server could not bind a free port in 5 tries");
     }
 
     /// A server that speaks only TLS (a throwaway self-signed certificate made with
@@ -342,8 +348,20 @@ impl RedisServer {
         self.url.clone()
     }
 
+    /// Starts the server on its port; panics if it cannot (a restart must keep the port
+    /// the service was given).
     fn launch(&mut self) {
-        let child = Command::new("redis-server")
+        assert!(
+            self.try_launch(),
+            "redis-server could not bind port {} again",
+            self.port
+        );
+    }
+
+    /// Starts the server and waits until *it* answers on its port: whether that worked,
+    /// or the port was taken (the server exits, or whoever answers has another pid).
+    fn try_launch(&mut self) -> bool {
+        let mut child = Command::new("redis-server")
             .args(&self.args)
             .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
@@ -351,17 +369,22 @@ impl RedisServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server starts");
-        self.child = Some(child);
-        self.wait_until_answering();
-    }
-
-    fn wait_until_answering(&self) {
+        let pid = format!("process_id:{}", child.id());
         let deadline = Instant::now() + Duration::from_secs(10);
         let client = redis::Client::open(self.url()).unwrap();
         loop {
+            if child.try_wait().unwrap().is_some() {
+                return false;
+            }
             if let Ok(mut conn) = client.get_connection() {
-                if redis::cmd("PING").query::<String>(&mut conn).is_ok() {
-                    return;
+                if let Ok(info) = redis::cmd("INFO").arg("server").query::<String>(&mut conn) {
+                    if info.lines().any(|l| l.trim() == pid) {
+                        self.child = Some(child);
+                        return true;
+                    }
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return false;
                 }
             }
             assert!(Instant::now() < deadline, "redis-server did not come up");
@@ -389,6 +412,23 @@ impl RedisServer {
             .get_connection()
             .unwrap()
     }
+}
+
+#[test]
+fn a_redis_port_taken_meanwhile_is_noticed_not_mistaken_for_ours() {
+    let Some(first) = RedisServer::start() else {
+        return;
+    };
+    let mut second = RedisServer {
+        port: first.port,
+        child: None,
+        args: vec!["--port".into(), first.port.to_string()],
+        url: first.url(),
+    };
+    assert!(
+        !second.try_launch(),
+        "the first server answers on the port: the second must not take it for itself"
+    );
 }
 
 impl Drop for RedisServer {
@@ -630,15 +670,27 @@ impl RedisCluster {
             dir,
         };
         for _ in 0..6 {
-            let port = loop {
-                let p = free_cluster_port();
-                if !cluster.ports.contains(&p) {
-                    break p;
+            // As for one server: a port taken between the pick and the bind is picked again.
+            let launched = (0..5).any(|_| {
+                let port = loop {
+                    let p = free_cluster_port();
+                    if !cluster.ports.contains(&p) {
+                        break p;
+                    }
+                };
+                match cluster.launch(port, node_timeout_ms) {
+                    Some(child) => {
+                        cluster.ports.push(port);
+                        cluster.children.push(Some(child));
+                        true
+                    }
+                    None => false,
                 }
-            };
-            cluster.ports.push(port);
-            cluster.children.push(None);
-            cluster.launch(cluster.ports.len() - 1, node_timeout_ms);
+            });
+            assert!(
+                launched,
+                "a cluster node could not bind a free port in 5 tries"
+            );
         }
         let nodes: Vec<String> = cluster
             .ports
@@ -658,9 +710,10 @@ impl RedisCluster {
         Some(cluster)
     }
 
-    fn launch(&mut self, i: usize, node_timeout_ms: u64) {
-        let port = self.ports[i];
-        let child = Command::new("redis-server")
+    /// A node on `port`, once it answers there itself (not another process that took
+    /// the port meanwhile); `None` if it could not have the port.
+    fn launch(&self, port: u16, node_timeout_ms: u64) -> Option<Child> {
+        let mut child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--cluster-enabled", "yes"])
             .args(["--cluster-node-timeout", &node_timeout_ms.to_string()])
@@ -677,12 +730,23 @@ impl RedisCluster {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server starts");
-        self.children[i] = Some(child);
+        let pid = format!("process_id:{}", child.id());
         let deadline = Instant::now() + Duration::from_secs(10);
-        while redis::Client::open(format!("redis://127.0.0.1:{port}"))
-            .and_then(|c| c.get_connection())
-            .is_err()
-        {
+        loop {
+            if child.try_wait().unwrap().is_some() {
+                return None;
+            }
+            let info = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+                .and_then(|c| c.get_connection())
+                .and_then(|mut c| redis::cmd("INFO").arg("server").query::<String>(&mut c));
+            if let Ok(info) = info {
+                if info.lines().any(|l| l.trim() == pid) {
+                    return Some(child);
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
             assert!(
                 Instant::now() < deadline,
                 "cluster node {port} did not come up"

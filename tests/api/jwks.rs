@@ -557,8 +557,11 @@ struct TlsIdp {
 impl TlsIdp {
     fn start(document: &str) -> Self {
         use std::process::{Command, Stdio};
-        let port = crate::helpers::free_port();
-        let dir = std::env::temp_dir().join(format!("jwks-tls-{port}"));
+        let dir = std::env::temp_dir().join(format!(
+            "jwks-tls-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         let made = Command::new("openssl")
             .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
@@ -582,24 +585,35 @@ impl TlsIdp {
             format!("HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{document}"),
         )
         .unwrap();
-        let server = Command::new("openssl")
-            .args(["s_server", "-quiet", "-HTTP", "-accept"])
-            .arg(format!("127.0.0.1:{port}"))
-            .args(["-cert", "cert.pem", "-key", "key.pem"])
-            .current_dir(&dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("openssl s_server starts");
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "s_server did not come up"
-            );
-            std::thread::sleep(Duration::from_millis(20));
+        // The port was free when picked; if another process took it before s_server
+        // bound it, s_server exits and another port is tried.
+        for _ in 0..5 {
+            let port = crate::helpers::free_port();
+            let mut server = Command::new("openssl")
+                .args(["s_server", "-quiet", "-HTTP", "-accept"])
+                .arg(format!("127.0.0.1:{port}"))
+                .args(["-cert", "cert.pem", "-key", "key.pem"])
+                .current_dir(&dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("openssl s_server starts");
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                if server.try_wait().unwrap().is_some() {
+                    break;
+                }
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return Self { port, dir, server };
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "s_server did not come up"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
-        Self { port, dir, server }
+        panic!("openssl s_server could not bind a free port in 5 tries")
     }
 }
 
