@@ -495,6 +495,46 @@ def summary(recs: list[Rec]) -> str:
             f"latency p50 {ms(pct(lat, 50))}, p99 {ms(pct(lat, 99))}, max {ms(max(lat, default=0))}")
 
 
+# The half of every scenario's wrk script that counts and reports: per thread, the answers
+# by status and the 503s without "Retry-After: 1"; at the end one WRK_JSON line that
+# wrk_report() parses. A scenario's own half defines init() and request().
+WRK_REPORTER_LUA = r"""
+local threads = {}
+function setup(thread)
+  thread:set("id", #threads)
+  table.insert(threads, thread)
+end
+function response(status, headers, body)
+  counts = counts or {}
+  bad503 = bad503 or 0
+  counts[status] = (counts[status] or 0) + 1
+  if status == 503 and headers["retry-after"] ~= "1" then bad503 = bad503 + 1 end
+end
+function done(summary, latency, requests)
+  local all, bad = {}, 0
+  for _, t in ipairs(threads) do
+    for status, n in pairs(t:get("counts") or {}) do
+      all[tostring(status)] = (all[tostring(status)] or 0) + n
+    end
+    bad = bad + (t:get("bad503") or 0)
+  end
+  local parts = {}
+  for status, n in pairs(all) do table.insert(parts, string.format('"%s": %d', status, n)) end
+  local e = summary.errors
+  io.write(string.format(
+    'WRK_JSON {"requests": %d, "duration_us": %d, "statuses": {%s}, "bad503": %d, "errors": {"connect": %d, "read": %d, "write": %d, "timeout": %d}, "latency_max_us": %d, "latency_p99_us": %d, "latency_p50_us": %d}\n',
+    summary.requests, summary.duration, table.concat(parts, ", "), bad, e.connect, e.read, e.write, e.timeout,
+    latency.max, latency:percentile(99), latency:percentile(50)))
+end
+"""
+
+
+def write_wrk_script(path: Path, requests_lua: str) -> Path:
+    """A wrk script at `path`: a scenario's init()/request() and the shared reporter."""
+    path.write_text(requests_lua + WRK_REPORTER_LUA)
+    return path
+
+
 def wrk_report(out: str) -> dict[str, Any] | None:
     """The WRK_JSON line the scenarios' Lua scripts print from done(), parsed."""
     m = re.search(r"^WRK_JSON (.*)$", out, re.MULTILINE)

@@ -60,6 +60,7 @@ from .harness import (
     request_bytes,
     summary,
     vm_kib,
+    write_wrk_script,
     wrk_report,
 )
 
@@ -79,36 +80,12 @@ def run_scenario(scenario: Callable[[Verdict], Awaitable[None]]) -> None:
 
 
 WRK_SCRIPT = r"""
--- Distinct n over 0..MAX_N, and a count of answers by status, per thread.
-local threads = {}
-function setup(thread)
-  thread:set("id", #threads)
-  table.insert(threads, thread)
-end
+-- Distinct n over 0..MAX_N (answers counted by the harness's reporter).
 function init(args)
   math.randomseed(os.time() * 1000 + id)
-  counts = {}
 end
 function request()
   return wrk.format("GET", "/fibonacci?n=" .. math.random(0, %(max_n)d))
-end
-function response(status, headers, body)
-  counts[status] = (counts[status] or 0) + 1
-end
-function done(summary, latency, requests)
-  local all = {}
-  for _, t in ipairs(threads) do
-    for status, n in pairs(t:get("counts")) do
-      all[tostring(status)] = (all[tostring(status)] or 0) + n
-    end
-  end
-  local parts = {}
-  for status, n in pairs(all) do table.insert(parts, string.format('"%%s": %%d', status, n)) end
-  local e = summary.errors
-  io.write(string.format(
-    'WRK_JSON {"requests": %%d, "statuses": {%%s}, "errors": {"connect": %%d, "read": %%d, "write": %%d, "timeout": %%d}, "latency_max_us": %%d, "latency_p99_us": %%d, "latency_p50_us": %%d}\n',
-    summary.requests, table.concat(parts, ", "), e.connect, e.read, e.write, e.timeout,
-    latency.max, latency:percentile(99), latency:percentile(50)))
 end
 """
 
@@ -126,8 +103,7 @@ async def scenario_redis(v: Verdict, tmp: Path) -> None:
             break
         await asyncio.sleep(0.1)
     v.check(metric(await svc.metrics(), "redis_up") == 1, "redis_up is 1 before the load")
-    lua = tmp / "redis.lua"
-    lua.write_text(WRK_SCRIPT % {"max_n": max_n})
+    lua = write_wrk_script(tmp / "redis.lua", WRK_SCRIPT % {"max_n": max_n})
     wrk = await asyncio.create_subprocess_exec(
         "wrk", "-t2", "-c32", f"-d{duration}s", "--timeout", "5s", "-s", lua, f"http://127.0.0.1:{svc.port}/",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, preexec_fn=die_with_parent)
@@ -364,40 +340,15 @@ async def scenario_otlp(v: Verdict, tmp: Path, protocol: str, blackhole: bool) -
 
 
 OVERLOAD_WRK_SCRIPT = r"""
--- Distinct large n per request (100,000..299,999), answers counted by status, and
--- 503s without "Retry-After: 1" counted apart.
-local threads = {}
-function setup(thread)
-  thread:set("id", #threads)
-  table.insert(threads, thread)
-end
+-- Distinct large n per request (100,000..299,999); the harness's reporter counts answers
+-- by status and the 503s without "Retry-After: 1" apart.
 function init(args)
-  counter, counts, bad503 = 0, {}, 0
+  counter = 0
 end
 function request()
   counter = counter + 1
-  local n = 100000 + ((counter * 2 + id) * 7919) %% 200000
+  local n = 100000 + ((counter * 2 + id) * 7919) % 200000
   return wrk.format("GET", "/fibonacci?n=" .. n)
-end
-function response(status, headers, body)
-  counts[status] = (counts[status] or 0) + 1
-  if status == 503 and headers["retry-after"] ~= "1" then bad503 = bad503 + 1 end
-end
-function done(summary, latency, requests)
-  local all, bad = {}, 0
-  for _, t in ipairs(threads) do
-    for status, n in pairs(t:get("counts")) do
-      all[tostring(status)] = (all[tostring(status)] or 0) + n
-    end
-    bad = bad + t:get("bad503")
-  end
-  local parts = {}
-  for status, n in pairs(all) do table.insert(parts, string.format('"%%s": %%d', status, n)) end
-  local e = summary.errors
-  io.write(string.format(
-    'WRK_JSON {"requests": %%d, "statuses": {%%s}, "bad503": %%d, "errors": {"connect": %%d, "read": %%d, "write": %%d, "timeout": %%d}, "latency_max_us": %%d, "latency_p99_us": %%d, "latency_p50_us": %%d}\n',
-    summary.requests, table.concat(parts, ", "), bad, e.connect, e.read, e.write, e.timeout,
-    latency.max, latency:percentile(99), latency:percentile(50)))
 end
 """
 
@@ -408,8 +359,7 @@ async def scenario_overload(v: Verdict, tmp: Path) -> None:
     svc = Service(tmp, "overload", MAX_IN_FLIGHT="4", MAX_N="300000", CACHE_MAX_BYTES="0", RATE_LIMITS="off",
                   SHUTDOWN_DRAIN_SECONDS="0")
     await svc.ready()
-    lua = tmp / "overload.lua"
-    lua.write_text(OVERLOAD_WRK_SCRIPT % {})
+    lua = write_wrk_script(tmp / "overload.lua", OVERLOAD_WRK_SCRIPT)
     # wrk hammers with 128 connections (each sends its next request the moment an
     # answer comes); this process, lightly loaded, measures: a sampler asking for
     # large n one request at a time, and the probes.
@@ -544,15 +494,22 @@ async def scenario_slow_clients(v: Verdict, tmp: Path) -> None:
         except OSError:
             rec["closed"] = time.monotonic()
 
-    async def trickler() -> None:
-        rec: dict = {}
-        tricklers.append(rec)
+    async def connect(rec: dict) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """A connection to the service, its start (or its failure) noted in `rec`."""
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
         except OSError as e:
             rec["connect_error"] = str(e)
-            return
+            return None
         rec["t0"] = time.monotonic()
+        return reader, writer
+
+    async def trickler() -> None:
+        rec: dict = {}
+        tricklers.append(rec)
+        if (conn := await connect(rec)) is None:
+            return
+        reader, writer = conn
         watcher = asyncio.ensure_future(watch_close(reader, rec))
         head = request_bytes("/fibonacci?n=1", "X-Padding: " + "a" * 40 + "\r\n")
         for byte in head:
@@ -571,12 +528,9 @@ async def scenario_slow_clients(v: Verdict, tmp: Path) -> None:
     async def withholder() -> None:
         rec: dict = {}
         withholders.append(rec)
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
-        except OSError as e:
-            rec["connect_error"] = str(e)
+        if (conn := await connect(rec)) is None:
             return
-        rec["t0"] = time.monotonic()
+        reader, writer = conn
         writer.write(request_bytes("/fibonacci?n=1", "Content-Length: 1000\r\n"))
         await watch_close(reader, rec)
         writer.close()

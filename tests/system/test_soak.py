@@ -46,7 +46,19 @@ from pathlib import Path
 
 import pytest
 
-from .harness import Redis, Service, Verdict, binary, http_get, metric, redis_command, spawn, vm_kib, wrk_report
+from .harness import (
+    Redis,
+    Service,
+    Verdict,
+    binary,
+    http_get,
+    metric,
+    redis_command,
+    spawn,
+    vm_kib,
+    write_wrk_script,
+    wrk_report,
+)
 
 MAX_KEYS = 20000
 MAX_N = 100000
@@ -56,16 +68,11 @@ CACHE_MAX_BYTES = 16 * 1024 * 1024
 SAMPLE_EVERY = 10
 
 WRK_SCRIPT = r"""
-local threads = {}
-function setup(thread)
-  thread:set("id", #threads)
-  table.insert(threads, thread)
-end
+-- The traffic mix (answers counted by the harness's reporter).
 local bad = {"/fibonacci?n=abc", "/fibonacci?n=-1", "/fibonacci?n=%(too_big)d", "/fibonacci",
              "/fibonacci?n=1&n=2", "/fibonacci?n=1e3", "/fibonacci?n=%%20"}
 function init(args)
   math.randomseed(os.time() * 1000 + id * 7919)
-  counts = {}
 end
 function request()
   local r = math.random()
@@ -85,24 +92,6 @@ function request()
     xff = string.format("198.51.100.%%d", math.random(1, 10))
   end
   return wrk.format("GET", path, {["X-Forwarded-For"] = xff})
-end
-function response(status, headers, body)
-  counts[status] = (counts[status] or 0) + 1
-end
-function done(summary, latency, requests)
-  local all = {}
-  for _, t in ipairs(threads) do
-    for status, n in pairs(t:get("counts")) do
-      all[tostring(status)] = (all[tostring(status)] or 0) + n
-    end
-  end
-  local parts = {}
-  for status, n in pairs(all) do table.insert(parts, string.format('"%%s": %%d', status, n)) end
-  local e = summary.errors
-  io.write(string.format(
-    'WRK_JSON {"requests": %%d, "duration_us": %%d, "statuses": {%%s}, "errors": {"connect": %%d, "read": %%d, "write": %%d, "timeout": %%d}, "latency_max_us": %%d, "latency_p99_us": %%d, "latency_p50_us": %%d}\n',
-    summary.requests, summary.duration, table.concat(parts, ", "), e.connect, e.read, e.write, e.timeout,
-    latency.max, latency:percentile(99), latency:percentile(50)))
 end
 """
 
@@ -150,9 +139,8 @@ def test_soak(tmp_path: Path, pytestconfig: pytest.Config) -> None:
         time.sleep(0.1)
     else:
         pytest.fail("soak: the service did not become ready with Redis up")
-    lua = tmp_path / "soak.lua"
-    with open(lua, "w") as f:
-        f.write(WRK_SCRIPT % {"max_n": MAX_N, "too_big": MAX_N + 1, "clients": args.clients})
+    lua = write_wrk_script(tmp_path / "soak.lua",
+                           WRK_SCRIPT % {"max_n": MAX_N, "too_big": MAX_N + 1, "clients": args.clients})
 
     print(f"soak: {binary()}, {args.minutes} min, {args.clients} clients, wrk -t2 -c32, warm-up {warmup} s, "
           f"CACHE_MAX_BYTES={env['CACHE_MAX_BYTES']}" + "".join(f", {setting}" for setting in args.env)
