@@ -244,6 +244,34 @@ pub struct RedisServer {
     url: String,
 }
 
+/// Waits until the `redis-server` just started as `child` answers at `url` as itself (its
+/// pid): true; false if it exited, or another process answers there (then it is stopped).
+fn answers_itself(child: &mut Child, url: &str) -> bool {
+    let pid = format!("process_id:{}", child.id());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return false;
+        }
+        let info = redis::Client::open(url)
+            .and_then(|c| c.get_connection())
+            .and_then(|mut c| redis::cmd("INFO").arg("server").query::<String>(&mut c));
+        if let Ok(info) = info {
+            let ours = info.lines().any(|l| l.trim() == pid);
+            if !ours {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            return ours;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "redis-server at {url} did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A port nothing listens on right now (for servers started outside this process).
 pub fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0")
@@ -369,27 +397,11 @@ impl RedisServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server starts");
-        let pid = format!("process_id:{}", child.id());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let client = redis::Client::open(self.url()).unwrap();
-        loop {
-            if child.try_wait().unwrap().is_some() {
-                return false;
-            }
-            if let Ok(mut conn) = client.get_connection() {
-                if let Ok(info) = redis::cmd("INFO").arg("server").query::<String>(&mut conn) {
-                    if info.lines().any(|l| l.trim() == pid) {
-                        self.child = Some(child);
-                        return true;
-                    }
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return false;
-                }
-            }
-            assert!(Instant::now() < deadline, "redis-server did not come up");
-            std::thread::sleep(Duration::from_millis(20));
+        let started = answers_itself(&mut child, &self.url());
+        if started {
+            self.child = Some(child);
         }
+        started
     }
 
     /// Kills it (as a crash would); `restart` brings it back on the same port, empty.
@@ -730,29 +742,7 @@ impl RedisCluster {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server starts");
-        let pid = format!("process_id:{}", child.id());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if child.try_wait().unwrap().is_some() {
-                return None;
-            }
-            let info = redis::Client::open(format!("redis://127.0.0.1:{port}"))
-                .and_then(|c| c.get_connection())
-                .and_then(|mut c| redis::cmd("INFO").arg("server").query::<String>(&mut c));
-            if let Ok(info) = info {
-                if info.lines().any(|l| l.trim() == pid) {
-                    return Some(child);
-                }
-                let _ = child.kill();
-                let _ = child.wait();
-                return None;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "cluster node {port} did not come up"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        answers_itself(&mut child, &format!("redis://127.0.0.1:{port}")).then_some(child)
     }
 
     /// The seed URLs, as `REDIS_CLUSTER_NODES` takes them.
