@@ -18,6 +18,7 @@ use redis::{
     aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
     cluster::{ClusterClient, ClusterClientBuilder},
     cluster_async::ClusterConnection,
+    cluster_routing::{RoutingInfo, SingleNodeRoutingInfo},
     Cmd, FromRedisValue, Pipeline, RedisFuture, Value,
 };
 
@@ -77,6 +78,12 @@ impl RedisUnavailable {
                     | "TRYAGAIN"
             )
         )
+    }
+
+    /// Whether a call was addressed to a cluster node the client library has no
+    /// connection to (the topology changed): nothing was sent.
+    pub fn is_unroutable(&self) -> bool {
+        matches!(self, Self::Failed(e) if e.kind() == redis::ErrorKind::ClusterConnectionNotFound)
     }
 
     /// The error code of a refusal (`WRONGTYPE`, `OOM`…).
@@ -299,12 +306,25 @@ impl RedisClient {
         &self,
         call: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, RedisUnavailable> {
-        let result = match tokio::time::timeout(self.timeout, call).await {
+        let result = self.timed(call).await;
+        self.record(&result);
+        result
+    }
+
+    async fn timed<T>(
+        &self,
+        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, RedisUnavailable> {
+        match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(RedisUnavailable::Failed(e)),
             Err(_) => Err(RedisUnavailable::Timeout),
-        };
-        match &result {
+        }
+    }
+
+    /// The breaker's and the log's view of a call's outcome.
+    fn record<T>(&self, result: &Result<T, RedisUnavailable>) {
+        match result {
             Ok(_) => self.on_success(),
             // It answered, refusing this one command: not a failure that should open the
             // breaker for every other call, nor a success that should close it (a Redis
@@ -315,7 +335,6 @@ impl RedisClient {
             Err(e) if e.is_refusal() => self.on_refusal(e),
             Err(e) => self.on_failure(e),
         }
-        result
     }
 
     /// Runs a command within the timeout, unless the breaker is open.
@@ -342,6 +361,59 @@ impl RedisClient {
             }
             result => result,
         }
+    }
+
+    /// Runs an `EVALSHA` on the cluster node at `host:port`, whatever keys the call
+    /// itself names (none, for a script that checks where its keys live); loads `source`
+    /// there if it lacks the script. A node the client library has no connection to is
+    /// an error (see [`RedisUnavailable::is_unroutable`]) that does not count against
+    /// the breaker.
+    pub async fn eval_sha_at<T: FromRedisValue>(
+        &self,
+        call: &redis::Cmd,
+        source: &str,
+        (host, port): (&str, u16),
+    ) -> Result<T, RedisUnavailable> {
+        let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+            host: host.to_owned(),
+            port,
+        });
+        match self.routed(call, &route).await {
+            Err(e) if e.code() == Some("NOSCRIPT") => {
+                self.routed::<String>(redis::cmd("SCRIPT").arg("LOAD").arg(source), &route)
+                    .await?;
+                self.routed(call, &route).await
+            }
+            result => result,
+        }
+    }
+
+    /// Runs a command within the timeout on the node `route` names (a cluster; one
+    /// node runs it as any other), unless the breaker is open.
+    async fn routed<T: FromRedisValue>(
+        &self,
+        cmd: &redis::Cmd,
+        route: &RoutingInfo,
+    ) -> Result<T, RedisUnavailable> {
+        let Connection::Cluster(mut conn) = self.connection() else {
+            return self.query(cmd).await;
+        };
+        if !self.is_available() {
+            return Err(RedisUnavailable::CircuitOpen);
+        }
+        let call = async move {
+            let value = conn.route_command(cmd.clone(), route.clone()).await?;
+            // An error reply that needs no redirection (NOSCRIPT, a refusal) comes back
+            // as a value.
+            Ok(redis::from_redis_value(value.extract_error()?)?)
+        };
+        let result = self.timed(call).await;
+        match &result {
+            // Not Redis failing: the caller asked for a node the library does not know.
+            Err(e) if e.is_unroutable() => {}
+            _ => self.record(&result),
+        }
+        result
     }
 
     /// The current connection (a handle: cloning it is cheap).

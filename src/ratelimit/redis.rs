@@ -12,7 +12,16 @@ use super::{
     policy::Policy,
     window::{self, Decision, View},
 };
-use std::sync::Arc;
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use redis::cluster_routing::Slot;
 
 use crate::redis_client::{RedisClient, RedisUnavailable};
 
@@ -28,41 +37,67 @@ local now = tonumber(ARGV[1])
 local first_count = 2
 "#;
 
+/// Where the keys are: declared (`KEYS`, one Redis, or one slot of a cluster), the
+/// clients' numbers of keys after the clock; without them, every key is one client's.
+const KEYS_DECLARED: &str = r#"
+local keys = KEYS
+local local_only = false
+local counts = {}
+for a = first_count, #ARGV do counts[#counts + 1] = tonumber(ARGV[a]) end
+if #counts == 0 then counts[1] = #KEYS end
+"#;
+
+/// For one node of a cluster, whose clients hash to many slots (a call cannot declare
+/// keys of several slots): after the clock the number of clients, each one's number of
+/// keys, then the keys. Redis refuses to touch a key this node does not serve (another
+/// master's, or one mid-migration); such a client is answered `2` ("elsewhere") with
+/// nothing counted, and is checked by a call the client library routes.
+const KEYS_UNDECLARED: &str = r#"
+local keys = {}
+local local_only = true
+local counts = {}
+local clients = tonumber(ARGV[first_count])
+for a = first_count + 1, first_count + clients do counts[#counts + 1] = tonumber(ARGV[a]) end
+for a = first_count + 1 + clients, #ARGV do keys[#keys + 1] = ARGV[a] end
+"#;
+
+/// Lets the undeclared variant touch keys of several slots (Redis 7 and later): they
+/// must still all be served by the node it runs on.
+const CROSS_SLOT: &str = "#!lua flags=allow-cross-slot-keys\n";
+
 /// The check itself: `window.rs`'s integer arithmetic in Lua (every product stays below
 /// 2^53, exact in Lua's doubles; see `policy::MAX_SCALED_LIMIT`). The policies are part
 /// of the script (`limits[k][i]`, `periods[k][i]` for a client's key k, window i), so a
 /// call sends only its keys: less to encode per request here and to parse in Redis.
 ///
 /// One call may check several clients, one after the other (a client twice in one call
-/// sees its first request counted): the arguments after the clock give each client's
-/// number of keys, in the order of `KEYS`; without them, every key is one client's. The
-/// reply is each client's `allowed, (prev, cur, elapsed) per window per key`, in order.
+/// sees its first request counted), each with its number of keys in `counts`. The reply
+/// is each client's `allowed, (prev, cur, elapsed) per window per key`, in order, or `2`
+/// alone for a client whose keys are on another node. Every key of a client is read
+/// before any is written, so a client is counted whole or not at all.
 const CHECK: &str = r#"
 local n = #limits[1]
 local fields = {}
 for i = 1, n do fields[i] = tostring(i) end
-local counts = {}
 local total = 0
-for a = first_count, #ARGV do
-  counts[#counts + 1] = tonumber(ARGV[a])
-  total = total + counts[#counts]
-end
-if #counts == 0 then
-  counts[1] = #KEYS
-  total = #KEYS
-end
-if total ~= #KEYS then return redis.error_reply('ERR key counts do not add up to the keys') end
+for c = 1, #counts do total = total + counts[c] end
+if total ~= #keys then return redis.error_reply('ERR key counts do not add up to the keys') end
 local out = {}
 local base = 0
 for c = 1, #counts do
   local views = {}
   local allowed = 1
+  local elsewhere = false
   for k = 1, counts[c] do
-    local key = KEYS[base + k]
-    -- A key of another type (not ours: someone wrote there) is dropped and counted afresh,
-    -- rather than failing every check of this client.
-    local ok, stored = pcall(redis.call, 'HMGET', key, unpack(fields))
-    if not ok then
+    local key = keys[base + k]
+    local stored = redis.pcall('HMGET', key, unpack(fields))
+    if stored.err then
+      if local_only and not string.find(stored.err, 'WRONGTYPE', 1, true) then
+        elsewhere = true
+        break
+      end
+      -- A key of another type (not ours: someone wrote there) is dropped and counted
+      -- afresh, rather than failing every check of this client.
       redis.call('DEL', key)
       stored = {}
     end
@@ -86,22 +121,26 @@ for c = 1, #counts do
       views[k][i] = { index, prev, cur, elapsed, period }
     end
   end
-  out[#out + 1] = allowed
-  for k = 1, counts[c] do
-    local set = {}
-    local ttl = 1
-    for i = 1, n do
-      local v = views[k][i]
-      set[#set + 1] = fields[i]
-      set[#set + 1] = string.format('%.0f:%.0f:%.0f', v[1], v[2], v[3] + 1)
-      ttl = math.max(ttl, (v[1] + 2) * v[5] - now)
-      out[#out + 1] = v[2]
-      out[#out + 1] = v[3]
-      out[#out + 1] = v[4]
-    end
-    if allowed == 1 then
-      redis.call('HSET', KEYS[base + k], unpack(set))
-      redis.call('PEXPIRE', KEYS[base + k], ttl)
+  if elsewhere then
+    out[#out + 1] = 2
+  else
+    out[#out + 1] = allowed
+    for k = 1, counts[c] do
+      local set = {}
+      local ttl = 1
+      for i = 1, n do
+        local v = views[k][i]
+        set[#set + 1] = fields[i]
+        set[#set + 1] = string.format('%.0f:%.0f:%.0f', v[1], v[2], v[3] + 1)
+        ttl = math.max(ttl, (v[1] + 2) * v[5] - now)
+        out[#out + 1] = v[2]
+        out[#out + 1] = v[3]
+        out[#out + 1] = v[4]
+      end
+      if allowed == 1 then
+        redis.call('HSET', keys[base + k], unpack(set))
+        redis.call('PEXPIRE', keys[base + k], ttl)
+      end
     end
   end
   base = base + counts[c]
@@ -182,21 +221,114 @@ pub fn redis_key(key: &ClientKey) -> String {
 /// in one script (a few microseconds per client).
 const MAX_BATCH: usize = 128;
 
+/// How long a cluster's slot map is used before it is read again; how often it may be
+/// read when clients turn out to be elsewhere; how long a batch's misplaced clients wait
+/// for the new map before they are sent anyway.
+const SLOT_MAP_MAX_AGE: Duration = Duration::from_secs(5);
+const SLOT_MAP_RETRY: Duration = Duration::from_millis(100);
+const SLOT_MAP_WAIT: Duration = Duration::from_secs(1);
+
+/// Tries of a misplaced client by the slot map before its check goes through the client
+/// library's own routing (which follows MOVED and ASK: a slot mid-migration).
+const BY_MAP_TRIES: u8 = 2;
+
 /// A request waiting for the next call to Redis.
 struct Waiter {
     client: ClientKey,
     reply: tokio::sync::oneshot::Sender<Result<Decision, RedisUnavailable>>,
 }
 
+/// A client's share of a script's reply: its decision, or (undeclared keys only) that
+/// its keys are on another node and nothing was counted.
+type Answer = Option<Result<Decision, RedisUnavailable>>;
+
+/// Which master of a cluster serves which slot, as `CLUSTER SLOTS` said when last read:
+/// to send each master its clients in one call. The script checks that a client's keys
+/// are on the node it runs on; one that is not is counted nowhere and tried again.
+struct SlotMap {
+    node_of: HashMap<Slot, usize>,
+    /// Each master's address as the cluster announces it (and the client library
+    /// connects to it).
+    nodes: Vec<(String, u16)>,
+    read_at: Instant,
+}
+
+impl SlotMap {
+    /// The map in a `CLUSTER SLOTS` reply (`[start, end, [host, port, id…], replicas…]`
+    /// per range), or `None` if it is not one.
+    fn parse(reply: &redis::Value) -> Option<Self> {
+        let redis::Value::Array(ranges) = reply else {
+            return None;
+        };
+        let mut nodes: Vec<(String, u16)> = Vec::new();
+        let mut node_of = HashMap::with_capacity(16_384);
+        for range in ranges {
+            let redis::Value::Array(items) = range else {
+                return None;
+            };
+            let (Some(redis::Value::Int(start)), Some(redis::Value::Int(end))) =
+                (items.first(), items.get(1))
+            else {
+                return None;
+            };
+            let Some(redis::Value::Array(master)) = items.get(2) else {
+                return None;
+            };
+            let (Some(redis::Value::BulkString(host)), Some(redis::Value::Int(port))) =
+                (master.first(), master.get(1))
+            else {
+                return None;
+            };
+            let address = (
+                String::from_utf8(host.clone()).ok()?,
+                u16::try_from(*port).ok()?,
+            );
+            let node = match nodes.iter().position(|n| *n == address) {
+                Some(i) => i,
+                None => {
+                    nodes.push(address);
+                    nodes.len() - 1
+                }
+            };
+            for slot in *start..=*end {
+                node_of.insert(Slot::new(u16::try_from(slot).ok()?)?, node);
+            }
+        }
+        Some(Self {
+            node_of,
+            nodes,
+            read_at: Instant::now(),
+        })
+    }
+
+    fn node_of(&self, key: &[u8]) -> Option<usize> {
+        self.node_of.get(&Slot::for_key(key)).copied()
+    }
+}
+
 /// The script for one policy (and its /48 share), run by hash.
 pub struct RedisWindows {
+    /// Keys declared: one Redis, or one check in a cluster.
     script: redis::Script,
     source: String,
+    /// Keys undeclared: a batch of one cluster node's clients.
+    node_script: redis::Script,
+    node_source: String,
     policy: Policy,
     net48: Option<Policy>,
     clock_argument: bool,
     /// Checks waiting for the next call; a flush task is under way whenever it is not empty.
     waiting: std::sync::Mutex<Vec<Waiter>>,
+    /// A cluster's slot map, once one has been read.
+    slots: tokio::sync::watch::Sender<Option<Arc<SlotMap>>>,
+    /// When the slot map was last asked for; a read is under way while `reading`.
+    slots_asked: std::sync::Mutex<Option<Instant>>,
+    reading: AtomicBool,
+    /// A client was found elsewhere than the map says: read it again.
+    slots_stale: AtomicBool,
+    /// The cluster refused the batch script (a Redis before 7.0, which has no script
+    /// flags): every check is its own call.
+    node_script_refused: AtomicBool,
 }
 
 impl RedisWindows {
@@ -220,18 +352,27 @@ impl RedisWindows {
     ) -> Self {
         // The /48's policy is the second key's; without one, its row goes unused.
         let policies = [policy, net48.unwrap_or(policy)];
-        let source = format!(
-            "{clock}local limits = {}\nlocal periods = {}\n{CHECK}",
+        let tables = format!(
+            "local limits = {}\nlocal periods = {}\n",
             lua_table(&policies, |w| u64::from(w.limit)),
             lua_table(&policies, super::Window::period),
         );
+        let source = format!("{clock}{tables}{KEYS_DECLARED}{CHECK}");
+        let node_source = format!("{CROSS_SLOT}{clock}{tables}{KEYS_UNDECLARED}{CHECK}");
         Self {
             script: redis::Script::new(&source),
             source,
+            node_script: redis::Script::new(&node_source),
+            node_source,
             policy: policy.clone(),
             net48: net48.cloned(),
             clock_argument,
             waiting: std::sync::Mutex::new(Vec::new()),
+            slots: tokio::sync::watch::Sender::new(None),
+            slots_asked: std::sync::Mutex::new(None),
+            reading: AtomicBool::new(false),
+            slots_stale: AtomicBool::new(false),
+            node_script_refused: AtomicBool::new(false),
         }
     }
 
@@ -242,26 +383,34 @@ impl RedisWindows {
         &self.source
     }
 
+    /// Whether a cluster's checks go in one call per master (a slot map has been read
+    /// and the cluster runs the batch script): for tests.
+    #[doc(hidden)]
+    pub fn batches_by_node(&self) -> bool {
+        !self.node_script_refused.load(Ordering::Relaxed) && self.slots.borrow().is_some()
+    }
+
     /// Checks and counts one request of `client` in Redis (`now` is used only by the
     /// parity test's script).
     ///
-    /// Against one node, the checks that arrive while the worker thread is busy go to
-    /// Redis as one script call: a call per request cost the service more in system
-    /// calls and wake-ups than the rest of the request (`docs/scaling.md`), and Redis
-    /// more in command dispatch than the script. A cluster's clients mostly hash to
-    /// different slots, which one call cannot span: there every check is its own call.
+    /// The checks that arrive while the worker thread is busy go to Redis together: a
+    /// call per request cost the service more in system calls and wake-ups than the rest
+    /// of the request (`docs/scaling.md`), and Redis more in command dispatch than the
+    /// script. One Redis takes them as one script call; a cluster as one call per master
+    /// (its clients hash to many slots, which a call cannot declare together), grouped
+    /// by the slot map.
     pub async fn check(
         self: &Arc<Self>,
         redis: &Arc<RedisClient>,
         client: &ClientKey,
         now: u64,
     ) -> Result<Decision, RedisUnavailable> {
-        if self.clock_argument || redis.is_cluster() {
-            return self
-                .check_all(redis, &[client], now)
-                .await?
-                .pop()
-                .expect("one client");
+        let batched = !self.clock_argument
+            && (!redis.is_cluster()
+                || (!self.node_script_refused.load(Ordering::Relaxed)
+                    && self.slot_map(redis).is_some()));
+        if !batched {
+            return self.check_one(redis, client, now).await;
         }
         if !redis.is_available() {
             return Err(RedisUnavailable::CircuitOpen);
@@ -287,6 +436,19 @@ impl RedisWindows {
         })
     }
 
+    /// One client in a call of its own, routed by its keys.
+    async fn check_one(
+        &self,
+        redis: &RedisClient,
+        client: &ClientKey,
+        now: u64,
+    ) -> Result<Decision, RedisUnavailable> {
+        self.check_all(redis, &[client], now)
+            .await?
+            .pop()
+            .expect("one client")
+    }
+
     /// Checks `clients` in order in one call (`now` is used only by the parity test's
     /// script); one key slot only, in a cluster.
     #[doc(hidden)]
@@ -296,13 +458,63 @@ impl RedisWindows {
         clients: &[&ClientKey],
         now: u64,
     ) -> Result<Vec<Result<Decision, RedisUnavailable>>, RedisUnavailable> {
-        let call = self.call(clients, Some(now));
+        let call = self.call(clients, Some(now), false);
         let reply = redis.eval_sha(&call, &self.source).await?;
-        Ok(self.split(&reply, clients))
+        Ok(self
+            .split(&reply, clients, false)
+            .into_iter()
+            .flatten()
+            .collect())
+    }
+
+    /// The same with the batch script of a cluster node, keys undeclared (on one Redis,
+    /// every key is local): for the parity test.
+    #[doc(hidden)]
+    pub async fn check_all_undeclared(
+        &self,
+        redis: &RedisClient,
+        clients: &[&ClientKey],
+        now: u64,
+    ) -> Result<Vec<Option<Result<Decision, RedisUnavailable>>>, RedisUnavailable> {
+        let call = self.call(clients, Some(now), true);
+        let reply = redis.eval_sha(&call, &self.node_source).await?;
+        Ok(self.split(&reply, clients, true))
+    }
+
+    /// The cluster's slot map, read again in the background when it is old or was
+    /// found wrong; `None` until a first read answers.
+    fn slot_map(self: &Arc<Self>, redis: &Arc<RedisClient>) -> Option<Arc<SlotMap>> {
+        let map = self.slots.borrow().clone();
+        let due = match &map {
+            None => true,
+            Some(map) => {
+                map.read_at.elapsed() >= SLOT_MAP_MAX_AGE
+                    || self.slots_stale.load(Ordering::Relaxed)
+            }
+        };
+        if due {
+            let mut asked = self.slots_asked.lock().expect("not poisoned");
+            let recently = asked.is_some_and(|at| at.elapsed() < SLOT_MAP_RETRY);
+            if !recently && !self.reading.swap(true, Ordering::AcqRel) {
+                *asked = Some(Instant::now());
+                self.slots_stale.store(false, Ordering::Relaxed);
+                let (this, redis) = (self.clone(), redis.clone());
+                tokio::spawn(async move {
+                    let reply = redis
+                        .query::<redis::Value>(redis::cmd("CLUSTER").arg("SLOTS"))
+                        .await;
+                    if let Some(map) = reply.ok().as_ref().and_then(SlotMap::parse) {
+                        this.slots.send_replace(Some(Arc::new(map)));
+                    }
+                    this.reading.store(false, Ordering::Release);
+                });
+            }
+        }
+        map
     }
 
     /// A task that sends the waiting checks (at most [`MAX_BATCH`]; another task takes
-    /// the rest) as one call and answers each.
+    /// the rest) and answers each.
     fn spawn_flush(this: Arc<Self>, redis: Arc<RedisClient>, first: bool) {
         tokio::spawn(async move {
             if first {
@@ -325,16 +537,140 @@ impl RedisWindows {
             }
             batch
         };
-        let clients: Vec<&ClientKey> = batch.iter().map(|w| &w.client).collect();
-        let call = self.call(&clients, None);
-        let answers = match redis.eval_sha::<redis::Value>(&call, &self.source).await {
-            Ok(reply) => self.split(&reply, &clients),
-            Err(e) => vec![Err(e); clients.len()],
-        };
-        for (waiter, answer) in batch.into_iter().zip(answers) {
-            // A request that is gone (its client hung up) no longer waits: nothing to do.
-            let _ = waiter.reply.send(answer);
+        if redis.is_cluster() {
+            return self.flush_by_node(redis, batch, 1).await;
         }
+        let clients: Vec<&ClientKey> = batch.iter().map(|w| &w.client).collect();
+        let call = self.call(&clients, None, false);
+        let answers = match redis.eval_sha::<redis::Value>(&call, &self.source).await {
+            Ok(reply) => self.split(&reply, &clients, false),
+            Err(e) => vec![Some(Err(e)); clients.len()],
+        };
+        // Declared keys are never "elsewhere": every answer is a decision or an error.
+        for (waiter, answer) in batch.into_iter().zip(answers) {
+            if let Some(answer) = answer {
+                // A request that is gone (its client hung up) no longer waits.
+                let _ = waiter.reply.send(answer);
+            }
+        }
+    }
+
+    /// Sends `batch` as one call per master by the slot map (try `tries`); the last
+    /// call on this task.
+    async fn flush_by_node(
+        self: &Arc<Self>,
+        redis: &Arc<RedisClient>,
+        batch: Vec<Waiter>,
+        tries: u8,
+    ) {
+        let map = self.slots.borrow().clone();
+        let Some(map) = map else {
+            return self.reroute(redis, batch, BY_MAP_TRIES);
+        };
+        let mut groups: Vec<Vec<Waiter>> = map.nodes.iter().map(|_| Vec::new()).collect();
+        let mut unmapped = Vec::new();
+        for waiter in batch {
+            match map.node_of(KeyBuf::of(&waiter.client).as_bytes()) {
+                Some(node) => groups[node].push(waiter),
+                None => unmapped.push(waiter),
+            }
+        }
+        self.reroute(redis, unmapped, tries);
+        let mut calls: Vec<(usize, Vec<Waiter>)> = groups
+            .into_iter()
+            .enumerate()
+            .filter(|(_, group)| !group.is_empty())
+            .collect();
+        let last = calls.pop();
+        for (node, group) in calls {
+            let (this, redis, map) = (self.clone(), redis.clone(), map.clone());
+            tokio::spawn(async move { this.flush_node(&redis, &map, node, group, tries).await });
+        }
+        if let Some((node, group)) = last {
+            self.flush_node(redis, &map, node, group, tries).await;
+        }
+    }
+
+    /// One call to master `node` of `map`, checking all of `group` there.
+    async fn flush_node(
+        self: &Arc<Self>,
+        redis: &Arc<RedisClient>,
+        map: &SlotMap,
+        node: usize,
+        group: Vec<Waiter>,
+        tries: u8,
+    ) {
+        let clients: Vec<&ClientKey> = group.iter().map(|w| &w.client).collect();
+        let call = self.call(&clients, None, true);
+        let (host, port) = &map.nodes[node];
+        let answers = match redis
+            .eval_sha_at::<redis::Value>(&call, &self.node_source, (host, *port))
+            .await
+        {
+            Ok(reply) => self.split(&reply, &clients, true),
+            // A node the library is not connected to (yet): nothing was sent.
+            Err(e) if e.is_unroutable() => vec![None; clients.len()],
+            Err(e) => {
+                if e.code() == Some("ERR")
+                    && !self.node_script_refused.swap(true, Ordering::Relaxed)
+                {
+                    tracing::warn!(
+                        event = "redis_batch_refused",
+                        error = %e,
+                        "the cluster refused the batched rate-limit script (it needs Redis 7 or later): each check is now a call of its own"
+                    );
+                }
+                vec![Some(Err(e)); clients.len()]
+            }
+        };
+        let mut elsewhere = Vec::new();
+        for (waiter, answer) in group.into_iter().zip(answers) {
+            match answer {
+                // A request that is gone (its client hung up) no longer waits.
+                Some(answer) => drop(waiter.reply.send(answer)),
+                None => elsewhere.push(waiter),
+            }
+        }
+        self.reroute(redis, elsewhere, tries);
+    }
+
+    /// Tries again the checks of `waiters`, whose keys were not where the slot map
+    /// said: by the map once it has been read again, and after [`BY_MAP_TRIES`]
+    /// (a slot mid-migration is on neither node for a moment) each as a call of its
+    /// own, which the client library routes, following MOVED and ASK.
+    fn reroute(self: &Arc<Self>, redis: &Arc<RedisClient>, waiters: Vec<Waiter>, tries: u8) {
+        if waiters.is_empty() {
+            return;
+        }
+        self.slots_stale.store(true, Ordering::Relaxed);
+        let (this, redis) = (self.clone(), redis.clone());
+        if tries >= BY_MAP_TRIES {
+            for waiter in waiters {
+                let (this, redis) = (this.clone(), redis.clone());
+                tokio::spawn(async move {
+                    let answer = this.check_one(&redis, &waiter.client, 0).await;
+                    let _ = waiter.reply.send(answer);
+                });
+            }
+            return;
+        }
+        let again: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+            Box::pin(async move {
+                let mut changed = this.slots.subscribe();
+                let deadline = tokio::time::Instant::now() + SLOT_MAP_WAIT;
+                loop {
+                    // Asks for a read (at most one per SLOT_MAP_RETRY) until one lands.
+                    this.slot_map(&redis);
+                    let step = tokio::time::Instant::now() + SLOT_MAP_RETRY;
+                    match tokio::time::timeout_at(step.min(deadline), changed.changed()).await {
+                        Ok(_) => break,
+                        Err(_) if tokio::time::Instant::now() >= deadline => break,
+                        Err(_) => {}
+                    }
+                }
+                this.flush_by_node(&redis, waiters, tries + 1).await;
+            });
+        tokio::spawn(again);
     }
 
     /// The keys of `client`: its own, and its /48's when that has a budget.
@@ -343,65 +679,79 @@ impl RedisWindows {
         (KeyBuf::of(client), net48.as_ref().map(KeyBuf::of))
     }
 
-    /// One `EVALSHA` checking `clients` in order.
-    fn call(&self, clients: &[&ClientKey], now: Option<u64>) -> redis::Cmd {
+    /// One `EVALSHA` checking `clients` in order, their keys declared or (for one node
+    /// of a cluster) undeclared.
+    fn call(&self, clients: &[&ClientKey], now: Option<u64>, undeclared: bool) -> redis::Cmd {
         let mut call = redis::cmd("EVALSHA");
         let counts: Vec<u8> = clients
             .iter()
             .map(|c| 1 + u8::from(self.net48.is_some() && c.net48().is_some()))
             .collect();
-        call.arg(self.script.get_hash())
-            .arg(counts.iter().map(|&c| usize::from(c)).sum::<usize>());
-        for client in clients {
-            let (own, net48) = self.keys_of(client);
-            call.arg(own.as_bytes());
-            if let Some(net48) = &net48 {
-                call.arg(net48.as_bytes());
+        let keys = |call: &mut redis::Cmd| {
+            for client in clients {
+                let (own, net48) = self.keys_of(client);
+                call.arg(own.as_bytes());
+                if let Some(net48) = &net48 {
+                    call.arg(net48.as_bytes());
+                }
             }
+        };
+        if undeclared {
+            call.arg(self.node_script.get_hash()).arg(0);
+        } else {
+            call.arg(self.script.get_hash())
+                .arg(counts.iter().map(|&c| usize::from(c)).sum::<usize>());
+            keys(&mut call);
         }
         if self.clock_argument {
             call.arg(now.unwrap_or_default());
         }
+        if undeclared {
+            call.arg(clients.len());
+        }
         for count in counts {
             call.arg(count);
+        }
+        if undeclared {
+            keys(&mut call);
         }
         call
     }
 
-    /// Each client's decision from the reply of [`RedisWindows::call`], or for all of
-    /// them an error if the reply is not what the script returns.
-    fn split(
-        &self,
-        reply: &redis::Value,
-        clients: &[&ClientKey],
-    ) -> Vec<Result<Decision, RedisUnavailable>> {
+    /// Each client's answer in the reply of [`RedisWindows::call`], or for all of them
+    /// an error if the reply is not what the script returns ("elsewhere" only from the
+    /// undeclared variant).
+    fn split(&self, reply: &redis::Value, clients: &[&ClientKey], undeclared: bool) -> Vec<Answer> {
         let unexpected = || {
             RedisUnavailable::Failed(redis::RedisError::from((
                 redis::ErrorKind::Client,
                 "rate-limit script returned an unexpected reply",
             )))
         };
-        let policies: Vec<[Option<&Policy>; 2]> = clients
-            .iter()
-            .map(|c| {
-                let net48 = self.net48.as_ref().filter(|_| c.net48().is_some());
-                [Some(&self.policy), net48]
-            })
-            .collect();
-        let expected: usize = policies.iter().map(reply_len).sum();
-        let items = match reply {
-            redis::Value::Array(items) if items.len() == expected => items,
-            _ => return vec![Err(unexpected()); clients.len()],
+        let all_unexpected = || vec![Some(Err(unexpected())); clients.len()];
+        let redis::Value::Array(items) = reply else {
+            return all_unexpected();
         };
         let mut rest = &items[..];
-        policies
-            .iter()
-            .map(|p| {
-                let (mine, after) = rest.split_at(reply_len(p));
-                rest = after;
-                decide_items(mine, p).ok_or_else(unexpected)
-            })
-            .collect()
+        let mut answers = Vec::with_capacity(clients.len());
+        for client in clients {
+            let net48 = self.net48.as_ref().filter(|_| client.net48().is_some());
+            let policies = [Some(&self.policy), net48];
+            if undeclared && rest.first() == Some(&redis::Value::Int(2)) {
+                rest = &rest[1..];
+                answers.push(None);
+                continue;
+            }
+            let Some((mine, after)) = rest.split_at_checked(reply_len(&policies)) else {
+                return all_unexpected();
+            };
+            rest = after;
+            answers.push(Some(decide_items(mine, &policies).ok_or_else(unexpected)));
+        }
+        if !rest.is_empty() {
+            return all_unexpected();
+        }
+        answers
     }
 }
 
@@ -524,6 +874,52 @@ mod tests {
         ];
         for (reply, why) in cases {
             assert_eq!(decide(reply, &policies), None, "{why}");
+        }
+    }
+
+    #[test]
+    fn a_slot_map_is_read_from_cluster_slots_or_not_at_all() {
+        use redis::Value::{Array, BulkString, Int};
+        let node = |host: &str, port: i64| {
+            Array(vec![
+                BulkString(host.into()),
+                Int(port),
+                BulkString(b"id".to_vec()),
+            ])
+        };
+        let reply = Array(vec![
+            Array(vec![
+                Int(0),
+                Int(8000),
+                node("10.0.0.1", 6379),
+                node("10.0.0.4", 6379),
+            ]),
+            Array(vec![Int(8001), Int(16383), node("10.0.0.2", 6380)]),
+        ]);
+        let map = SlotMap::parse(&reply).expect("a map");
+        assert_eq!(
+            map.nodes,
+            [("10.0.0.1".to_owned(), 6379), ("10.0.0.2".to_owned(), 6380)],
+            "masters only, each once"
+        );
+        // CLUSTER KEYSLOT: "a" is slot 15495, "b" slot 3300.
+        assert_eq!(map.node_of(b"a"), Some(1));
+        assert_eq!(map.node_of(b"b"), Some(0));
+        assert_eq!(map.node_of(b"x{b}y"), Some(0), "by the hash tag");
+        let partial = Array(vec![Array(vec![Int(0), Int(10), node("10.0.0.1", 1)])]);
+        assert_eq!(SlotMap::parse(&partial).unwrap().node_of(b"a"), None);
+        for bad in [
+            Int(1),
+            Array(vec![Int(0)]),
+            Array(vec![Array(vec![Int(0), Int(20_000), node("h", 1)])]),
+            Array(vec![Array(vec![Int(0), Int(1), node("h", 70_000)])]),
+            Array(vec![Array(vec![
+                Int(0),
+                Int(1),
+                Array(vec![Int(1), Int(1)]),
+            ])]),
+        ] {
+            assert!(SlotMap::parse(&bad).is_none(), "{bad:?}");
         }
     }
 

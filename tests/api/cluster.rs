@@ -610,3 +610,185 @@ async fn a_slot_left_mid_migration_is_not_an_outage_for_everyone_else() {
         "other clients' limits stay cluster-wide"
     );
 }
+
+/// The `EVALSHA` calls the masters on `ports` served since their statistics were reset.
+fn evalsha_calls(ports: &[u16]) -> u64 {
+    ports
+        .iter()
+        .map(|port| {
+            let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+                .unwrap()
+                .get_connection()
+                .unwrap();
+            let info: String = redis::cmd("INFO")
+                .arg("commandstats")
+                .query(&mut conn)
+                .unwrap();
+            info.lines()
+                .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+                .and_then(|rest| rest.split(',').next())
+                .map_or(0, |calls| calls.parse().unwrap())
+        })
+        .sum()
+}
+
+fn reset_stats(ports: &[u16]) {
+    for port in ports {
+        let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query::<()>(&mut conn)
+            .unwrap();
+    }
+}
+
+/// The limiter of one instance on `cluster`, with its slot map read.
+async fn limiter_on(
+    cluster: &RedisCluster,
+    policy: &str,
+) -> (
+    Arc<fibonacci_api::redis_client::RedisClient>,
+    Arc<fibonacci_api::ratelimit::redis::RedisWindows>,
+) {
+    use fibonacci_api::{
+        metrics::Metrics,
+        ratelimit::{redis::RedisWindows, ClientKey},
+        redis_client::{RedisClient, Target},
+    };
+    let seeds = cluster.seeds();
+    let redis = RedisClient::new(
+        Target::Cluster(&seeds),
+        Duration::from_secs(5),
+        &Metrics::new(),
+    )
+    .unwrap();
+    let windows = Arc::new(RedisWindows::new(&Policy::parse(policy).unwrap(), None));
+    let warm = ClientKey::of("198.51.100.250".parse().unwrap());
+    eventually(Duration::from_secs(10), "the slot map read", || {
+        let (windows, redis, warm) = (windows.clone(), redis.clone(), warm.clone());
+        async move {
+            windows.check(&redis, &warm, 0).await.unwrap();
+            windows.batches_by_node()
+        }
+    })
+    .await;
+    (redis, windows)
+}
+
+/// `checks` of each of `clients`, all at once; how many of each were allowed.
+async fn allowed_of(
+    redis: &Arc<fibonacci_api::redis_client::RedisClient>,
+    windows: &Arc<fibonacci_api::ratelimit::redis::RedisWindows>,
+    clients: &[String],
+    checks: usize,
+) -> Vec<usize> {
+    use fibonacci_api::ratelimit::ClientKey;
+    let tasks: Vec<_> = (0..checks)
+        .flat_map(|_| clients.iter().enumerate())
+        .map(|(i, client)| {
+            let (redis, windows) = (redis.clone(), windows.clone());
+            let key = ClientKey::of(client.parse().unwrap());
+            tokio::spawn(async move {
+                let decision = windows.check(&redis, &key, 0).await.unwrap();
+                (i, decision.is_allowed())
+            })
+        })
+        .collect();
+    let mut allowed = vec![0; clients.len()];
+    for task in tasks {
+        let (i, ok) = task.await.unwrap();
+        allowed[i] += usize::from(ok);
+    }
+    allowed
+}
+
+// A single-threaded runtime makes "concurrent" exact: every check is runnable before the
+// first call goes out.
+#[tokio::test]
+async fn concurrent_checks_go_as_one_call_per_master_and_stay_exact() {
+    let Some(cluster) = RedisCluster::start(1000) else {
+        return;
+    };
+    let (redis, windows) = limiter_on(&cluster, "30/minute").await;
+    let (masters, _) = cluster.roles();
+    // 60 clients, 20 on each master; a first check each loads the script everywhere.
+    let clients: Vec<String> = masters
+        .iter()
+        .flat_map(|port| clients_on(&cluster, *port, 20))
+        .collect();
+    let first = allowed_of(&redis, &windows, &clients, 1).await;
+    assert_eq!(first, vec![1; clients.len()]);
+    reset_stats(&masters);
+    let allowed = allowed_of(&redis, &windows, &clients, 39).await;
+    assert_eq!(allowed, vec![29; clients.len()], "each client: 30 of 40");
+    // 2,340 checks in batches of at most 128 (19 batches), each one call per master.
+    let calls = evalsha_calls(&masters);
+    assert!(
+        (19..=19 * 3).contains(&calls),
+        "2,340 checks took {calls} calls"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_of_clients_whose_slots_moved_since_the_map_was_read_stay_exact() {
+    let Some(cluster) = RedisCluster::start(1000) else {
+        return;
+    };
+    let (masters, _) = cluster.roles();
+    let on_first = clients_on(&cluster, masters[0], 3000);
+    let stayed = clients_on(&cluster, masters[1], 30);
+    let (redis, windows) = limiter_on(&cluster, "30/minute").await;
+    let map_read = Instant::now();
+    // 400 slots of the first master move to the second: the map the limiter holds now
+    // sends their clients to a node that no longer has them.
+    let moved_ok = {
+        let (port, from, to) = (
+            cluster.ports[0],
+            RedisCluster::node_id(masters[0]),
+            RedisCluster::node_id(masters[1]),
+        );
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new("redis-cli")
+                .args(["--cluster", "reshard", &format!("127.0.0.1:{port}")])
+                .args(["--cluster-from", &from, "--cluster-to", &to])
+                .args(["--cluster-slots", "400", "--cluster-yes"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .unwrap()
+                .success()
+        })
+        .await
+        .unwrap()
+    };
+    assert!(moved_ok, "redis-cli --cluster reshard succeeded");
+    let moved: Vec<String> = on_first
+        .into_iter()
+        .filter(|c| cluster.owner_of(&format!("ratelimit:v2:{{{c}}}")) != masters[0])
+        .take(30)
+        .collect();
+    assert_eq!(moved.len(), 30, "clients whose slot moved");
+    reset_stats(&masters[..1]);
+    let stale = map_read.elapsed();
+    let clients: Vec<String> = moved.iter().chain(&stayed).cloned().collect();
+    let allowed = allowed_of(&redis, &windows, &clients, 40).await;
+    assert_eq!(
+        allowed,
+        vec![30; clients.len()],
+        "each client: 30 of 40, counted once each, wherever its slot went"
+    );
+    // The moved clients' first batch went to their old master (the map was younger than
+    // its 5 s age), which counted nothing for them: the script found their keys gone.
+    if stale < Duration::from_secs(4) {
+        assert!(
+            evalsha_calls(&masters[..1]) > 0,
+            "the old master was asked first ({stale:?} after the map was read)"
+        );
+    } else {
+        eprintln!("the resharding took {stale:?}: the map was read again before the checks");
+    }
+    assert!(windows.batches_by_node(), "still batching, by the new map");
+}
