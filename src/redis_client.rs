@@ -346,6 +346,17 @@ impl RedisClient {
         self.bounded(cmd.query_async(&mut conn)).await
     }
 
+    /// Runs a command within the timeout whatever the breaker says, and without
+    /// counting for or against it: for reading the cluster's slot map, which must be
+    /// fresh when the breaker closes (its callers bound how often they ask).
+    pub async fn query_past_breaker<T: FromRedisValue>(
+        &self,
+        cmd: &redis::Cmd,
+    ) -> Result<T, RedisUnavailable> {
+        let mut conn = self.connection();
+        self.timed(cmd.query_async(&mut conn)).await
+    }
+
     /// Runs an `EVALSHA` call; if Redis does not have the script yet (a restart, a new
     /// node), loads `source` and runs the call once more.
     pub async fn eval_sha<T: FromRedisValue>(

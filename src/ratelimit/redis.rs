@@ -230,7 +230,7 @@ const SLOT_MAP_WAIT: Duration = Duration::from_secs(1);
 
 /// Tries of a misplaced client by the slot map before its check goes through the client
 /// library's own routing (which follows MOVED and ASK: a slot mid-migration).
-const BY_MAP_TRIES: u8 = 2;
+const BY_MAP_TRIES: u8 = 3;
 
 /// A request waiting for the next call to Redis.
 struct Waiter {
@@ -481,15 +481,19 @@ impl RedisWindows {
         Ok(self.split(&reply, clients, true))
     }
 
-    /// The cluster's slot map, read again in the background when it is old or was
-    /// found wrong; `None` until a first read answers.
+    /// The cluster's slot map, read again in the background (at most one read at a
+    /// time, one per [`SLOT_MAP_RETRY`]) when it is old, was found wrong, or while the
+    /// breaker is open; `None` until a first read answers.
     fn slot_map(self: &Arc<Self>, redis: &Arc<RedisClient>) -> Option<Arc<SlotMap>> {
         let map = self.slots.borrow().clone();
         let due = match &map {
             None => true,
+            // While the breaker is open the cluster may be failing over: the map read
+            // last can be the old one, and the breaker closes onto whatever is held.
             Some(map) => {
                 map.read_at.elapsed() >= SLOT_MAP_MAX_AGE
                     || self.slots_stale.load(Ordering::Relaxed)
+                    || !redis.is_available()
             }
         };
         if due {
@@ -500,8 +504,10 @@ impl RedisWindows {
                 self.slots_stale.store(false, Ordering::Relaxed);
                 let (this, redis) = (self.clone(), redis.clone());
                 tokio::spawn(async move {
+                    // Also while the breaker is open: a master that failed over leaves
+                    // the map wrong, and the breaker closes onto the map read last.
                     let reply = redis
-                        .query::<redis::Value>(redis::cmd("CLUSTER").arg("SLOTS"))
+                        .query_past_breaker::<redis::Value>(redis::cmd("CLUSTER").arg("SLOTS"))
                         .await;
                     if let Some(map) = reply.ok().as_ref().and_then(SlotMap::parse) {
                         this.slots.send_replace(Some(Arc::new(map)));
@@ -611,6 +617,10 @@ impl RedisWindows {
             // A node the library is not connected to (yet): nothing was sent.
             Err(e) if e.is_unroutable() => vec![None; clients.len()],
             Err(e) => {
+                if !e.is_refusal() {
+                    // No answer: the node may be gone, its slots served by another now.
+                    self.slots_stale.store(true, Ordering::Relaxed);
+                }
                 if e.code() == Some("ERR")
                     && !self.node_script_refused.swap(true, Ordering::Relaxed)
                 {
