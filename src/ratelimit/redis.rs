@@ -15,7 +15,7 @@ use super::{
 use std::{
     collections::HashMap,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU32, Ordering},
         Arc,
     },
     time::{Duration, Instant},
@@ -226,7 +226,12 @@ const MAX_BATCH: usize = 128;
 /// for the new map before they are sent anyway.
 const SLOT_MAP_MAX_AGE: Duration = Duration::from_secs(5);
 const SLOT_MAP_RETRY: Duration = Duration::from_millis(100);
-const SLOT_MAP_WAIT: Duration = Duration::from_secs(1);
+const SLOT_MAP_WAIT: Duration = Duration::from_millis(200);
+
+/// Node calls in a row to addresses the client library has no connection to, after
+/// which the map's addresses are taken not to be the library's (a cluster announcing
+/// endpoints it does not connect by) and every check is a call of its own.
+const UNROUTABLE_LIMIT: u32 = 16;
 
 /// Tries of a misplaced client by the slot map before its check goes through the client
 /// library's own routing (which follows MOVED and ASK: a slot mid-migration).
@@ -279,10 +284,17 @@ impl SlotMap {
             else {
                 return None;
             };
-            let address = (
-                String::from_utf8(host.clone()).ok()?,
-                u16::try_from(*port).ok()?,
-            );
+            let host = String::from_utf8(host.clone()).ok()?;
+            // Empty, unknown (`?`) or wildcard: "the node you asked", which the client
+            // library resolves and a map read through it cannot; such a cluster gets a
+            // call per check.
+            let unspecified = host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_unspecified());
+            if host.is_empty() || host == "?" || unspecified {
+                return None;
+            }
+            let address = (host, u16::try_from(*port).ok()?);
             let node = match nodes.iter().position(|n| *n == address) {
                 Some(i) => i,
                 None => {
@@ -324,11 +336,16 @@ pub struct RedisWindows {
     /// When the slot map was last asked for; a read is under way while `reading`.
     slots_asked: std::sync::Mutex<Option<Instant>>,
     reading: AtomicBool,
+    /// The last map read answered but named no usable addresses.
+    map_unusable: AtomicBool,
     /// A client was found elsewhere than the map says: read it again.
     slots_stale: AtomicBool,
     /// The cluster refused the batch script (a Redis before 7.0, which has no script
-    /// flags): every check is its own call.
-    node_script_refused: AtomicBool,
+    /// flags), or the addresses it announces are not ones the client library connects
+    /// to: every check is its own call.
+    per_check_only: AtomicBool,
+    /// Node calls in a row addressed to a node the client library had no connection to.
+    unroutable: AtomicU32,
 }
 
 impl RedisWindows {
@@ -371,8 +388,10 @@ impl RedisWindows {
             slots: tokio::sync::watch::Sender::new(None),
             slots_asked: std::sync::Mutex::new(None),
             reading: AtomicBool::new(false),
+            map_unusable: AtomicBool::new(false),
             slots_stale: AtomicBool::new(false),
-            node_script_refused: AtomicBool::new(false),
+            per_check_only: AtomicBool::new(false),
+            unroutable: AtomicU32::new(0),
         }
     }
 
@@ -387,7 +406,7 @@ impl RedisWindows {
     /// and the cluster runs the batch script): for tests.
     #[doc(hidden)]
     pub fn batches_by_node(&self) -> bool {
-        !self.node_script_refused.load(Ordering::Relaxed) && self.slots.borrow().is_some()
+        !self.per_check_only.load(Ordering::Relaxed) && self.slots.borrow().is_some()
     }
 
     /// Checks and counts one request of `client` in Redis (`now` is used only by the
@@ -407,7 +426,7 @@ impl RedisWindows {
     ) -> Result<Decision, RedisUnavailable> {
         let batched = !self.clock_argument
             && (!redis.is_cluster()
-                || (!self.node_script_refused.load(Ordering::Relaxed)
+                || (!self.per_check_only.load(Ordering::Relaxed)
                     && self.slot_map(redis).is_some()));
         if !batched {
             return self.check_one(redis, client, now).await;
@@ -498,7 +517,14 @@ impl RedisWindows {
         };
         if due {
             let mut asked = self.slots_asked.lock().expect("not poisoned");
-            let recently = asked.is_some_and(|at| at.elapsed() < SLOT_MAP_RETRY);
+            // A cluster whose map cannot be used is asked again only as often as a good
+            // map ages.
+            let gap = if self.map_unusable.load(Ordering::Relaxed) {
+                SLOT_MAP_MAX_AGE
+            } else {
+                SLOT_MAP_RETRY
+            };
+            let recently = asked.is_some_and(|at| at.elapsed() < gap);
             if !recently && !self.reading.swap(true, Ordering::AcqRel) {
                 *asked = Some(Instant::now());
                 self.slots_stale.store(false, Ordering::Relaxed);
@@ -509,8 +535,13 @@ impl RedisWindows {
                     let reply = redis
                         .query_past_breaker::<redis::Value>(redis::cmd("CLUSTER").arg("SLOTS"))
                         .await;
-                    if let Some(map) = reply.ok().as_ref().and_then(SlotMap::parse) {
-                        this.slots.send_replace(Some(Arc::new(map)));
+                    if let Ok(reply) = reply {
+                        let map = SlotMap::parse(&reply);
+                        this.map_unusable.store(map.is_none(), Ordering::Relaxed);
+                        if map.is_none() {
+                            tracing::debug!("the cluster's slot map names no usable addresses: a call per check");
+                        }
+                        this.slots.send_replace(map.map(Arc::new));
                     }
                     this.reading.store(false, Ordering::Release);
                 });
@@ -613,17 +644,30 @@ impl RedisWindows {
             .eval_sha_at::<redis::Value>(&call, &self.node_source, (host, *port))
             .await
         {
-            Ok(reply) => self.split(&reply, &clients, true),
-            // A node the library is not connected to (yet): nothing was sent.
-            Err(e) if e.is_unroutable() => vec![None; clients.len()],
+            Ok(reply) => {
+                self.unroutable.store(0, Ordering::Relaxed);
+                self.split(&reply, &clients, true)
+            }
+            // A node the library is not connected to (a new one, or an address it does
+            // not know by that name): nothing was sent, and a new map would not help.
+            Err(e) if e.is_unroutable() => {
+                if self.unroutable.fetch_add(1, Ordering::Relaxed) + 1 == UNROUTABLE_LIMIT
+                    && !self.per_check_only.swap(true, Ordering::Relaxed)
+                {
+                    tracing::warn!(
+                        event = "redis_batch_refused",
+                        error = %e,
+                        "the cluster's announced node addresses are not ones the client library connects to: each rate-limit check is now a call of its own"
+                    );
+                }
+                return self.reroute(redis, group, BY_MAP_TRIES);
+            }
             Err(e) => {
                 if !e.is_refusal() {
                     // No answer: the node may be gone, its slots served by another now.
                     self.slots_stale.store(true, Ordering::Relaxed);
                 }
-                if e.code() == Some("ERR")
-                    && !self.node_script_refused.swap(true, Ordering::Relaxed)
-                {
+                if e.code() == Some("ERR") && !self.per_check_only.swap(true, Ordering::Relaxed) {
                     tracing::warn!(
                         event = "redis_batch_refused",
                         error = %e,
@@ -928,6 +972,10 @@ mod tests {
                 Int(1),
                 Array(vec![Int(1), Int(1)]),
             ])]),
+            Array(vec![Array(vec![Int(0), Int(1), node("", 1)])]),
+            Array(vec![Array(vec![Int(0), Int(1), node("?", 1)])]),
+            Array(vec![Array(vec![Int(0), Int(1), node("0.0.0.0", 1)])]),
+            Array(vec![Array(vec![Int(0), Int(1), node("::", 1)])]),
         ] {
             assert!(SlotMap::parse(&bad).is_none(), "{bad:?}");
         }
