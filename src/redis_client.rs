@@ -64,7 +64,10 @@ impl RedisUnavailable {
             return false;
         };
         // TRYAGAIN: a multi-key call on a slot caught mid-migration (an aborted reshard
-        // can leave one so); the node is fine and so is every other slot.
+        // can leave one so); the node is fine and so is every other slot. MOVED and ASK
+        // that outlast the client library's redirections (it can lose the ASKING of a
+        // slot mid-migration to a concurrent command) and READONLY (a call that reached
+        // a master just demoted) are about one slot or one node's role, not an outage.
         matches!(
             e.code(),
             Some(
@@ -76,6 +79,9 @@ impl RedisUnavailable {
                     | "NOPERM"
                     | "CROSSSLOT"
                     | "TRYAGAIN"
+                    | "MOVED"
+                    | "ASK"
+                    | "READONLY"
             )
         )
     }
@@ -184,6 +190,8 @@ pub struct RedisClient {
     /// When a refusal was last logged.
     refusal_logged: Mutex<Option<std::time::Instant>>,
     up: Gauge,
+    /// Wakes the pinger when calls open the breaker.
+    opened: tokio::sync::Notify,
 }
 
 impl RedisClient {
@@ -232,6 +240,7 @@ impl RedisClient {
             open_cause: Mutex::new(""),
             refusal_logged: Mutex::new(None),
             up,
+            opened: tokio::sync::Notify::new(),
         }))
     }
 
@@ -254,6 +263,10 @@ impl RedisClient {
 
     fn on_failure(&self, error: &RedisUnavailable) {
         let transition = self.breaker.record_failure();
+        if transition == Transition::Opened {
+            // The pinger may be in its 5 s healthy sleep: probe at the open cadence now.
+            self.opened.notify_one();
+        }
         self.log_failure(error, transition);
     }
 
@@ -527,6 +540,7 @@ impl RedisClient {
             tokio::select! {
                 _ = &mut stop => return,
                 _ = tokio::time::sleep(period) => {}
+                () = self.opened.notified() => {}
             }
         }
     }

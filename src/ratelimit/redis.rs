@@ -662,12 +662,17 @@ impl RedisWindows {
                 }
                 return self.reroute(redis, group, BY_MAP_TRIES);
             }
+            // That address is not a master any more (a failover, the map read before
+            // it): the script did not run there; the clients go by a new map.
+            Err(e) if matches!(e.code(), Some("READONLY" | "MOVED" | "ASK")) => {
+                return self.reroute(redis, group, tries);
+            }
             Err(e) => {
                 if !e.is_refusal() {
                     // No answer: the node may be gone, its slots served by another now.
                     self.slots_stale.store(true, Ordering::Relaxed);
                 }
-                if e.code() == Some("ERR") && !self.per_check_only.swap(true, Ordering::Relaxed) {
+                if is_script_refused(&e) && !self.per_check_only.swap(true, Ordering::Relaxed) {
                     tracing::warn!(
                         event = "redis_batch_refused",
                         error = %e,
@@ -807,6 +812,13 @@ impl RedisWindows {
         }
         answers
     }
+}
+
+/// Whether Redis cannot take the batch script at all (before Redis 7 its shebang line
+/// does not compile), rather than failing one call: any other error leaves batching on.
+fn is_script_refused(e: &RedisUnavailable) -> bool {
+    let text = e.to_string().to_ascii_lowercase();
+    e.code() == Some("ERR") && (text.contains("compiling script") || text.contains("shebang"))
 }
 
 /// The length of one client's share of the reply.

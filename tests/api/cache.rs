@@ -113,6 +113,39 @@ async fn redis_dying_costs_nothing_and_its_return_is_noticed() {
     app.stop().await;
 }
 
+// The health probe runs every 5 s while Redis is healthy and every 500 ms while the
+// breaker is open; a breaker opened by calls between two healthy probes must get the
+// fast cadence at once, not after the rest of the 5 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_breaker_opened_by_calls_is_probed_at_once_not_after_the_healthy_period() {
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    let app = spawn_app(with_redis(&redis)).await;
+    eventually(Duration::from_secs(5), "redis_up is 1", || async {
+        app.scrape().await.get("redis_up", &[]) == 1.0
+    })
+    .await;
+    // Just after a healthy probe: the next one is about 5 s away.
+    redis.kill();
+    for n in 200..230 {
+        assert_eq!(app.fib(&n.to_string()).await.status(), StatusCode::OK);
+    }
+    assert_eq!(
+        app.scrape().await.get("redis_up", &[]),
+        0.0,
+        "the breaker opened"
+    );
+    redis.restart();
+    eventually(
+        Duration::from_secs(3),
+        "Redis used again within the open cadence, not after the healthy period",
+        || async { app.scrape().await.get("redis_up", &[]) == 1.0 },
+    )
+    .await;
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_garbage_value_in_redis_is_never_served_and_is_overwritten() {
     let Some(redis) = RedisServer::start() else {

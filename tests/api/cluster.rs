@@ -792,3 +792,97 @@ async fn checks_of_clients_whose_slots_moved_since_the_map_was_read_stay_exact()
     }
     assert!(windows.batches_by_node(), "still batching, by the new map");
 }
+
+/// The replica of the master on `port`, as the replicas see it now.
+fn replica_of(cluster: &RedisCluster, port: u16) -> u16 {
+    let (_, replicas) = cluster.roles();
+    replicas
+        .into_iter()
+        .find(|replica| {
+            let mut conn = redis::Client::open(format!("redis://127.0.0.1:{replica}"))
+                .unwrap()
+                .get_connection()
+                .unwrap();
+            let role: Vec<redis::Value> = redis::cmd("ROLE").query(&mut conn).unwrap();
+            matches!(role.get(2), Some(redis::Value::Int(p)) if *p == i64::from(port))
+        })
+        .expect("the master has a replica")
+}
+
+// A batch addressed by a map read before a failover reaches the demoted master, which
+// refuses the script (READONLY) without running it: those clients must go by a new map,
+// not fall back to the instance's own limits, and the breaker must stay closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manual_failover_under_load_keeps_the_limits_cluster_wide() {
+    let Some(cluster) = RedisCluster::start(1000) else {
+        return;
+    };
+    // An hour's window: a run crossing a minute boundary must not let a client through.
+    let apps = [
+        spawn_app(limited_on(&cluster, "30/hour")).await,
+        spawn_app(limited_on(&cluster, "30/hour")).await,
+    ];
+    for app in &apps {
+        eventually(Duration::from_secs(10), "connected", || async {
+            app.scrape().await.get("redis_up", &[]) == 1.0
+        })
+        .await;
+    }
+    let (masters, _) = cluster.roles();
+    let clients = clients_on(&cluster, masters[0], 40);
+    let replica = replica_of(&cluster, masters[0]);
+    let proxy = client_from(Some("127.0.0.5".parse().unwrap()));
+    let round = |r: usize| {
+        let tasks: Vec<_> = clients
+            .iter()
+            .enumerate()
+            .map(|(i, client)| {
+                let url = apps[(i + r) % 2].url("/fibonacci?n=9");
+                let request = proxy.get(url).header("x-forwarded-for", client).send();
+                tokio::spawn(async move { request.await.map(|r| r.status()) })
+            })
+            .collect();
+        async move {
+            let mut accepted = Vec::new();
+            for task in tasks {
+                let status = task.await.unwrap().unwrap();
+                assert!(status == StatusCode::OK || status == StatusCode::TOO_MANY_REQUESTS);
+                accepted.push(usize::from(status == StatusCode::OK));
+            }
+            accepted
+        }
+    };
+    let mut accepted = vec![0; clients.len()];
+    for r in 0..40 {
+        if r == 10 {
+            // The replica takes over, gracefully: the old master becomes its replica.
+            let mut conn = redis::Client::open(format!("redis://127.0.0.1:{replica}"))
+                .unwrap()
+                .get_connection()
+                .unwrap();
+            redis::cmd("CLUSTER")
+                .arg("FAILOVER")
+                .query::<()>(&mut conn)
+                .unwrap();
+        }
+        for (total, ok) in accepted.iter_mut().zip(round(r).await) {
+            *total += ok;
+        }
+    }
+    assert!(
+        cluster.roles().0.contains(&replica),
+        "the failover happened during the run"
+    );
+    assert_eq!(accepted, vec![30; clients.len()], "each client: 30 of 40");
+    for app in apps {
+        let scrape = app.scrape().await;
+        assert_eq!(
+            scrape
+                .value("rate_limit_local_decisions_total", &[])
+                .unwrap_or(0.0),
+            0.0,
+            "no check fell back to the instance's own limits"
+        );
+        app.stop().await;
+    }
+}
