@@ -377,14 +377,7 @@ impl RedisClient {
         call: &redis::Cmd,
         source: &str,
     ) -> Result<T, RedisUnavailable> {
-        match self.query(call).await {
-            Err(e) if e.code() == Some("NOSCRIPT") => {
-                self.query::<String>(redis::cmd("SCRIPT").arg("LOAD").arg(source))
-                    .await?;
-                self.query(call).await
-            }
-            result => result,
-        }
+        self.eval_sha_routed(call, source, None).await
     }
 
     /// Runs an `EVALSHA` on the cluster node at `host:port`, whatever keys the call
@@ -402,24 +395,34 @@ impl RedisClient {
             host: host.to_owned(),
             port,
         });
-        match self.routed(call, &route).await {
+        self.eval_sha_routed(call, source, Some(&route)).await
+    }
+
+    /// [`Self::eval_sha`], on the node `route` names if there is one.
+    async fn eval_sha_routed<T: FromRedisValue>(
+        &self,
+        call: &redis::Cmd,
+        source: &str,
+        route: Option<&RoutingInfo>,
+    ) -> Result<T, RedisUnavailable> {
+        match self.routed(call, route).await {
             Err(e) if e.code() == Some("NOSCRIPT") => {
-                self.routed::<String>(redis::cmd("SCRIPT").arg("LOAD").arg(source), &route)
+                self.routed::<String>(redis::cmd("SCRIPT").arg("LOAD").arg(source), route)
                     .await?;
-                self.routed(call, &route).await
+                self.routed(call, route).await
             }
             result => result,
         }
     }
 
-    /// Runs a command within the timeout on the node `route` names (a cluster; one
-    /// node runs it as any other), unless the breaker is open.
+    /// Runs a command within the timeout on the node `route` names (a cluster; without
+    /// a route, or on one node, as [`Self::query`] does), unless the breaker is open.
     async fn routed<T: FromRedisValue>(
         &self,
         cmd: &redis::Cmd,
-        route: &RoutingInfo,
+        route: Option<&RoutingInfo>,
     ) -> Result<T, RedisUnavailable> {
-        let Connection::Cluster(mut conn) = self.connection() else {
+        let (Some(route), Connection::Cluster(mut conn)) = (route, self.connection()) else {
             return self.query(cmd).await;
         };
         if !self.is_available() {

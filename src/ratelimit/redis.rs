@@ -426,8 +426,7 @@ impl RedisWindows {
     ) -> Result<Decision, RedisUnavailable> {
         let batched = !self.clock_argument
             && (!redis.is_cluster()
-                || (!self.per_check_only.load(Ordering::Relaxed)
-                    && self.slot_map(redis).is_some()));
+                || (!self.per_check_only.load(Ordering::Relaxed) && self.slot_map(redis)));
         if !batched {
             return self.check_one(redis, client, now).await;
         }
@@ -502,18 +501,19 @@ impl RedisWindows {
 
     /// The cluster's slot map, read again in the background (at most one read at a
     /// time, one per [`SLOT_MAP_RETRY`]) when it is old, was found wrong, or while the
-    /// breaker is open; `None` until a first read answers.
-    fn slot_map(self: &Arc<Self>, redis: &Arc<RedisClient>) -> Option<Arc<SlotMap>> {
-        let map = self.slots.borrow().clone();
-        let due = match &map {
-            None => true,
+    /// breaker is open; whether one is held (none until a first read answers).
+    fn slot_map(self: &Arc<Self>, redis: &Arc<RedisClient>) -> bool {
+        // Not cloned: this runs on every check of a cluster.
+        let (held, due) = match &*self.slots.borrow() {
+            None => (false, true),
             // While the breaker is open the cluster may be failing over: the map read
             // last can be the old one, and the breaker closes onto whatever is held.
-            Some(map) => {
+            Some(map) => (
+                true,
                 map.read_at.elapsed() >= SLOT_MAP_MAX_AGE
                     || self.slots_stale.load(Ordering::Relaxed)
-                    || !redis.is_available()
-            }
+                    || !redis.is_available(),
+            ),
         };
         if due {
             let mut asked = self.slots_asked.lock().expect("not poisoned");
@@ -547,7 +547,7 @@ impl RedisWindows {
                 });
             }
         }
-        map
+        held
     }
 
     /// A task that sends the waiting checks (at most [`MAX_BATCH`]; another task takes

@@ -13,7 +13,10 @@ use fibonacci_api::{cache::redis_key, config::Config, fib, ratelimit::Policy};
 use redis::Commands;
 use reqwest::StatusCode;
 
-use crate::helpers::{client_from, eventually, spawn_app, test_config, RedisCluster, TestApp};
+use crate::helpers::{
+    client_from, evalsha_calls, eventually, reset_stats, spawn_app, test_config, RedisCluster,
+    TestApp,
+};
 
 const CACHE: &str = "fibonacci_cache_requests_total";
 const COMPUTE: &str = "fibonacci_compute_duration_seconds";
@@ -78,10 +81,7 @@ async fn values_written_by_one_instance_are_served_by_another() {
     let spread = masters
         .iter()
         .filter(|port| {
-            let mut node = redis::Client::open(format!("redis://127.0.0.1:{port}"))
-                .unwrap()
-                .get_connection()
-                .unwrap();
+            let mut node = RedisCluster::node(**port);
             redis::cmd("DBSIZE").query::<u64>(&mut node).unwrap() > 0
         })
         .count();
@@ -563,13 +563,7 @@ async fn a_slot_left_mid_migration_is_not_an_outage_for_everyone_else() {
     let source = cluster.owner_of(net48);
     let (masters, _) = cluster.roles();
     let target = *masters.iter().find(|p| **p != source).unwrap();
-    let node = |port: u16| {
-        redis::Client::open(format!("redis://127.0.0.1:{port}"))
-            .unwrap()
-            .get_connection()
-            .unwrap()
-    };
-    let (mut from, mut to) = (node(source), node(target));
+    let (mut from, mut to) = (RedisCluster::node(source), RedisCluster::node(target));
     let slot: u16 = redis::cmd("CLUSTER")
         .arg("KEYSLOT")
         .arg(net48)
@@ -657,37 +651,17 @@ async fn a_slot_left_mid_migration_is_not_an_outage_for_everyone_else() {
     );
 }
 
-/// The `EVALSHA` calls the masters on `ports` served since their statistics were reset.
-fn evalsha_calls(ports: &[u16]) -> u64 {
+/// The `EVALSHA` calls the nodes on `ports` executed since their statistics were reset.
+fn evalsha_calls_on(ports: &[u16]) -> u64 {
     ports
         .iter()
-        .map(|port| {
-            let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))
-                .unwrap()
-                .get_connection()
-                .unwrap();
-            let info: String = redis::cmd("INFO")
-                .arg("commandstats")
-                .query(&mut conn)
-                .unwrap();
-            info.lines()
-                .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
-                .and_then(|rest| rest.split(',').next())
-                .map_or(0, |calls| calls.parse().unwrap())
-        })
+        .map(|port| evalsha_calls(&mut RedisCluster::node(*port)))
         .sum()
 }
 
-fn reset_stats(ports: &[u16]) {
+fn reset_stats_on(ports: &[u16]) {
     for port in ports {
-        let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))
-            .unwrap()
-            .get_connection()
-            .unwrap();
-        redis::cmd("CONFIG")
-            .arg("RESETSTAT")
-            .query::<()>(&mut conn)
-            .unwrap();
+        reset_stats(&mut RedisCluster::node(*port));
     }
 }
 
@@ -767,11 +741,11 @@ async fn concurrent_checks_go_as_one_call_per_master_and_stay_exact() {
         .collect();
     let first = allowed_of(&redis, &windows, &clients, 1).await;
     assert_eq!(first, vec![1; clients.len()]);
-    reset_stats(&masters);
+    reset_stats_on(&masters);
     let allowed = allowed_of(&redis, &windows, &clients, 39).await;
     assert_eq!(allowed, vec![29; clients.len()], "each client: 30 of 40");
     // 2,340 checks in batches of at most 128 (19 batches), each one call per master.
-    let calls = evalsha_calls(&masters);
+    let calls = evalsha_calls_on(&masters);
     assert!(
         (19..=19 * 3).contains(&calls),
         "2,340 checks took {calls} calls"
@@ -817,7 +791,7 @@ async fn checks_of_clients_whose_slots_moved_since_the_map_was_read_stay_exact()
         .take(30)
         .collect();
     assert_eq!(moved.len(), 30, "clients whose slot moved");
-    reset_stats(&masters[..1]);
+    reset_stats_on(&masters[..1]);
     let stale = map_read.elapsed();
     let clients: Vec<String> = moved.iter().chain(&stayed).cloned().collect();
     let allowed = allowed_of(&redis, &windows, &clients, 40).await;
@@ -830,7 +804,7 @@ async fn checks_of_clients_whose_slots_moved_since_the_map_was_read_stay_exact()
     // its 5 s age), which counted nothing for them: the script found their keys gone.
     if stale < Duration::from_secs(4) {
         assert!(
-            evalsha_calls(&masters[..1]) > 0,
+            evalsha_calls_on(&masters[..1]) > 0,
             "the old master was asked first ({stale:?} after the map was read)"
         );
     } else {
@@ -845,10 +819,7 @@ fn replica_of(cluster: &RedisCluster, port: u16) -> u16 {
     replicas
         .into_iter()
         .find(|replica| {
-            let mut conn = redis::Client::open(format!("redis://127.0.0.1:{replica}"))
-                .unwrap()
-                .get_connection()
-                .unwrap();
+            let mut conn = RedisCluster::node(*replica);
             let role: Vec<redis::Value> = redis::cmd("ROLE").query(&mut conn).unwrap();
             matches!(role.get(2), Some(redis::Value::Int(p)) if *p == i64::from(port))
         })
@@ -902,10 +873,7 @@ async fn a_manual_failover_under_load_keeps_the_limits_cluster_wide() {
     for r in 0..40 {
         if r == 10 {
             // The replica takes over, gracefully: the old master becomes its replica.
-            let mut conn = redis::Client::open(format!("redis://127.0.0.1:{replica}"))
-                .unwrap()
-                .get_connection()
-                .unwrap();
+            let mut conn = RedisCluster::node(replica);
             redis::cmd("CLUSTER")
                 .arg("FAILOVER")
                 .query::<()>(&mut conn)

@@ -858,10 +858,7 @@ impl RedisCluster {
             .find(|(p, c)| c.is_some() && !self.frozen.contains(p))
             .map(|(p, _)| *p)
             .expect("a live node");
-        let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))
-            .unwrap()
-            .get_connection()
-            .unwrap();
+        let mut conn = Self::node(port);
         let slot: u16 = redis::cmd("CLUSTER")
             .arg("KEYSLOT")
             .arg(key)
@@ -894,12 +891,17 @@ impl RedisCluster {
             .expect("every slot is served")
     }
 
-    /// The node id of the node on `port`.
-    pub fn node_id(port: u16) -> String {
-        let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+    /// A connection to the node on `port` alone (no cluster routing).
+    pub fn node(port: u16) -> redis::Connection {
+        redis::Client::open(format!("redis://127.0.0.1:{port}"))
             .unwrap()
             .get_connection()
-            .unwrap();
+            .unwrap()
+    }
+
+    /// The node id of the node on `port`.
+    pub fn node_id(port: u16) -> String {
+        let mut conn = Self::node(port);
         redis::cmd("CLUSTER").arg("MYID").query(&mut conn).unwrap()
     }
 }
@@ -913,4 +915,22 @@ impl Drop for RedisCluster {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The `EVALSHA` calls the Redis behind `conn` has executed since its statistics were
+/// last reset (`CONFIG RESETSTAT`, [`reset_stats`]).
+pub fn evalsha_calls(conn: &mut redis::Connection) -> u64 {
+    let info: String = redis::cmd("INFO").arg("commandstats").query(conn).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |calls| calls.parse().unwrap())
+}
+
+/// Resets the command statistics of the Redis behind `conn`.
+pub fn reset_stats(conn: &mut redis::Connection) {
+    redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query::<()>(conn)
+        .unwrap();
 }

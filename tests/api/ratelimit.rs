@@ -5,7 +5,9 @@ use std::net::IpAddr;
 use fibonacci_api::{config::Config, ratelimit::Policy};
 use reqwest::StatusCode;
 
-use crate::helpers::{client_from, spawn_app, test_config, RedisServer, TestApp};
+use crate::helpers::{
+    client_from, evalsha_calls, reset_stats, spawn_app, test_config, RedisServer, TestApp,
+};
 
 fn limited(policy: &str) -> Config {
     Config {
@@ -463,15 +465,6 @@ async fn the_lua_script_and_the_rust_window_decide_alike() {
     );
 }
 
-/// The `EVALSHA` calls Redis has served since its statistics were last reset.
-fn evalsha_calls(conn: &mut redis::Connection) -> u64 {
-    let info: String = redis::cmd("INFO").arg("commandstats").query(conn).unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
-        .and_then(|rest| rest.split(',').next())
-        .map_or(0, |calls| calls.parse().unwrap())
-}
-
 // A single-threaded runtime makes "concurrent" exact: every check is runnable before the
 // first call goes out.
 #[tokio::test]
@@ -499,10 +492,7 @@ async fn concurrent_checks_share_one_redis_call_and_stay_exact() {
     let warm = ClientKey::of(ip("198.51.100.1"));
     windows.check(&client, &warm, 0).await.unwrap();
     let mut conn = redis.conn();
-    redis::cmd("CONFIG")
-        .arg("RESETSTAT")
-        .query::<()>(&mut conn)
-        .unwrap();
+    reset_stats(&mut conn);
 
     let run = |clients: Vec<ClientKey>| {
         let (windows, client) = (windows.clone(), client.clone());
@@ -542,10 +532,7 @@ async fn concurrent_checks_share_one_redis_call_and_stay_exact() {
     );
 
     // Past the most one call carries (128), the rest go in further calls.
-    redis::cmd("CONFIG")
-        .arg("RESETSTAT")
-        .query::<()>(&mut conn)
-        .unwrap();
+    reset_stats(&mut conn);
     let many: Vec<ClientKey> = (0..300u32)
         .map(|i| ClientKey::of(IpAddr::from([203, 0, 113, (i % 250) as u8])))
         .collect();
