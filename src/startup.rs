@@ -8,8 +8,14 @@ use tokio::{net::TcpListener, sync::watch};
 
 use crate::{config::Config, http, shutdown::Phase, state::App};
 
-/// How often metrics upkeep and the rate limiter's sweep run.
-const UPKEEP_PERIOD: Duration = Duration::from_secs(5);
+/// How often histogram samples are folded into their buckets. Until then the exporter
+/// holds every sample (8 bytes each, two histograms per request): at 90k requests/s a
+/// 5-second period held ~7 MB and peak RSS under load rose from 19 to 28 MiB.
+const UPKEEP_PERIOD: Duration = Duration::from_secs(1);
+
+/// The rate limiter's sweep runs every this many upkeep periods: it walks every client
+/// held, which once a second would be work for nothing.
+const SWEEP_EVERY: u32 = 5;
 
 /// A bound, not yet running, instance.
 pub struct Application {
@@ -156,12 +162,14 @@ fn spawn_background(
             )
         });
         let mut tick = tokio::time::interval(UPKEEP_PERIOD);
+        let mut ticks = 0u32;
         loop {
             tokio::select! {
                 _ = &mut stop => break,
                 _ = tick.tick() => {
                     app.metrics.run_upkeep();
-                    if let Some(limiter) = &app.limiter {
+                    ticks = ticks.wrapping_add(1);
+                    if let Some(limiter) = app.limiter.as_ref().filter(|_| ticks % SWEEP_EVERY == 1) {
                         limiter.sweep();
                     }
                 }

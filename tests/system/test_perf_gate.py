@@ -4,6 +4,9 @@ cache, rate limits off) must keep at least MIN_RATIO of the ceiling's throughput
 measured side by side in the same run on the same machine: a ratio, never an absolute
 time, so a slower or busier machine moves both. Alternating rounds (ceiling, service,
 ceiling, ...) spread drift over both; the gate judges the median of the rounds' ratios.
+The service's peak RSS (VmHWM) under that load must stay under MAX_RSS_MIB, the memory
+goal of docs/performance.md: an absolute figure, but one a busier machine only lowers
+(fewer requests, fewer histogram samples held between upkeeps).
 
     tests/system/run -k perf_gate     (PERF_ROUNDS, PERF_DURATION, PERF_MIN_RATIO override)
 
@@ -23,11 +26,12 @@ from pathlib import Path
 
 import pytest
 
-from .harness import ROOT, Service, cargo_target_dir, http_get, spawn, unused_port
+from .harness import ROOT, Service, cargo_target_dir, http_get, spawn, unused_port, vm_kib
 
 ROUNDS = int(os.environ.get("PERF_ROUNDS", "5"))
 DURATION = int(os.environ.get("PERF_DURATION", "4"))
 MIN_RATIO = float(os.environ.get("PERF_MIN_RATIO", "0.55"))
+MAX_RSS_MIB = 32
 CONNECTIONS = 32
 PATH = "/fibonacci?n=1000"
 
@@ -71,13 +75,14 @@ def measure_ceiling(ceiling: Path) -> float:
     pytest.fail("perf-gate: the ceiling did not start on any of 5 ports")
 
 
-def measure_service(tmp: Path, binary: Path, round_no: int) -> float:
+def measure_service(tmp: Path, binary: Path, round_no: int) -> tuple[float, int]:
+    """The service's requests/s and its peak RSS in KiB over the load."""
     svc = Service(tmp, f"service-{round_no}", bin_path=str(binary), per_address_limits=True,
                   RATE_LIMITS="off", RUST_LOG="warn", SHUTDOWN_DRAIN_SECONDS="0")
     url = svc.base + PATH
     assert up(svc.proc, url), f"perf-gate: the service exited:\n{svc.tail()}"
     try:
-        return load(url)
+        return load(url), vm_kib(svc.proc.pid, "VmHWM")
     finally:
         svc.kill()
 
@@ -85,20 +90,25 @@ def measure_service(tmp: Path, binary: Path, round_no: int) -> float:
 @pytest.mark.usefixtures("needs_wrk")
 def test_perf_gate(tmp_path: Path) -> None:
     """The median over the rounds of service/ceiling requests/s on the cached hot path
-    is at least MIN_RATIO (0.55), every answer a 2xx."""
+    is at least MIN_RATIO (0.55), every answer a 2xx, and the service's peak RSS stays
+    under MAX_RSS_MIB (32) in every round."""
     subprocess.run(["cargo", "build", "--release", "--locked", "--bin", "fibonacci-api", "--example", "ceiling"],
                    cwd=ROOT, check=True, capture_output=True)
     release = cargo_target_dir() / "release"
     print(f"perf-gate: {ROUNDS} rounds x (ceiling, service), wrk -t1 -c{CONNECTIONS} -d{DURATION}s {PATH}; "
           f"{os.cpu_count()} cores")
-    ratios = []
+    ratios, peaks = [], []
     for round_no in range(1, ROUNDS + 1):
         c = measure_ceiling(release / "examples" / "ceiling")
-        s = measure_service(tmp_path, release / "fibonacci-api", round_no)
+        s, hwm = measure_service(tmp_path, release / "fibonacci-api", round_no)
         ratios.append(round(s / c, 3))
-        print(f"  round {round_no}: ceiling {c:8.0f} req/s, service {s:8.0f} req/s, ratio {ratios[-1]:.3f}")
+        peaks.append(hwm)
+        print(f"  round {round_no}: ceiling {c:8.0f} req/s, service {s:8.0f} req/s, ratio {ratios[-1]:.3f}, "
+              f"service peak RSS {hwm / 1024:.1f} MiB")
     median = statistics.median(ratios)
     print(f"perf-gate: service/ceiling median {median:.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}); "
           f"threshold {MIN_RATIO}")
     assert median >= MIN_RATIO, \
         f"perf-gate: the cached hot path keeps {median:.0%} of the ceiling, below {MIN_RATIO:.0%}"
+    assert max(peaks) < MAX_RSS_MIB * 1024, \
+        f"perf-gate: the service's peak RSS reached {max(peaks) / 1024:.1f} MiB, the goal is under {MAX_RSS_MIB} MiB"
