@@ -140,10 +140,16 @@ fn rejected(decision: &Decision, client: IpAddr, key: &ClientKey) -> Response {
 /// Admission (see the module), for the routes declared admitted.
 #[derive(Clone)]
 pub struct AdmitLayer {
+    shared: Arc<Shared>,
+}
+
+/// What every request's admission reads. Behind one `Arc` because the router clones the
+/// service for every request: one reference count, not five.
+struct Shared {
     app: Arc<App>,
     routes: Arc<RouteLabels>,
     /// Labels (interned: compared by address) of the routes behind admission.
-    admitted: Arc<[&'static str]>,
+    admitted: Box<[&'static str]>,
     /// Permits for API requests being served; see `MAX_IN_FLIGHT`.
     permits: Arc<Semaphore>,
     /// The `RateLimit-Policy` value, made once.
@@ -153,7 +159,7 @@ pub struct AdmitLayer {
 impl AdmitLayer {
     /// Admission for `app`'s configuration, on the `admitted` routes of `routes`.
     pub fn new(app: &Arc<App>, routes: Arc<RouteLabels>, admitted: Vec<&'static str>) -> Self {
-        Self {
+        let shared = Shared {
             app: app.clone(),
             routes,
             admitted: admitted.into(),
@@ -161,6 +167,9 @@ impl AdmitLayer {
             policy: app.limiter.as_ref().map(|limiter| {
                 HeaderValue::from_str(&limiter.policy().header()).expect("digits and separators")
             }),
+        };
+        Self {
+            shared: Arc::new(shared),
         }
     }
 }
@@ -171,7 +180,7 @@ impl<S> Layer<S> for AdmitLayer {
     fn layer(&self, inner: S) -> Admit<S> {
         Admit {
             inner,
-            layer: self.clone(),
+            layer: self.shared.clone(),
         }
     }
 }
@@ -180,7 +189,7 @@ impl<S> Layer<S> for AdmitLayer {
 #[derive(Clone)]
 pub struct Admit<S> {
     inner: S,
-    layer: AdmitLayer,
+    layer: Arc<Shared>,
 }
 
 impl<S> Service<Request<Body>> for Admit<S>
@@ -251,7 +260,7 @@ where
 
 /// Admission that waits: a token to check, or a Redis call for the limits.
 async fn admit_waiting<S>(
-    layer: AdmitLayer,
+    layer: Arc<Shared>,
     inner: S,
     req: Request<Body>,
     client: IpAddr,

@@ -150,6 +150,12 @@ impl Drop for InFlight {
 /// Observation of every request (see the module).
 #[derive(Clone)]
 pub struct ObserveLayer {
+    shared: Arc<Shared>,
+}
+
+/// What every request's observation reads; one `Arc`, as the router clones the service
+/// per request.
+struct Shared {
     app: Arc<App>,
     routes: Arc<RouteLabels>,
 }
@@ -158,8 +164,10 @@ impl ObserveLayer {
     /// Observes with `routes` as the label set.
     pub fn new(app: &Arc<App>, routes: Arc<RouteLabels>) -> Self {
         Self {
-            app: app.clone(),
-            routes,
+            shared: Arc::new(Shared {
+                app: app.clone(),
+                routes,
+            }),
         }
     }
 }
@@ -170,8 +178,7 @@ impl<S> Layer<S> for ObserveLayer {
     fn layer(&self, inner: S) -> Observe<S> {
         Observe {
             inner,
-            app: self.app.clone(),
-            routes: self.routes.clone(),
+            shared: self.shared.clone(),
         }
     }
 }
@@ -180,8 +187,7 @@ impl<S> Layer<S> for ObserveLayer {
 #[derive(Clone)]
 pub struct Observe<S> {
     inner: S,
-    app: Arc<App>,
-    routes: Arc<RouteLabels>,
+    shared: Arc<Shared>,
 }
 
 impl<S, B> Service<Request<Body>> for Observe<S>
@@ -197,9 +203,9 @@ where
     }
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
-        let app = &self.app;
+        let app = &self.shared.app;
         let method = method_label(req.method());
-        let route = self.routes.of_path(req.uri().path());
+        let route = self.shared.routes.of_path(req.uri().path());
         let peer = req
             .extensions()
             .get::<ConnectInfo<SocketAddr>>()
