@@ -503,3 +503,31 @@ fn the_serving_line_says_whether_the_docs_are_on() {
         assert_eq!(json["docs"], expected, "DOCS_ENABLED={setting}: {line}");
     }
 }
+
+/// `build_info`'s revision is the commit the tests were built from, also after a commit
+/// without `cargo clean` (build.rs watches the branch's ref, not only `.git/HEAD`, which a
+/// commit does not touch). Skipped where the build was stamped by `GIT_REVISION` or there
+/// is no git to ask.
+#[test]
+fn the_build_is_stamped_with_the_commit_checked_out() {
+    if option_env!("GIT_REVISION").is_some_and(|r| !r.trim().is_empty()) {
+        return;
+    }
+    let Ok(out) = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+    else {
+        eprintln!("SKIPPING: no git");
+        return;
+    };
+    if !out.status.success() {
+        eprintln!("SKIPPING: not a git checkout");
+        return;
+    }
+    assert_eq!(
+        env!("FIBONACCI_API_REVISION"),
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "the binary reports another revision than the one checked out"
+    );
+}
