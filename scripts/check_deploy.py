@@ -2685,6 +2685,28 @@ def pod_environment(objects: list[dict]) -> dict[str, str]:
     return env
 
 
+def check_ingress_reaches_the_api(label: str, objects: list[dict], base: str) -> None:
+    """The Ingress and the service agree: every path an Ingress of this render routes
+    answers something other than 404 on the public port, and the chart's default paths
+    route every public path of the service's own OpenAPI document, so an endpoint added
+    to the service fails here until values.yaml routes it."""
+    for ing in (o for o in objects if o["kind"] == "Ingress"):
+        for pth in {p["path"] for r in ing["spec"]["rules"] for p in r["http"]["paths"]}:
+            status = http(base + pth)[0]
+            need(status != 404, ing, f"{label}: the Ingress routes {pth}, which the service answers 404")
+    if label == "default":
+        status, body = http(base + "/openapi.json")
+        need(status == 200, {"kind": "Service", "metadata": {"name": label}}, f"/openapi.json answered {status}")
+        paths = load_file(CHART / "values.yaml")["ingress"]["paths"]
+        for api_path in json.loads(body)["paths"]:
+            if api_path in ADMIN_PATHS:
+                continue
+            target = re.sub(r"\{[^}]*\}", "1", api_path)
+            need(any(ingress_routes(p["path"], p["pathType"], target) for p in paths),
+                 {"kind": "values.yaml", "metadata": {"name": "ingress.paths"}},
+                 f"the API serves {api_path} but the chart's default ingress.paths do not route it")
+
+
 def cmd_config() -> None:
     """Start the real binary with the environment each values file gives the
     pod: a setting the chart passes that the service rejects fails here, not
@@ -2707,8 +2729,8 @@ def cmd_config() -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")} | pod_env
         log = tmp / f"{label}.log"
         proc = start([str(binary)], log, env=env)
-        runs.append((label, pod_env, log, proc, (port, admin if "ADMIN_LISTEN_ADDR" in pod_env else None)))
-    for label, pod_env, log, proc, (port, admin) in runs:
+        runs.append((label, pod_env, log, proc, (port, admin if "ADMIN_LISTEN_ADDR" in pod_env else None), objects))
+    for label, pod_env, log, proc, (port, admin), objects in runs:
         def alive():
             if proc.poll() is not None:
                 fail(f"{label}: the service exited with {proc.returncode} on the chart's configuration:\n    "
@@ -2727,9 +2749,10 @@ def cmd_config() -> None:
         if got != want:
             fail(f"{label}: LISTEN_ADDR={pod_env['LISTEN_ADDR']} ADMIN_LISTEN_ADDR={pod_env.get('ADMIN_LISTEN_ADDR')}: "
                  f"answers {got}, expected {want}")
-    for _, _, _, proc, _ in runs:
+        check_ingress_reaches_the_api(label, objects, f"http://127.0.0.1:{port}")
+    for _, _, _, proc, _, _ in runs:
         proc.send_signal(signal.SIGTERM)
-    for label, pod_env, log, proc, _ in runs:
+    for label, pod_env, log, proc, _, _ in runs:
         try:
             code = proc.wait(timeout=int(pod_env.get("SHUTDOWN_DRAIN_SECONDS", 5)) + 15)
         except subprocess.TimeoutExpired:
