@@ -14,19 +14,15 @@ fn git(args: &[&str]) -> Option<String> {
 fn main() {
     println!("cargo:rerun-if-env-changed=GIT_REVISION");
     // A commit moves the branch's ref, not HEAD (which names the branch), and in a
-    // worktree neither lives under `.git/`: ask git where they are. The ref is watched
-    // through its directory, as a freshly cloned branch has no file of its own until its
-    // first commit (its ref is in packed-refs). Only paths that exist are watched: cargo
-    // reruns the script on every build for a missing one.
-    let mut watched = vec![git(&["rev-parse", "--git-path", "HEAD"])];
-    watched.push(git(&["rev-parse", "--git-path", "packed-refs"]));
-    if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]) {
-        let path = git(&["rev-parse", "--git-path", &branch]);
-        watched.push(path.and_then(|p| Some(Path::new(&p).parent()?.display().to_string())));
-    }
-    for path in watched.into_iter().flatten() {
-        if Path::new(&path).exists() {
-            println!("cargo:rerun-if-changed={path}");
+    // worktree neither lives under `.git/`: ask git where they are. The refs are watched
+    // as a directory (cargo scans it recursively): a branch's own file, or the directory
+    // of a branch named with slashes, exists only while its ref is not packed. Only paths
+    // that exist are watched: cargo reruns the script on every build for a missing one.
+    for name in ["HEAD", "packed-refs", "refs/heads"] {
+        if let Some(path) = git(&["rev-parse", "--git-path", name]) {
+            if Path::new(&path).exists() {
+                println!("cargo:rerun-if-changed={path}");
+            }
         }
     }
     let revision = std::env::var("GIT_REVISION")
