@@ -858,6 +858,9 @@ def cmd_chart() -> None:
             {"ingress": {"enabled": True, "paths": [{"path": "/fibonacci", "pathType": "ImplementationSpecific"}]}}, "pathType"),
         "canary measured before it has two scrapes and a rate window": (
             {"rollout": {"enabled": True, "analysis": {"initialDelay": "1m"}}, "serviceMonitor": {"enabled": True}}, "initialDelay"),
+        "an Ingress whose only path is the docs page, with the page off": (
+            {"ingress": {"enabled": True, "paths": [{"path": "/docs", "pathType": "Prefix"}]},
+             "config": {"DOCS_ENABLED": False, "TRUSTED_PROXIES": "10.0.0.0/8"}}, "nothing left to route"),
         "an Ingress without TRUSTED_PROXIES (every client would be the controller)": (
             {"ingress": {"enabled": True}}, "TRUSTED_PROXIES"),
         "an alert label that the rules set themselves": (
@@ -2691,9 +2694,14 @@ def check_ingress_reaches_the_api(label: str, objects: list[dict], base: str) ->
     route every public path of the service's own OpenAPI document, so an endpoint added
     to the service fails here until values.yaml routes it."""
     for ing in (o for o in objects if o["kind"] == "Ingress"):
-        for pth in {p["path"] for r in ing["spec"]["rules"] for p in r["http"]["paths"]}:
-            status = http(base + pth)[0]
-            need(status != 404, ing, f"{label}: the Ingress routes {pth}, which the service answers 404")
+        for pth in {p["path"] for r in ing["spec"]["rules"] for p in r["http"]["paths"] or []}:
+            # A Prefix path's trailing slash is not part of the requests it routes.
+            target = pth.rstrip("/") or "/"
+            try:
+                status = http(base + target)[0]
+            except OSError as e:
+                fail(f"{label}: GET {target} for the Ingress path {pth}: {e}")
+            need(status != 404, ing, f"{label}: the Ingress routes {pth}, which the service answers 404 ({target})")
     if label == "default":
         status, body = http(base + "/openapi.json")
         need(status == 200, {"kind": "Service", "metadata": {"name": label}}, f"/openapi.json answered {status}")

@@ -276,6 +276,9 @@ from the workload template so every render runs it.
 {{- end }}
 {{- end }}
 {{- end }}
+{{- if not (fromYamlArray (include "fibonacci-api.ingressPaths" .)) }}
+{{- fail "ingress.paths: nothing left to route (the /docs paths are left out while config.DOCS_ENABLED is false): list the API paths (/fibonacci, /health, /openapi.json)" }}
+{{- end }}
 {{- end }}
 {{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
 {{- fail "autoscaling.minReplicas must not exceed autoscaling.maxReplicas" }}
@@ -377,4 +380,18 @@ from the workload template so every render runs it.
 {{- if and .Values.ingress.enabled (not .Values.config.TRUSTED_PROXIES) }}
 {{- fail "ingress.enabled with config.TRUSTED_PROXIES empty: every request would arrive from the ingress controller's pods, so all clients would share one rate limit and one address's MAX_CONNECTIONS_PER_ADDRESS connections; set config.TRUSTED_PROXIES to the controller's pod CIDR (e.g. 10.0.0.0/8)" }}
 {{- end }}
+{{- end }}
+
+{{/*
+The Ingress paths rendered: ingress.paths less the /docs paths while the docs page is
+off (config.DOCS_ENABLED false), which would route to a 404. A YAML list.
+*/}}
+{{- define "fibonacci-api.ingressPaths" -}}
+{{- $kept := list }}
+{{- range .Values.ingress.paths }}
+{{- if not (and (or (eq .path "/docs") (hasPrefix "/docs/" .path)) (eq (toString $.Values.config.DOCS_ENABLED) "false")) }}
+{{- $kept = append $kept . }}
+{{- end }}
+{{- end }}
+{{- toYaml $kept }}
 {{- end }}
