@@ -13,9 +13,9 @@ use crate::{config::Config, http, shutdown::Phase, state::App};
 /// ~95k requests/s took peak RSS to 23-25 MiB in the perf gate's rounds (14 MiB now).
 const UPKEEP_PERIOD: Duration = Duration::from_secs(1);
 
-/// The rate limiter's sweep runs every this many upkeep periods: it walks every client
-/// held, which once a second would be work for nothing.
-const SWEEP_EVERY: u32 = 5;
+/// How often the rate limiter's sweep runs: it walks every client held, which once a
+/// second would be work for nothing.
+const SWEEP_PERIOD: Duration = Duration::from_secs(5);
 
 /// A bound, not yet running, instance.
 pub struct Application {
@@ -161,15 +161,14 @@ fn spawn_background(
                 tx,
             )
         });
-        let mut tick = tokio::time::interval(UPKEEP_PERIOD);
-        let mut ticks = 0u32;
+        let mut upkeep = tokio::time::interval(UPKEEP_PERIOD);
+        let mut sweep = tokio::time::interval(SWEEP_PERIOD);
         loop {
             tokio::select! {
                 _ = &mut stop => break,
-                _ = tick.tick() => {
-                    app.metrics.run_upkeep();
-                    ticks = ticks.wrapping_add(1);
-                    if let Some(limiter) = app.limiter.as_ref().filter(|_| ticks % SWEEP_EVERY == 1) {
+                _ = upkeep.tick() => app.metrics.run_upkeep(),
+                _ = sweep.tick() => {
+                    if let Some(limiter) = &app.limiter {
                         limiter.sweep();
                     }
                 }
