@@ -852,6 +852,10 @@ def cmd_chart() -> None:
             {"serviceMonitor": {"enabled": True}, "networkPolicy": restricted}, "metricsFrom"),
         "Ingress routing / (and so /metrics) to the internet": (
             {"ingress": {"enabled": True, "paths": [{"path": "/", "pathType": "Prefix"}]}}, "/metrics"),
+        "Ingress routing /metrics through a Prefix with a trailing slash": (
+            {"ingress": {"enabled": True, "paths": [{"path": "/metrics/", "pathType": "Prefix"}]}}, "/metrics"),
+        "Ingress routing everything through a Prefix of slashes": (
+            {"ingress": {"enabled": True, "paths": [{"path": "//", "pathType": "Prefix"}]}}, "/metrics"),
         "Ingress routing /metrics": (
             {"ingress": {"enabled": True, "paths": [{"path": "/metrics", "pathType": "Exact"}]}}, "/metrics"),
         "Ingress path type that could route anything": (

@@ -271,7 +271,8 @@ from the workload template so every render runs it.
 {{- $path := .path }}
 {{- $prefix := eq .pathType "Prefix" }}
 {{- range list "/metrics" "/livez" "/readyz" }}
-{{- if or (eq $path .) (and $prefix (or (eq $path "/") (hasPrefix (printf "%s/" (trimSuffix "/" $path)) .))) }}
+{{- $base := trimSuffix "/" $path }}
+{{- if or (eq $path .) (and $prefix (or (eq (trimAll "/" $path) "") (eq $base .) (hasPrefix (printf "%s/" $base) .))) }}
 {{- fail (printf "ingress.paths: %s (%s) would route %s to the internet: list only the public API paths (/fibonacci, /health, /openapi.json, /docs)" $path $.Values.ingress.paths (.)) }}
 {{- end }}
 {{- end }}
