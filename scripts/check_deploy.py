@@ -865,6 +865,8 @@ def cmd_chart() -> None:
         "an Ingress whose only path is the docs page, with the page off": (
             {"ingress": {"enabled": True, "paths": [{"path": "/docs", "pathType": "Prefix"}]},
              "config": {"DOCS_ENABLED": False, "TRUSTED_PROXIES": "10.0.0.0/8"}}, "nothing left to route"),
+        "an Ingress without hosts (no rules: an invalid Ingress that routes nothing)": (
+            {"ingress": {"enabled": True, "hosts": []}, "config": {"TRUSTED_PROXIES": "10.0.0.0/8"}}, "ingress.hosts"),
         "an Ingress without TRUSTED_PROXIES (every client would be the controller)": (
             {"ingress": {"enabled": True}}, "TRUSTED_PROXIES"),
         "an alert label that the rules set themselves": (

@@ -267,6 +267,9 @@ from the workload template so every render runs it.
 {{- fail "networkPolicy.ingressFrom restricts the API port, which also serves /metrics while admin.enabled=false, and networkPolicy.metricsFrom is empty: the NetworkPolicy would block Prometheus' scrape, and with it every alert, the dashboard, the requests-per-second autoscaling and the canary analysis. Set networkPolicy.metricsFrom to your Prometheus (e.g. its namespace), or admin.enabled=true" }}
 {{- end }}
 {{- if .Values.ingress.enabled }}
+{{- if not .Values.ingress.hosts }}
+{{- fail "ingress.hosts is empty while ingress.enabled is true: the Ingress would have no rules and route nothing; list the host names to serve (- host: fibonacci.example.com), or set ingress.enabled=false" }}
+{{- end }}
 {{- range .Values.ingress.paths }}
 {{- $path := .path }}
 {{- $prefix := eq .pathType "Prefix" }}
