@@ -177,6 +177,40 @@ def render(values: dict, release: str = "fibonacci-api", namespace: str = "fibon
     return objects, notes
 
 
+HELPERS_TEMPLATE = "zz-check-deploy-helpers.yaml"
+
+
+def chart_helpers(values: dict) -> dict:
+    """What named templates of the chart's _helpers.tpl give for these values, as Helm
+    renders them (a copy of the chart with one more template printing them), so the
+    checks compare against the chart's own definitions rather than a copy of them:
+    managedEnv (the variables extraEnv may not set)."""
+    with tempfile.TemporaryDirectory(prefix="check-deploy-helpers-") as tmp:
+        chart = Path(tmp) / CHART.name
+        shutil.copytree(CHART, chart)
+        (chart / "templates" / HELPERS_TEMPLATE).write_text(
+            '{{ dict "managedEnv" (include "fibonacci-api.managedEnv" . | fromJson) | toJson }}\n')
+        objects, _ = render(values, chart=chart)
+    return next(strip_source(o) for o in objects if o["__source"].endswith("/" + HELPERS_TEMPLATE))
+
+
+def check_managed_env(label: str, values: dict, objects: list[dict]) -> None:
+    """Every variable the chart itself gives the API container (its ConfigMap and its
+    env list, less the values file's extraEnv) is one fibonacci-api.managedEnv lists:
+    a variable added to the pod spec is refused in extraEnv too."""
+    managed = chart_helpers(values)["managedEnv"]
+    workload = next(o for o in objects if o["kind"] in ("Deployment", "Rollout")
+                    and dig(o, "spec", "template", "metadata", "labels", "app.kubernetes.io/component") == "api")
+    container = workload["spec"]["template"]["spec"]["containers"][0]
+    names = {e["name"] for e in container.get("env", [])} - {e["name"] for e in values.get("extraEnv") or []}
+    for ef in container.get("envFrom", []):
+        cm = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == ef["configMapRef"]["name"])
+        names |= set(cm["data"])
+    missing = sorted(names - set(managed))
+    need(not missing, workload, f"{label}: the chart sets {', '.join(missing)} in the API container, but "
+                                "fibonacci-api.managedEnv (_helpers.tpl) does not list it: extraEnv could override it")
+
+
 def strip_source(obj: dict) -> dict:
     return {k: v for k, v in obj.items() if k != "__source"}
 
@@ -821,6 +855,7 @@ def cmd_chart() -> None:
             need(o["metadata"].get("namespace"), o, "metadata.namespace must be set (GitOps diffs and `kubectl apply -f`)")
         check_references(objects)
         check_failure_paths(label, values, objects, notes)
+        check_managed_env(label, values, objects)
         if label == "default":
             # `helm install` with defaults must scale both ways on a cluster
             # without prometheus-adapter: no Pods metric the HPA cannot read.
@@ -869,6 +904,11 @@ def cmd_chart() -> None:
             {"ingress": {"enabled": True, "hosts": []}, "config": {"TRUSTED_PROXIES": "10.0.0.0/8"}}, "ingress.hosts"),
         "an Ingress without TRUSTED_PROXIES (every client would be the controller)": (
             {"ingress": {"enabled": True}}, "TRUSTED_PROXIES"),
+        "extraEnv turning the docs page off behind the chart's back (the Ingress would still route /docs)": (
+            {"ingress": {"enabled": True}, "config": {"TRUSTED_PROXIES": "10.0.0.0/8"},
+             "extraEnv": [{"name": "DOCS_ENABLED", "value": "false"}]}, "config.DOCS_ENABLED"),
+        "extraEnv setting a variable of the pod spec (REDIS_URL: NOTES and the NetworkPolicy would not know)": (
+            {"extraEnv": [{"name": "REDIS_URL", "value": "redis://r:6379"}]}, "extraEnv sets REDIS_URL"),
         "an alert label that the rules set themselves": (
             {"prometheusRule": {"enabled": True, "alertLabels": {"environment": "prod"}}}, "environment"),
         # Issue 15's optional parts.

@@ -101,6 +101,22 @@ app.kubernetes.io/component: cache
 {{- toJson $names }}
 {{- end }}
 
+{{/*
+The environment variables the chart sets in the API container, each with the
+value that sets it: every config.* key (the ConfigMap), the listen addresses,
+the downward-API and Redis variables of the pod spec, and the ExternalSecret's
+settings. extraEnv may not set these (fibonacci-api.validate): an env entry
+wins over envFrom and over earlier entries, so it would silently override what
+the chart's checks and the Ingress paths were computed from. A JSON object.
+*/}}
+{{- define "fibonacci-api.managedEnv" -}}
+{{- $redis := "redis.enabled, externalRedis or externalSecret.data" }}
+{{- $m := dict "LISTEN_ADDR" "ports.http" "ADMIN_LISTEN_ADDR" "admin.enabled and ports.admin" "POD_NAME" "" "POD_NAMESPACE" "" "NODE_NAME" "" "POD_IPS" "" "REDIS_URL" $redis "REDIS_CLUSTER_NODES" $redis "REDIS_PASSWORD" "redis.auth.existingSecret" }}
+{{- range $k, $v := .Values.config }}{{ $_ := set $m $k (printf "config.%s" $k) }}{{ end }}
+{{- range include "fibonacci-api.externalSecretEnv" . | fromJsonArray }}{{ $_ := set $m . "externalSecret.data alone (it provides it already)" }}{{ end }}
+{{- toJson $m }}
+{{- end }}
+
 {{/* "true" when the pods get a Redis (in-cluster, external, or from the ExternalSecret). */}}
 {{- define "fibonacci-api.redisConfigured" -}}
 {{- $fromSecret := include "fibonacci-api.externalSecretEnv" . | fromJsonArray }}
@@ -318,6 +334,13 @@ from the workload template so every render runs it.
 {{- end }}
 {{- if and (has "AUTH_JWT_HS256_SECRET" $env) (not .Values.config.AUTH_JWT_AUDIENCE) }}
 {{- fail "externalSecret.data provides AUTH_JWT_HS256_SECRET (auth on) but config.AUTH_JWT_AUDIENCE is empty: set the audience tokens must carry (or * for any)" }}
+{{- end }}
+{{- end }}
+{{- $managed := include "fibonacci-api.managedEnv" . | fromJson }}
+{{- range .Values.extraEnv }}
+{{- if hasKey $managed (toString .name) }}
+{{- $where := get $managed .name }}
+{{- fail (printf "extraEnv sets %s, which the chart sets itself (an extraEnv entry would override it behind the chart's checks and Ingress paths): %s" .name (ternary (printf "set it through %s" $where) "remove it (the chart sets it from the downward API)" (ne $where ""))) }}
 {{- end }}
 {{- end }}
 {{- $mesh := .Values.mesh }}
