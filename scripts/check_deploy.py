@@ -18,7 +18,8 @@ Checks:
   queries      the live check: service + real Prometheus, every dashboard/alert/
                recording/analysis/adapter query runs and uses only scraped metrics
   config       the service binary starts with the environment every values file
-               gives the pod, answers /livez, and exits 0 on SIGTERM
+               gives the pod, answers /livez, and exits 0 on SIGTERM; the Ingress
+               paths answer, and the chart's public paths = its OpenAPI paths + /docs
 """
 from __future__ import annotations
 
@@ -184,12 +185,14 @@ def chart_helpers(values: dict) -> dict:
     """What named templates of the chart's _helpers.tpl give for these values, as Helm
     renders them (a copy of the chart with one more template printing them), so the
     checks compare against the chart's own definitions rather than a copy of them:
+    publicPaths (the service's public paths, which ingress.paths may route) and
     managedEnv (the variables extraEnv may not set)."""
     with tempfile.TemporaryDirectory(prefix="check-deploy-helpers-") as tmp:
         chart = Path(tmp) / CHART.name
         shutil.copytree(CHART, chart)
         (chart / "templates" / HELPERS_TEMPLATE).write_text(
-            '{{ dict "managedEnv" (include "fibonacci-api.managedEnv" . | fromJson) | toJson }}\n')
+            '{{ dict "publicPaths" (include "fibonacci-api.publicPaths" . | fromJsonArray)'
+            ' "managedEnv" (include "fibonacci-api.managedEnv" . | fromJson) | toJson }}\n')
         objects, _ = render(values, chart=chart)
     return next(strip_source(o) for o in objects if o["__source"].endswith("/" + HELPERS_TEMPLATE))
 
@@ -871,6 +874,11 @@ def cmd_chart() -> None:
     # and a word the error message must contain (so it fails for that reason).
     restricted = {"ingressFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}],
                   "metricsFrom": []}
+
+    def ingress_paths(paths: list[tuple[str, str]]) -> dict:
+        return {"ingress": {"enabled": True, "paths": [{"path": p, "pathType": t} for p, t in paths]},
+                "config": {"TRUSTED_PROXIES": "10.0.0.0/8"}}
+
     must_fail = {
         "unknown key (schema rejects typos)": ({"replicaCont": 3}, "replicaCont"),
         "weakened security context": ({"securityContext": {"allowPrivilegeEscalation": True}}, "allowPrivilegeEscalation"),
@@ -902,6 +910,19 @@ def cmd_chart() -> None:
              "config": {"DOCS_ENABLED": False, "TRUSTED_PROXIES": "10.0.0.0/8"}}, "nothing left to route"),
         "an Ingress without hosts (no rules: an invalid Ingress that routes nothing)": (
             {"ingress": {"enabled": True, "hosts": []}, "config": {"TRUSTED_PROXIES": "10.0.0.0/8"}}, "ingress.hosts"),
+        # Ingress paths that route to no page of the service, and duplicates (outside attack).
+        "an Ingress Prefix path in the wrong case (/DOCS: the service is case-sensitive)": (
+            ingress_paths([("/DOCS", "Prefix")]), "/DOCS (Prefix) routes to no page"),
+        "an Ingress Prefix path that is not whole segments of a public path (/doc)": (
+            ingress_paths([("/doc", "Prefix")]), "/doc (Prefix) routes to no page"),
+        "an Ingress Prefix path that only starts like a public path (/docs.json)": (
+            ingress_paths([("/docs.json", "Prefix")]), "/docs.json (Prefix) routes to no page"),
+        "an Exact Ingress path with a trailing slash the service does not serve (/health/)": (
+            ingress_paths([("/health/", "Exact")]), "/health/ (Exact) routes to no page"),
+        "an Ingress path listed twice": (
+            ingress_paths([("/health", "Exact"), ("/fibonacci", "Exact"), ("/health", "Exact")]), "/health (Exact) twice"),
+        "an Ingress Prefix path listed twice, once with a trailing slash": (
+            ingress_paths([("/docs", "Prefix"), ("/docs/", "Prefix")]), "/docs/ (Prefix) twice"),
         "an Ingress without TRUSTED_PROXIES (every client would be the controller)": (
             {"ingress": {"enabled": True}}, "TRUSTED_PROXIES"),
         "extraEnv turning the docs page off behind the chart's back (the Ingress would still route /docs)": (
@@ -2738,7 +2759,9 @@ def check_ingress_reaches_the_api(label: str, objects: list[dict], base: str) ->
     """The Ingress and the service agree: every path an Ingress of this render routes
     answers something other than 404 on the public port, and the chart's default paths
     route every public path of the service's own OpenAPI document, so an endpoint added
-    to the service fails here until values.yaml routes it."""
+    to the service fails here until values.yaml routes it. The chart's list of public
+    paths (fibonacci-api.publicPaths, what the Ingress guard admits) must be that
+    document's paths less the admin routes, plus /docs, and each must answer."""
     for ing in (o for o in objects if o["kind"] == "Ingress"):
         for pth in {p["path"] for r in ing["spec"]["rules"] for p in r["http"]["paths"] or []}:
             # A Prefix path's trailing slash is not part of the requests it routes.
@@ -2752,6 +2775,16 @@ def check_ingress_reaches_the_api(label: str, objects: list[dict], base: str) ->
         status, body = http(base + "/openapi.json")
         need(status == 200, {"kind": "Service", "metadata": {"name": label}}, f"/openapi.json answered {status}")
         paths = load_file(CHART / "values.yaml")["ingress"]["paths"]
+        api_public = {p for p in json.loads(body)["paths"] if p not in ADMIN_PATHS}
+        chart_public = chart_helpers({})["publicPaths"]
+        need(sorted(chart_public) == sorted(api_public | {"/docs"}),
+             {"kind": "_helpers.tpl", "metadata": {"name": "fibonacci-api.publicPaths"}},
+             f"the chart's public paths {sorted(chart_public)} differ from the service's: its OpenAPI document's "
+             f"{sorted(api_public)} and /docs; update fibonacci-api.publicPaths (and ingress.paths)")
+        for pth in chart_public:
+            status = http(base + pth)[0]
+            need(status != 404, {"kind": "_helpers.tpl", "metadata": {"name": "fibonacci-api.publicPaths"}},
+                 f"the chart lists {pth} as a public path, which the service answers 404")
         for api_path in json.loads(body)["paths"]:
             if api_path in ADMIN_PATHS:
                 continue

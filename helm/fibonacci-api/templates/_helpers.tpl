@@ -286,18 +286,40 @@ from the workload template so every render runs it.
 {{- if not .Values.ingress.hosts }}
 {{- fail "ingress.hosts is empty while ingress.enabled is true: the Ingress would have no rules and route nothing; list the host names to serve (- host: fibonacci.example.com), or set ingress.enabled=false" }}
 {{- end }}
+{{- $public := include "fibonacci-api.publicPaths" . | fromJsonArray }}
+{{- $seen := dict }}
 {{- range .Values.ingress.paths }}
 {{- $path := .path }}
+{{- $type := .pathType }}
 {{- $prefix := eq .pathType "Prefix" }}
-{{- range list "/metrics" "/livez" "/readyz" }}
+{{- /* Kubernetes' Prefix matching ignores a trailing slash: /docs/ is /docs. */}}
 {{- $base := trimSuffix "/" $path }}
+{{- range list "/metrics" "/livez" "/readyz" }}
 {{- if or (eq $path .) (and $prefix (or (eq (trimAll "/" $path) "") (eq $base .) (hasPrefix (printf "%s/" $base) .))) }}
-{{- fail (printf "ingress.paths: %s (%s) would route %s to the internet: list only the public API paths (/fibonacci, /health, /openapi.json, /docs)" $path $.Values.ingress.paths (.)) }}
+{{- fail (printf "ingress.paths: %s (%s) would route %s to the internet: list only the public API paths (%s)" $path $type (.) (join ", " $public)) }}
 {{- end }}
 {{- end }}
+{{- /* A page of the service: Exact, a public path or a file of the docs page
+       (/docs/...); Prefix, a public path or whole leading segments of one
+       (/docs, not /doc or /docs.json). Case-sensitive, as the service is. */}}
+{{- $served := false }}
+{{- if $prefix }}
+{{- range $public }}{{ if or (eq . $base) (hasPrefix (printf "%s/" $base) .) }}{{ $served = true }}{{ end }}{{ end }}
+{{- else if or (has $path $public) (regexMatch "^/docs/([A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*)?$" $path) }}
+{{- $served = true }}
+{{- end }}
+{{- if not $served }}
+{{- fail (printf "ingress.paths: %s (%s) routes to no page of the service: list its public paths (%s; paths are case-sensitive), Exact or as a Prefix of whole segments of one; Exact may also name a file under /docs/" $path $type (join ", " $public)) }}
+{{- end }}
+{{- $key := printf "%s %s" $type (ternary $base $path $prefix) }}
+{{- if hasKey $seen $key }}
+{{- $first := get $seen $key }}
+{{- fail (printf "ingress.paths lists %s (%s) twice%s: remove the duplicate entry" $path $type (ternary (printf " (as %s and %s: a Prefix's trailing slash does not count)" $first $path) "" (ne $first $path))) }}
+{{- end }}
+{{- $_ := set $seen $key $path }}
 {{- end }}
 {{- if not (fromYamlArray (include "fibonacci-api.ingressPaths" .)) }}
-{{- fail "ingress.paths: nothing left to route (the /docs paths are left out while config.DOCS_ENABLED is false): list the API paths (/fibonacci, /health, /openapi.json)" }}
+{{- fail (printf "ingress.paths: nothing left to route (the /docs paths are left out while config.DOCS_ENABLED is false): list the API paths (%s)" (join ", " (without $public "/docs"))) }}
 {{- end }}
 {{- end }}
 {{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
@@ -407,6 +429,18 @@ from the workload template so every render runs it.
 {{- if and .Values.ingress.enabled (not .Values.config.TRUSTED_PROXIES) }}
 {{- fail "ingress.enabled with config.TRUSTED_PROXIES empty: every request would arrive from the ingress controller's pods, so all clients would share one rate limit and one address's MAX_CONNECTIONS_PER_ADDRESS connections; set config.TRUSTED_PROXIES to the controller's pod CIDR (e.g. 10.0.0.0/8)" }}
 {{- end }}
+{{- end }}
+
+{{/*
+The service's public paths, the chart's one list of them (values-independent):
+the paths of its OpenAPI document (GET /openapi.json) less the admin routes
+/metrics, /livez and /readyz, plus its docs page /docs (whose files are under
+/docs/). ingress.paths may only route these (fibonacci-api.validate);
+scripts/check-deploy config fails when the binary's OpenAPI document differs.
+A JSON list.
+*/}}
+{{- define "fibonacci-api.publicPaths" -}}
+["/fibonacci", "/health", "/openapi.json", "/docs"]
 {{- end }}
 
 {{/*
