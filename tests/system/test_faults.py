@@ -20,6 +20,10 @@
                   body never comes: a fresh client is served within 1 s meanwhile, and
                   both kinds are cut within HEADER_READ_TIMEOUT_MS + 1.5 s; one address
                   holds at most MAX_CONNECTIONS_PER_ADDRESS of them.
+  held-heads      1,280 connections from 20 addresses, each holding a request head
+                  just under the 32 KiB cap, against MAX_CONNECTIONS=1024: the excess
+                  refused, RSS within the memory model's 56 KiB per connection
+                  (docs/reliability.md), and handed back within 7 s of their closing.
   slow-readers    50 connections pipelining 400 requests each and never reading: all
                   cut within WRITE_TIMEOUT_MS + 2 s, RSS grows by less than 64 MiB.
 
@@ -592,6 +596,75 @@ async def scenario_slow_clients(v: Verdict, tmp: Path) -> None:
     v.check(rc == 0, f"exit 0 on SIGTERM afterwards (took {took:.1f} s)")
 
 
+# The memory model's cost of one connection holding a request head at the cap
+# (docs/reliability.md "Memory stays flat"; the chart sizes its limit with it).
+HELD_HEAD_KIB = 56
+
+
+async def scenario_held_heads(v: Verdict, tmp: Path) -> None:
+    """Connections parked on an unfinished request head just under the 32 KiB cap: the
+    most memory a client can make one connection hold. MAX_CONNECTIONS bounds them, so
+    it bounds the memory; the heap they took goes back to the kernel once they close."""
+    addresses, per_address, cap = 20, 64, 1024
+    svc = Service(tmp, "held-heads", RATE_LIMITS="off", HEADER_READ_TIMEOUT_MS="60000", SHUTDOWN_DRAIN_SECONDS="0",
+                  MAX_CONNECTIONS=str(cap), MAX_CONNECTIONS_PER_ADDRESS=str(per_address),
+                  CONNECTION_RATE_PER_ADDRESS=str(per_address))
+    await svc.ready()
+    await asyncio.sleep(1.0)  # past start-up's first sweep
+    rss_before = vm_kib(svc.pid, "VmRSS")
+    # No end of head (\r\n\r\n): hyper keeps reading, and keeps the buffer.
+    head = request_bytes("/fibonacci?n=1", "X-Padding: " + "a" * (31 * 1024 + 512) + "\r\n")[:-4]
+    loop = asyncio.get_running_loop()
+    writers: list[asyncio.StreamWriter] = []
+    failed: list[str] = []
+
+    async def hold(address: str) -> None:
+        sock = socket.socket()
+        sock.bind((address, 0))
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, ("127.0.0.1", svc.port))
+            _, writer = await asyncio.open_connection(sock=sock)
+            writer.write(head)
+            await writer.drain()
+            writers.append(writer)
+        except OSError as e:
+            failed.append(error_kind(e))
+            sock.close()
+
+    await asyncio.gather(*[hold(f"127.0.0.{2 + a}") for a in range(addresses) for _ in range(per_address)])
+    await asyncio.sleep(1.0)  # let hyper read every head
+    rss_held = vm_kib(svc.pid, "VmRSS")
+    per_conn = (rss_held - rss_before) / cap
+    v.info(f"{addresses * per_address} connections tried, {len(writers)} writes accepted ({len(failed)} failed); "
+           f"RSS {rss_before / 1024:.1f} MiB before, {rss_held / 1024:.1f} MiB held: {per_conn:.1f} KiB "
+           f"per admitted connection")
+    v.check(rss_held - rss_before <= cap * HELD_HEAD_KIB,
+            f"RSS grew by at most MAX_CONNECTIONS x {HELD_HEAD_KIB} KiB = {cap * HELD_HEAD_KIB / 1024:.0f} MiB "
+            f"(the memory model's figure; it grew {(rss_held - rss_before) / 1024:.1f} MiB)")
+    closed_at = time.monotonic()
+    for w in writers:
+        w.close()
+    returned = None
+    while time.monotonic() - closed_at < 7.0:
+        await asyncio.sleep(0.25)
+        if vm_kib(svc.pid, "VmRSS") <= rss_before + 8 * 1024:
+            returned = time.monotonic() - closed_at
+            break
+    v.check(returned is not None,
+            f"RSS back within 8 MiB of where it was {ms(returned) if returned is not None else 'never'} after they "
+            f"closed (within 7 s: the 5 s sweep hands free heap back; now "
+            f"{vm_kib(svc.pid, 'VmRSS') / 1024:.1f} MiB)")
+    text = await svc.metrics()
+    refused = metric(text, "http_connections_refused_total", reason="max_connections") or 0
+    v.check(refused >= addresses * per_address - cap,
+            f"MAX_CONNECTIONS={cap} held: {refused:.0f} of {addresses * per_address} refused as max_connections")
+    status, _, _ = await fetch(svc.port, "/fibonacci?n=10")
+    v.check(status == 200, "and the service serves as before")
+    rc, took = await svc.stop(20)
+    v.check(rc == 0, f"exit 0 on SIGTERM afterwards (took {took:.1f} s)")
+
+
 async def scenario_slow_readers(v: Verdict, tmp: Path) -> None:
     """Clients that pipeline hundreds of requests and never read the answers."""
     write_timeout = 1.0
@@ -686,6 +759,13 @@ def test_slow_clients(tmp_path: Path) -> None:
     comes: a fresh client is served within 1 s meanwhile, both kinds are cut within
     HEADER_READ_TIMEOUT_MS + 1.5 s, one address holds at most MAX_CONNECTIONS_PER_ADDRESS."""
     run_scenario(lambda v: scenario_slow_clients(v, tmp_path))
+
+
+def test_held_heads(tmp_path: Path) -> None:
+    """1,280 connections from 20 addresses holding a request head just under the 32 KiB
+    cap, MAX_CONNECTIONS=1024: the excess refused, RSS grows by at most 56 KiB per
+    admitted connection and is handed back within 7 s of their closing."""
+    run_scenario(lambda v: scenario_held_heads(v, tmp_path))
 
 
 def test_slow_readers(tmp_path: Path) -> None:
