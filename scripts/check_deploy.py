@@ -622,10 +622,11 @@ def check_failure_paths(label: str, values: dict, objects: list[dict], notes: st
             need(all(p_.get("targetPort") == "http" for p_ in svc["spec"]["ports"]) and merged["admin"]["enabled"], svc,
                  f"type {svc['spec']['type']} exposes ports {[p_.get('targetPort') for p_ in svc['spec']['ports']]} with "
                  f"admin.enabled={merged['admin']['enabled']}: /metrics, /livez and /readyz would be on the load balancer")
-    # Memory: the service's documented worst case (docs/reliability.md "Memory stays flat"): 20 MiB +
-    # 1.5 x CACHE_MAX_BYTES + 155 B x RATE_LIMIT_MAX_KEYS. Below the limit the
-    # pod is OOM-killed once its cache fills; below the request it lives above
-    # what the scheduler reserved, first in line for eviction under node pressure.
+    # Memory: the service's documented bounds (docs/reliability.md "Memory stays flat"): 20 MiB +
+    # 1.5 x CACHE_MAX_BYTES + 155 B x RATE_LIMIT_MAX_KEYS with its cache and limiter full,
+    # its normal state, which the request must cover (a pod above its request is first in
+    # line for eviction under node pressure); plus 56 KiB x MAX_CONNECTIONS, connections
+    # parked on unfinished request heads, which the limit must cover (else an OOM kill).
     def quantity(q) -> float:
         m = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(q))
         units = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
@@ -634,12 +635,16 @@ def check_failure_paths(label: str, values: dict, objects: list[dict], notes: st
     for w in (o for o in objects if o["kind"] in ("Deployment", "Rollout")
               and dig(o, "spec", "template", "metadata", "labels", "app.kubernetes.io/component") == "api"):
         env = pod_environment(objects)
-        needed = 20 * 2**20 + 1.5 * int(env.get("CACHE_MAX_BYTES", 67108864)) + 155 * int(env.get("RATE_LIMIT_MAX_KEYS", 100000))
+        full = 20 * 2**20 + 1.5 * int(env.get("CACHE_MAX_BYTES", 67108864)) + 155 * int(env.get("RATE_LIMIT_MAX_KEYS", 100000))
+        parked = 56 * 2**10 * int(env.get("MAX_CONNECTIONS", 10000))
         res = w["spec"]["template"]["spec"]["containers"][0]["resources"]
-        for kind_ in ("requests", "limits"):
-            have = quantity(res[kind_]["memory"])
-            need(have >= needed, w, f"resources.{kind_}.memory {res[kind_]['memory']} < {needed / 2**20:.0f}Mi, what "
-                                    "CACHE_MAX_BYTES and RATE_LIMIT_MAX_KEYS need (20 MiB + 1.5 x cache + 155 B x keys)")
+        have = quantity(res["requests"]["memory"])
+        need(have >= full, w, f"resources.requests.memory {res['requests']['memory']} < {full / 2**20:.0f}Mi, what "
+                              "CACHE_MAX_BYTES and RATE_LIMIT_MAX_KEYS need (20 MiB + 1.5 x cache + 155 B x keys)")
+        have = quantity(res["limits"]["memory"])
+        need(have >= full + parked, w, f"resources.limits.memory {res['limits']['memory']} < {(full + parked) / 2**20:.0f}Mi, "
+                                       "what CACHE_MAX_BYTES, RATE_LIMIT_MAX_KEYS and MAX_CONNECTIONS need (20 MiB + "
+                                       "1.5 x cache + 155 B x keys + 56 KiB x connections)")
     # Dual-stack listeners.
     for cm in by_kind.get("ConfigMap", []):
         for key in ("LISTEN_ADDR", "ADMIN_LISTEN_ADDR"):
@@ -972,6 +977,8 @@ def cmd_chart() -> None:
             {"service": {"type": "LoadBalancer"}}, "admin.enabled"),
         "a memory limit a full cache outgrows (OOM-killed once the cache fills)": (
             {"config": {"CACHE_MAX_BYTES": 268435456}}, "resources.limits.memory"),
+        "a memory limit MAX_CONNECTIONS parked on unfinished request heads outgrow": (
+            {"config": {"MAX_CONNECTIONS": 10000}}, "56 KiB x MAX_CONNECTIONS"),
         "Istio's ingress gateway kept out by the NetworkPolicy (nobody reaches the API)": (
             {"mesh": {"istio": {"enabled": True}}, "networkPolicy": {"ingressFrom": [
                 {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}]}}, "does not admit"),

@@ -260,12 +260,13 @@ from the workload template so every render runs it.
 {{- fail (printf "terminationGracePeriodSeconds=%d is too short: preStop sleep %ds + SHUTDOWN_DRAIN_SECONDS %ds + request deadline %ds + 10s trace flush needs at least %d" (int .Values.terminationGracePeriodSeconds) $preStop $drain $requestDeadline $needed) }}
 {{- end }}
 {{- /* The service's memory at its bounds (docs/reliability.md "Memory stays flat"): 20 MiB + 1.5 x
-       CACHE_MAX_BYTES + 155 B x RATE_LIMIT_MAX_KEYS. A limit below it is an
-       OOM kill a few hours in, once the cache has filled. */}}
-{{- $needed := add 20971520 (div (mul 3 (int64 .Values.config.CACHE_MAX_BYTES)) 2) (mul 155 (int64 .Values.config.RATE_LIMIT_MAX_KEYS)) }}
+       CACHE_MAX_BYTES + 155 B x RATE_LIMIT_MAX_KEYS + 56 KiB x MAX_CONNECTIONS. A
+       limit below it is an OOM kill a few hours in, once the cache has filled, or
+       at once when clients park MAX_CONNECTIONS connections on unfinished heads. */}}
+{{- $needed := add 20971520 (div (mul 3 (int64 .Values.config.CACHE_MAX_BYTES)) 2) (mul 155 (int64 .Values.config.RATE_LIMIT_MAX_KEYS)) (mul 57344 (int64 .Values.config.MAX_CONNECTIONS)) }}
 {{- $limit := int64 (include "fibonacci-api.bytes" (dig "limits" "memory" "" .Values.resources)) }}
 {{- if and (ge $limit 0) (lt $limit $needed) }}
-{{- fail (printf "resources.limits.memory=%s is below what the service needs once its cache and rate limiter are full: 20 MiB + 1.5 x CACHE_MAX_BYTES (%d) + 155 B x RATE_LIMIT_MAX_KEYS (%d) = %dMi; raise the limit or lower those settings" (toString .Values.resources.limits.memory) (int64 .Values.config.CACHE_MAX_BYTES) (int64 .Values.config.RATE_LIMIT_MAX_KEYS) (div (add $needed 1048575) 1048576)) }}
+{{- fail (printf "resources.limits.memory=%s is below what the service needs with its cache, rate limiter and connections full: 20 MiB + 1.5 x CACHE_MAX_BYTES (%d) + 155 B x RATE_LIMIT_MAX_KEYS (%d) + 56 KiB x MAX_CONNECTIONS (%d) = %dMi; raise the limit or lower those settings" (toString .Values.resources.limits.memory) (int64 .Values.config.CACHE_MAX_BYTES) (int64 .Values.config.RATE_LIMIT_MAX_KEYS) (int64 .Values.config.MAX_CONNECTIONS) (div (add $needed 1048575) 1048576)) }}
 {{- end }}
 {{- if and .Values.rollout.enabled .Values.rollout.analysis.enabled (not .Values.serviceMonitor.enabled) }}
 {{- fail "rollout.analysis needs serviceMonitor.enabled: the analysis query selects canary pods by the rollouts_pod_template_hash label that the ServiceMonitor attaches" }}
