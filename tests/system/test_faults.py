@@ -636,7 +636,7 @@ async def scenario_held_heads(v: Verdict, tmp: Path) -> None:
     await asyncio.sleep(1.0)  # let hyper read every head
     rss_held = vm_kib(svc.pid, "VmRSS")
     per_conn = (rss_held - rss_before) / cap
-    v.info(f"{addresses * per_address} connections tried, {len(writers)} writes accepted ({len(failed)} failed); "
+    v.info(f"{addresses * per_address} connections tried, {len(writers)} connected and sent their head ({len(failed)} could not; the refused are closed after the accept); "
            f"RSS {rss_before / 1024:.1f} MiB before, {rss_held / 1024:.1f} MiB held: {per_conn:.1f} KiB "
            f"per admitted connection")
     v.check(rss_held - rss_before <= cap * HELD_HEAD_KIB,
