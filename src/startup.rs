@@ -111,7 +111,10 @@ impl Application {
             servers.spawn(http::server::serve(
                 admin,
                 http::admin_router(app.clone()),
-                limits,
+                http::server::Limits {
+                    max_connections: http::server::ADMIN_MAX_CONNECTIONS,
+                    ..limits
+                },
                 gate(),
                 app.metrics.clone(),
                 stopped(stop_rx.clone()),
@@ -147,7 +150,8 @@ impl Application {
 /// Hands the allocator's free pages back to the kernel. glibc (the image's libc) keeps
 /// the heap it grew for a burst of connections: after 2,048 connections holding a request
 /// head at the 32 KiB cap closed, 59 of the 101 MiB they took stayed in RSS, charged to
-/// the pod's memory limit and its eviction rank. The call took 0.05-0.2 ms here.
+/// the pod's memory limit and its eviction rank. The call took 0.05-0.2 ms here with a
+/// 20 MiB cache.
 #[allow(unsafe_code)]
 fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -184,7 +188,8 @@ fn spawn_background(
                     if let Some(limiter) = &app.limiter {
                         limiter.sweep();
                     }
-                    release_free_memory();
+                    // Off the workers: the trim walks the heap under the allocator's locks.
+                    tokio::task::spawn_blocking(release_free_memory);
                 }
             }
         }

@@ -163,6 +163,50 @@ async fn past_the_connection_cap_new_connections_are_closed_at_once() {
     app.stop().await;
 }
 
+#[tokio::test]
+async fn the_admin_listener_has_its_own_small_connection_cap() {
+    use fibonacci_api::http::server::ADMIN_MAX_CONNECTIONS;
+    let app = spawn_app(Config {
+        admin_listen_addr: Some("127.0.0.1:0".parse().unwrap()),
+        max_connections: 4 * ADMIN_MAX_CONNECTIONS,
+        max_connections_per_address: 0,
+        connection_rate_per_address: 0,
+        header_read_timeout: Duration::from_secs(30),
+        ..quick_timeouts()
+    })
+    .await;
+    let admin = app.admin_addr.expect("admin bound");
+    let probe = b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut held = Vec::new();
+    for _ in 0..ADMIN_MAX_CONNECTIONS {
+        let mut s = TcpStream::connect(admin).await.unwrap();
+        s.write_all(probe).await.unwrap();
+        let mut buf = [0u8; 512];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 200"),
+            "admin connection served"
+        );
+        held.push(s);
+    }
+    let mut extra = TcpStream::connect(admin).await.unwrap();
+    let _ = extra.write_all(probe).await;
+    let reply = read_until_closed(&mut extra, Duration::from_secs(5)).await;
+    assert_eq!(
+        reply.as_deref(),
+        Some(""),
+        "past ADMIN_MAX_CONNECTIONS the admin port closes new connections, so it adds at most that many to what MAX_CONNECTIONS lets clients hold"
+    );
+    let response = app.client.get(app.url("/health")).send().await.unwrap();
+    assert_eq!(
+        response.status(),
+        StatusCode::OK,
+        "the API port keeps its own MAX_CONNECTIONS"
+    );
+    drop(held);
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_max_in_flight_the_api_sheds_load_but_probes_answer() {
     let app = spawn_app(Config {

@@ -82,6 +82,12 @@ fn bind_socket(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
+/// Open connections the admin listener (`ADMIN_LISTEN_ADDR`) holds: probes and scrapes
+/// need a few, and with a cap of its own a flood of API connections cannot lock the
+/// kubelet out, nor can the admin port double what `MAX_CONNECTIONS` lets clients hold
+/// in memory (docs/reliability.md sizes the pod's memory by it).
+pub const ADMIN_MAX_CONNECTIONS: usize = 64;
+
 /// The kernel send buffer of a connection (it reports about twice this).
 const SEND_BUFFER_BYTES: usize = 128 * 1024;
 
