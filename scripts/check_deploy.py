@@ -625,8 +625,9 @@ def check_failure_paths(label: str, values: dict, objects: list[dict], notes: st
     # Memory: the service's documented bounds (docs/reliability.md "Memory stays flat"): 20 MiB +
     # 1.5 x CACHE_MAX_BYTES + 155 B x RATE_LIMIT_MAX_KEYS with its cache and limiter full,
     # its normal state, which the request must cover (a pod above its request is first in
-    # line for eviction under node pressure); plus 56 KiB x MAX_CONNECTIONS, connections
-    # parked on unfinished request heads, which the limit must cover (else an OOM kill).
+    # line for eviction under node pressure); plus 64 KiB per connection it may hold
+    # (MAX_CONNECTIONS, and 64 on the admin port), parked on unfinished request heads,
+    # which the limit must cover (else an OOM kill).
     def quantity(q) -> float:
         m = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(q))
         units = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
@@ -636,7 +637,7 @@ def check_failure_paths(label: str, values: dict, objects: list[dict], notes: st
               and dig(o, "spec", "template", "metadata", "labels", "app.kubernetes.io/component") == "api"):
         env = pod_environment(objects)
         full = 20 * 2**20 + 1.5 * int(env.get("CACHE_MAX_BYTES", 67108864)) + 155 * int(env.get("RATE_LIMIT_MAX_KEYS", 100000))
-        parked = 56 * 2**10 * int(env.get("MAX_CONNECTIONS", 10000))
+        parked = 64 * 2**10 * (int(env.get("MAX_CONNECTIONS", 10000)) + (64 if "ADMIN_LISTEN_ADDR" in env else 0))
         res = w["spec"]["template"]["spec"]["containers"][0]["resources"]
         have = quantity(res["requests"]["memory"])
         need(have >= full, w, f"resources.requests.memory {res['requests']['memory']} < {full / 2**20:.0f}Mi, what "
@@ -644,7 +645,7 @@ def check_failure_paths(label: str, values: dict, objects: list[dict], notes: st
         have = quantity(res["limits"]["memory"])
         need(have >= full + parked, w, f"resources.limits.memory {res['limits']['memory']} < {(full + parked) / 2**20:.0f}Mi, "
                                        "what CACHE_MAX_BYTES, RATE_LIMIT_MAX_KEYS and MAX_CONNECTIONS need (20 MiB + "
-                                       "1.5 x cache + 155 B x keys + 56 KiB x connections)")
+                                       "1.5 x cache + 155 B x keys + 64 KiB x connections)")
     # Dual-stack listeners.
     for cm in by_kind.get("ConfigMap", []):
         for key in ("LISTEN_ADDR", "ADMIN_LISTEN_ADDR"):
@@ -978,7 +979,19 @@ def cmd_chart() -> None:
         "a memory limit a full cache outgrows (OOM-killed once the cache fills)": (
             {"config": {"CACHE_MAX_BYTES": 268435456}}, "resources.limits.memory"),
         "a memory limit MAX_CONNECTIONS parked on unfinished request heads outgrow": (
-            {"config": {"MAX_CONNECTIONS": 10000}}, "56 KiB x MAX_CONNECTIONS"),
+            {"config": {"MAX_CONNECTIONS": 10000}}, "64 KiB x connections"),
+        "a memory limit in a quantity the chart cannot check (0.2Gi)": (
+            {"resources": {"limits": {"cpu": "1", "memory": "0.2Gi"}}}, "cannot read this quantity"),
+        "MAX_CONNECTIONS nulled (the guard would read 0, the binary run its own 10000)": (
+            {"config": {"MAX_CONNECTIONS": None}}, "MAX_CONNECTIONS"),
+        "DOCS_ENABLED nulled and set to false through extraEnv (/docs left routed)": (
+            {"config": {"DOCS_ENABLED": None}, "extraEnv": [{"name": "DOCS_ENABLED", "value": "false"}],
+             "ingress": {"enabled": True, "hosts": [{"host": "f.example.com"}]}}, "DOCS_ENABLED"),
+        "MAX_CONNECTIONS past what the binary accepts (and past int64 in the memory check)": (
+            {"config": {"MAX_CONNECTIONS": 200000000000000}}, "MAX_CONNECTIONS"),
+        "an Exact path under /docs/ that is no file of the page": (
+            {"ingress": {"enabled": True, "hosts": [{"host": "f.example.com"}],
+                         "paths": [{"path": "/docs/a/b/c", "pathType": "Exact"}]}}, "routes to no page"),
         "Istio's ingress gateway kept out by the NetworkPolicy (nobody reaches the API)": (
             {"mesh": {"istio": {"enabled": True}}, "networkPolicy": {"ingressFrom": [
                 {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}]}}, "does not admit"),

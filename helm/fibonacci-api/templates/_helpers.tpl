@@ -111,8 +111,17 @@ the chart's checks and the Ingress paths were computed from. A JSON object.
 */}}
 {{- define "fibonacci-api.managedEnv" -}}
 {{- $redis := "redis.enabled, externalRedis or externalSecret.data" }}
-{{- $m := dict "LISTEN_ADDR" "ports.http" "ADMIN_LISTEN_ADDR" "admin.enabled and ports.admin" "POD_NAME" "" "POD_NAMESPACE" "" "NODE_NAME" "" "POD_IPS" "" "REDIS_URL" $redis "REDIS_CLUSTER_NODES" $redis "REDIS_PASSWORD" "redis.auth.existingSecret" }}
-{{- range $k, $v := .Values.config }}{{ $_ := set $m $k (printf "config.%s" $k) }}{{ end }}
+{{- $m := dict "LISTEN_ADDR" "ports.http" "ADMIN_LISTEN_ADDR" "admin.enabled and ports.admin" "POD_NAME" "" "POD_NAMESPACE" "" "NODE_NAME" "" "OTEL_RESOURCE_ATTRIBUTES" "config.OTEL_RESOURCE_ATTRIBUTES" "REDIS_URL" $redis "REDIS_CLUSTER_NODES" $redis }}
+{{- /* A config key left "" is not set (the ConfigMap omits it), so extraEnv may
+       give it, e.g. from a Secret or with $(VAR) expansion. */}}
+{{- range $k, $v := .Values.config }}{{ if ne (toString $v) "" }}{{ $_ := set $m $k (printf "config.%s" $k) }}{{ end }}{{ end }}
+{{- if or .Values.mesh.istio.enabled .Values.mesh.linkerd.enabled }}
+{{- $_ := set $m "POD_IPS" "" }}
+{{- $_ := set $m "TRUSTED_PROXIES" "config.TRUSTED_PROXIES (the mesh's proxy is added to it)" }}
+{{- end }}
+{{- if and .Values.redis.enabled .Values.redis.auth.existingSecret }}
+{{- $_ := set $m "REDIS_PASSWORD" "redis.auth.existingSecret" }}
+{{- end }}
 {{- range include "fibonacci-api.externalSecretEnv" . | fromJsonArray }}{{ $_ := set $m . "externalSecret.data alone (it provides it already)" }}{{ end }}
 {{- toJson $m }}
 {{- end }}
@@ -260,13 +269,20 @@ from the workload template so every render runs it.
 {{- fail (printf "terminationGracePeriodSeconds=%d is too short: preStop sleep %ds + SHUTDOWN_DRAIN_SECONDS %ds + request deadline %ds + 10s trace flush needs at least %d" (int .Values.terminationGracePeriodSeconds) $preStop $drain $requestDeadline $needed) }}
 {{- end }}
 {{- /* The service's memory at its bounds (docs/reliability.md "Memory stays flat"): 20 MiB + 1.5 x
-       CACHE_MAX_BYTES + 155 B x RATE_LIMIT_MAX_KEYS + 56 KiB x MAX_CONNECTIONS. A
-       limit below it is an OOM kill a few hours in, once the cache has filled, or
-       at once when clients park MAX_CONNECTIONS connections on unfinished heads. */}}
-{{- $needed := add 20971520 (div (mul 3 (int64 .Values.config.CACHE_MAX_BYTES)) 2) (mul 155 (int64 .Values.config.RATE_LIMIT_MAX_KEYS)) (mul 57344 (int64 .Values.config.MAX_CONNECTIONS)) }}
-{{- $limit := int64 (include "fibonacci-api.bytes" (dig "limits" "memory" "" .Values.resources)) }}
+       CACHE_MAX_BYTES + 155 B x RATE_LIMIT_MAX_KEYS + 64 KiB per connection it may
+       hold (MAX_CONNECTIONS, and 64 more on the admin port). A limit below it is an
+       OOM kill a few hours in, once the cache has filled, or at once when clients
+       park every connection on an unfinished request head. The schema keeps these
+       keys present (a null would drop them here but not in the binary). */}}
+{{- $connections := add (int64 .Values.config.MAX_CONNECTIONS) (ternary 64 0 .Values.admin.enabled) }}
+{{- $needed := add 20971520 (div (mul 3 (int64 .Values.config.CACHE_MAX_BYTES)) 2) (mul 155 (int64 .Values.config.RATE_LIMIT_MAX_KEYS)) (mul 65536 $connections) }}
+{{- $limitQuantity := dig "limits" "memory" "" .Values.resources }}
+{{- $limit := int64 (include "fibonacci-api.bytes" $limitQuantity) }}
+{{- if and $limitQuantity (lt $limit 0) }}
+{{- fail (printf "resources.limits.memory=%v: the chart cannot read this quantity to check it against what the service needs; write it as a whole number with one of the suffixes k, M, G, Ki, Mi, Gi (e.g. 320Mi)" $limitQuantity) }}
+{{- end }}
 {{- if and (ge $limit 0) (lt $limit $needed) }}
-{{- fail (printf "resources.limits.memory=%s is below what the service needs with its cache, rate limiter and connections full: 20 MiB + 1.5 x CACHE_MAX_BYTES (%d) + 155 B x RATE_LIMIT_MAX_KEYS (%d) + 56 KiB x MAX_CONNECTIONS (%d) = %dMi; raise the limit or lower those settings" (toString .Values.resources.limits.memory) (int64 .Values.config.CACHE_MAX_BYTES) (int64 .Values.config.RATE_LIMIT_MAX_KEYS) (int64 .Values.config.MAX_CONNECTIONS) (div (add $needed 1048575) 1048576)) }}
+{{- fail (printf "resources.limits.memory=%s is below what the service needs with its cache, rate limiter and connections full: 20 MiB + 1.5 x CACHE_MAX_BYTES (%d) + 155 B x RATE_LIMIT_MAX_KEYS (%d) + 64 KiB x connections (MAX_CONNECTIONS %d%s) = %dMi; raise the limit or lower those settings" (toString .Values.resources.limits.memory) (int64 .Values.config.CACHE_MAX_BYTES) (int64 .Values.config.RATE_LIMIT_MAX_KEYS) (int64 .Values.config.MAX_CONNECTIONS) (ternary " + 64 on the admin port" "" .Values.admin.enabled) (div (add $needed 1048575) 1048576)) }}
 {{- end }}
 {{- if and .Values.rollout.enabled .Values.rollout.analysis.enabled (not .Values.serviceMonitor.enabled) }}
 {{- fail "rollout.analysis needs serviceMonitor.enabled: the analysis query selects canary pods by the rollouts_pod_template_hash label that the ServiceMonitor attaches" }}
@@ -301,12 +317,13 @@ from the workload template so every render runs it.
 {{- end }}
 {{- end }}
 {{- /* A page of the service: Exact, a public path or a file of the docs page
-       (/docs/...); Prefix, a public path or whole leading segments of one
-       (/docs, not /doc or /docs.json). Case-sensitive, as the service is. */}}
+       (/docs/VERSION/FILE); Prefix, a public path, whole leading segments of one
+       (/docs, not /doc or /docs.json) or one directory of the docs page's files. Case-sensitive, as the service is. */}}
 {{- $served := false }}
 {{- if $prefix }}
 {{- range $public }}{{ if or (eq . $base) (hasPrefix (printf "%s/" $base) .) }}{{ $served = true }}{{ end }}{{ end }}
-{{- else if or (has $path $public) (regexMatch "^/docs/([A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*)?$" $path) }}
+{{- if regexMatch "^/docs/[A-Za-z0-9_-][A-Za-z0-9._-]*$" $base }}{{ $served = true }}{{ end }}
+{{- else if or (has $path $public) (regexMatch "^/docs/([A-Za-z0-9_-][A-Za-z0-9._-]*/[A-Za-z0-9_-][A-Za-z0-9._-]*)?$" $path) }}
 {{- $served = true }}
 {{- end }}
 {{- if not $served }}
