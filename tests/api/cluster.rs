@@ -290,21 +290,45 @@ async fn slots_moved_under_load_cost_no_errors_and_no_early_rejection() {
         RedisCluster::node_id(masters[1]),
     );
     let moving = {
-        let cluster_ports = cluster.ports.clone();
+        let seed = format!("127.0.0.1:{}", cluster.ports[0]);
         tokio::task::spawn_blocking(move || {
-            let status = std::process::Command::new("redis-cli")
-                .args([
-                    "--cluster",
+            let cli = |args: &[&str]| {
+                let out = std::process::Command::new("redis-cli")
+                    .arg("--cluster")
+                    .args(args)
+                    .output()
+                    .unwrap();
+                let text = String::from_utf8_lossy(&out.stdout).into_owned()
+                    + &String::from_utf8_lossy(&out.stderr);
+                (out.status.success(), text)
+            };
+            let reshard = |slots: &str| {
+                cli(&[
                     "reshard",
-                    &format!("127.0.0.1:{}", cluster_ports[0]),
+                    &seed,
+                    "--cluster-from",
+                    &from,
+                    "--cluster-to",
+                    &to,
+                    "--cluster-slots",
+                    slots,
+                    "--cluster-yes",
                 ])
-                .args(["--cluster-from", &from, "--cluster-to", &to])
-                .args(["--cluster-slots", "3000", "--cluster-yes"])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .status()
-                .unwrap();
-            status.success()
+            };
+            let (moved, first) = reshard("3000");
+            if moved {
+                return (true, String::new());
+            }
+            // redis-cli gives up on a cluster whose nodes do not yet agree on the slot
+            // map (gossip right after creation) or on a slot whose MIGRATE timed out on
+            // a busy machine, leaving it open: `fix` closes it and the rest can move,
+            // still under the load. What failed is printed either way.
+            let (_, fixed) = cli(&["fix", &seed, "--cluster-yes"]);
+            let (moved, second) = reshard("1000");
+            (
+                moved,
+                format!("{first}\n--- fix:\n{fixed}\n--- second reshard:\n{second}"),
+            )
         })
     };
     let proxy = client_from(Some("127.0.0.5".parse().unwrap()));
@@ -335,14 +359,22 @@ async fn slots_moved_under_load_cost_no_errors_and_no_early_rejection() {
             statuses.push(request.await.unwrap());
         }
     }
-    let resharded = moving.await.unwrap();
+    let (resharded, reshard_log) = moving.await.unwrap();
+    if !reshard_log.is_empty() {
+        eprintln!(
+            "the first reshard failed; its output, the fix's and the retry's:\n{reshard_log}"
+        );
+    }
     eprintln!(
         "resharding 3000 slots under load: {} requests in {:?}: {}",
         statuses.len(),
         started.elapsed(),
         summary(&statuses)
     );
-    assert!(resharded, "redis-cli --cluster reshard succeeded");
+    assert!(
+        resharded,
+        "redis-cli --cluster reshard succeeded:\n{reshard_log}"
+    );
     assert!(
         statuses.iter().all(|s| *s == 200),
         "each client's 30 requests all allowed, no error: {}",
