@@ -183,6 +183,34 @@ canary analysis use the same expressions.
           of all GET /fibonacci requests. Either a client is abusive, or every client
           is counted as one (TRUSTED_PROXIES does not match the load balancer).
         runbook_url: {{ printf "%s#%s" $runbook "fibonacciapiratelimitrejectionspike" }}
+    - alert: FibonacciApiConnectionsRefused
+      # Pods already holding MAX_CONNECTIONS close new connections at accept: those
+      # clients never become requests, so no SLO alert sees them. Only the
+      # max_connections reason: per_address and rate refusals are the per-client
+      # limits stopping abusive clients, which is their job. A healthy pod never
+      # refuses at the cap, so any sustained refusal counts. The 5m window bridges
+      # the gaps between refusals at each traffic peak. It stays true until 5
+      # minutes after the last refusal, so with `for: 10m` the warning comes 10
+      # minutes after refusals began if they went on, never pausing 5 minutes,
+      # for at least 5 of them: a reconnect storm of a few minutes passes. A 10m
+      # window would not let it: it stays non-zero for 10 minutes after the last
+      # refusal, so a 2-minute burst would fire (alerts_test.yaml has both cases).
+      expr: |
+        sum by (namespace, job) (increase(http_connections_refused_total{{ printf "{%s, reason=\"max_connections\"}" $sel }}[5m])) > 0
+      for: 10m
+      labels:
+        severity: warning
+        {{- toYaml $labels | nindent 8 }}
+      annotations:
+        summary: Pods are full and refuse new connections
+        description: >-
+          {{ `{{ $labels.job }}` }} in {{ `{{ $labels.namespace }}` }} closed
+          {{ `{{ $value | humanize }}` }} new connections unanswered over the last 5 minutes, and
+          has been refusing them for 10 minutes, because pods already held MAX_CONNECTIONS
+          ({{ int64 .Values.config.MAX_CONNECTIONS }} per pod). No request metric counts these
+          clients. Every slot is taken: by real load (scale out, or raise MAX_CONNECTIONS
+          with the memory limit) or by many addresses holding connections open (an attack).
+        runbook_url: {{ printf "%s#%s" $runbook "fibonacciapiconnectionsrefused" }}
     - alert: FibonacciApiPodsNotReady
       # kube-state-metrics. The pod name pattern (<workload>-<hash>-<suffix>,
       # both in Kubernetes' vowel-free alphabet) matches the API's pods, not the
