@@ -691,9 +691,15 @@ async def scenario_held_heads(v: Verdict, tmp: Path) -> None:
             f"RSS back within 8 MiB of where it was {ms(returned) if returned is not None else 'never'} after they "
             f"closed (within 7 s: the 5 s sweep hands free heap back; now "
             f"{vm_kib(svc.pid, 'VmRSS') / 1024:.1f} MiB)")
-    refused = metric(await scrape(), "http_connections_refused_total", reason="max_connections") or 0
-    v.check(refused >= waves * (addresses * per_address - cap),
-            f"the excess refused: {refused:.0f} of {waves * addresses * per_address} refused as max_connections")
+    # Every connection past the cap is refused. In the second wave some are refused by
+    # the per-address rate instead (CONNECTION_RATE_PER_ADDRESS: the first wave spent
+    # each address's burst a few seconds before), so count every reason there.
+    text = await scrape()
+    at_cap = metric(text, "http_connections_refused_total", reason="max_connections") or 0
+    refused = metric(text, "http_connections_refused_total") or 0
+    v.check(at_cap >= addresses * per_address - cap and refused >= waves * (addresses * per_address - cap),
+            f"the excess refused: {refused:.0f} of {waves * addresses * per_address} ({at_cap:.0f} as max_connections, "
+            f"at least the first wave's {addresses * per_address - cap})")
     status, _, _ = await fetch(svc.port, "/fibonacci?n=10")
     v.check(status == 200, "and the service serves as before")
     rc, took = await svc.stop(20)
