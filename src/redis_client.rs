@@ -6,20 +6,22 @@
 //!
 //! One Redis node (`REDIS_URL`) or a Redis Cluster (`REDIS_CLUSTER_NODES`): the cluster
 //! client of the `redis` crate follows MOVED/ASK redirections, refreshes the topology and
-//! finds promoted replicas; everything above this module is the same for both.
+//! finds promoted replicas; everything above this module is the same for both. Calls the
+//! limiter addresses to one master go over a direct connection to it when one is up.
 
 use std::{
     sync::{Arc, Mutex, RwLock},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use metrics::Gauge;
 use redis::{
-    aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
+    aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection},
     cluster::{ClusterClient, ClusterClientBuilder},
     cluster_async::ClusterConnection,
     cluster_routing::{RoutingInfo, SingleNodeRoutingInfo},
-    Cmd, FromRedisValue, Pipeline, RedisFuture, Value,
+    AsyncConnectionConfig, Cmd, ConnectionAddr, ConnectionInfo, FromRedisValue, IntoConnectionInfo,
+    Pipeline, RedisFuture, Value,
 };
 
 use crate::{
@@ -37,6 +39,9 @@ const PING_OPEN: Duration = Duration::from_millis(500);
 const RECONNECT_BOUND: Duration = Duration::from_secs(2);
 /// At most one log line per this period for commands Redis refuses.
 const REFUSAL_LOG_PERIOD: Duration = Duration::from_secs(60);
+/// How long after a direct connection to a cluster node failed (to connect, or in a
+/// call) the next one may be tried; calls go through the cluster client meanwhile.
+const LINK_RETRY: Duration = Duration::from_secs(1);
 
 /// Why a Redis call gave nothing.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -183,6 +188,8 @@ pub struct RedisClient {
     /// For a cluster: the client that makes new connections, each reading the topology
     /// afresh.
     cluster: Option<ClusterClient>,
+    /// For a cluster: direct connections to its nodes (see [`NodeLinks`]).
+    links: Option<NodeLinks>,
     timeout: Duration,
     breaker: CircuitBreaker,
     /// The cause last logged while the breaker is open, so a change is logged once.
@@ -202,6 +209,7 @@ impl RedisClient {
         metrics: &Metrics,
     ) -> redis::RedisResult<Arc<Self>> {
         let mut cluster = None;
+        let mut links = None;
         let conn = match target {
             Target::Node(url) => {
                 let client = redis::Client::open(url)?;
@@ -227,6 +235,7 @@ impl RedisClient {
                     .build()?;
                 let conn = client.get_pending_async_connection_with_config(Default::default());
                 cluster = Some(client);
+                links = NodeLinks::new(nodes, timeout)?;
                 Connection::Cluster(conn)
             }
         };
@@ -234,6 +243,7 @@ impl RedisClient {
         up.set(0.0);
         Ok(Arc::new(Self {
             cluster,
+            links,
             conn: RwLock::new(conn),
             timeout,
             breaker: CircuitBreaker::new(FAILURES_TO_OPEN),
@@ -428,6 +438,24 @@ impl RedisClient {
         if !self.is_available() {
             return Err(RedisUnavailable::CircuitOpen);
         }
+        if let (
+            Some(links),
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port }),
+        ) = (&self.links, route)
+        {
+            if let Some(mut link) = links.get(host, *port) {
+                let result = self.timed(cmd.query_async(&mut link)).await;
+                if let Err(e) = &result {
+                    if !e.is_refusal() {
+                        // Lost or hung: the next calls go through the cluster client
+                        // until a new link is up.
+                        links.failed(host, *port);
+                    }
+                }
+                self.record(&result);
+                return result;
+            }
+        }
         let call = async move {
             let value = conn.route_command(cmd.clone(), route.clone()).await?;
             // An error reply that needs no redirection (NOSCRIPT, a refusal) comes back
@@ -502,6 +530,10 @@ impl RedisClient {
         match tokio::time::timeout(bound, client.get_async_connection()).await {
             Ok(Ok(fresh)) => {
                 *self.conn.write().expect("not poisoned") = Connection::Cluster(fresh);
+                if let Some(links) = &self.links {
+                    // After an outage the masters may be others, or the same ones anew.
+                    links.clear();
+                }
                 Ok(())
             }
             Ok(Err(e)) => Err(RedisUnavailable::Failed(e)),
@@ -546,5 +578,114 @@ impl RedisClient {
                 () = self.opened.notified() => {}
             }
         }
+    }
+}
+
+/// Direct connections to a cluster's nodes, by the address the cluster announces, for
+/// the calls addressed to one node (the limiter's batch per master). The cluster client
+/// hands each call to its own routing task on the way to the node's connection: one more
+/// task wake-up and timer per call than a node's multiplexed connection costs, which the
+/// limiter pays on every batch. A link is made in the background on first use; until it
+/// is up, and for [`LINK_RETRY`] after it failed, calls go through the cluster client as
+/// before, so a node the service cannot reach directly is no worse off than without.
+struct NodeLinks {
+    /// The first seed's settings (credentials, TLS, protocol); the address is replaced.
+    template: ConnectionInfo,
+    config: AsyncConnectionConfig,
+    /// A handful of masters: a list searched by address, not allocated per call.
+    links: Arc<Mutex<Vec<(String, u16, Link)>>>,
+}
+
+enum Link {
+    Connecting,
+    Up(MultiplexedConnection),
+    Failed(Instant),
+}
+
+impl NodeLinks {
+    /// `None` for seeds on a Unix socket (a cluster announces TCP addresses).
+    fn new(seeds: &[String], timeout: Duration) -> redis::RedisResult<Option<Self>> {
+        let Some(seed) = seeds.first() else {
+            return Ok(None);
+        };
+        let template = seed.as_str().into_connection_info()?;
+        if matches!(template.addr(), ConnectionAddr::Unix(_)) {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            template,
+            // The caller bounds every call with its own timeout.
+            config: AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(timeout))
+                .set_response_timeout(None),
+            links: Arc::default(),
+        }))
+    }
+
+    /// The link to `host:port` if it is up; otherwise starts making one (at most one
+    /// attempt at a time, one per [`LINK_RETRY`] after a failure) and returns `None`.
+    fn get(&self, host: &str, port: u16) -> Option<MultiplexedConnection> {
+        let mut links = self.links.lock().expect("not poisoned");
+        let found = links.iter().position(|(h, p, _)| h == host && *p == port);
+        match found.map(|i| &links[i].2) {
+            Some(Link::Up(conn)) => return Some(conn.clone()),
+            Some(Link::Connecting) => return None,
+            Some(Link::Failed(at)) if at.elapsed() < LINK_RETRY => return None,
+            Some(Link::Failed(_)) => links[found.expect("found")].2 = Link::Connecting,
+            None => links.push((host.to_owned(), port, Link::Connecting)),
+        }
+        let address = (host.to_owned(), port);
+        let info = self.template.clone().set_addr(match self.template.addr() {
+            ConnectionAddr::TcpTls {
+                insecure,
+                tls_params,
+                ..
+            } => ConnectionAddr::TcpTls {
+                host: host.to_owned(),
+                port,
+                insecure: *insecure,
+                tls_params: tls_params.clone(),
+            },
+            _ => ConnectionAddr::Tcp(host.to_owned(), port),
+        });
+        let (config, links) = (self.config.clone(), self.links.clone());
+        tokio::spawn(async move {
+            let conn = match redis::Client::open(info) {
+                Ok(client) => {
+                    client
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            let link = match conn {
+                Ok(conn) => Link::Up(conn),
+                Err(e) => {
+                    tracing::debug!(error = %e, host = %address.0, port = address.1, "no direct connection to the cluster node: calls go through the cluster client");
+                    Link::Failed(Instant::now())
+                }
+            };
+            let mut links = links.lock().expect("not poisoned");
+            // Cleared meanwhile (an outage): this attempt belongs to the old topology.
+            if let Some(slot) = links
+                .iter_mut()
+                .find(|(h, p, _)| *h == address.0 && *p == address.1)
+            {
+                slot.2 = link;
+            }
+        });
+        None
+    }
+
+    /// The link to `host:port` failed a call: dropped, and made again later.
+    fn failed(&self, host: &str, port: u16) {
+        let mut links = self.links.lock().expect("not poisoned");
+        if let Some(slot) = links.iter_mut().find(|(h, p, _)| h == host && *p == port) {
+            slot.2 = Link::Failed(Instant::now());
+        }
+    }
+
+    fn clear(&self) {
+        self.links.lock().expect("not poisoned").clear();
     }
 }

@@ -275,7 +275,10 @@ where
         let mut in_flight = this.in_flight.take().expect("polled after completion");
         let draining = in_flight.app.lifecycle.phase() == Phase::Draining;
         let headers = response.headers_mut();
-        headers.reserve(SECURITY_HEADERS.len() + 2);
+        // Only what this adds: a reserve past the map's capacity doubles it, and a map the
+        // route sized for every header (`routes::fibonacci::answer`) would be copied into
+        // one twice as large on every request.
+        headers.reserve(SECURITY_HEADERS.len() + 1 + usize::from(draining));
         for (name, value) in SECURITY_HEADERS {
             // A route that needs a policy of its own (the docs page runs scripts) sets it.
             headers.entry(name).or_insert(value);

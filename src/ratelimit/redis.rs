@@ -13,15 +13,12 @@ use super::{
     window::{self, Decision, View},
 };
 use std::{
-    collections::HashMap,
     sync::{
         atomic::{AtomicBool, AtomicU32, Ordering},
         Arc,
     },
     time::{Duration, Instant},
 };
-
-use redis::cluster_routing::Slot;
 
 use crate::redis_client::{RedisClient, RedisUnavailable};
 
@@ -237,6 +234,10 @@ const UNROUTABLE_LIMIT: u32 = 16;
 /// library's own routing (which follows MOVED and ASK: a slot mid-migration).
 const BY_MAP_TRIES: u8 = 3;
 
+/// A cluster's hash slots, and the slot map's mark of a slot no master serves.
+const SLOTS: usize = 16_384;
+const NO_NODE: u16 = u16::MAX;
+
 /// A request waiting for the next call to Redis.
 struct Waiter {
     client: ClientKey,
@@ -251,7 +252,9 @@ type Answer = Option<Result<Decision, RedisUnavailable>>;
 /// to send each master its clients in one call. The script checks that a client's keys
 /// are on the node it runs on; one that is not is counted nowhere and tried again.
 struct SlotMap {
-    node_of: HashMap<Slot, usize>,
+    /// Each slot's master, an index into `nodes` ([`NO_NODE`] for a slot no one serves):
+    /// a table, as every check of a cluster looks its slot up.
+    node_of: Box<[u16]>,
     /// Each master's address as the cluster announces it (and the client library
     /// connects to it).
     nodes: Vec<(String, u16)>,
@@ -266,7 +269,7 @@ impl SlotMap {
             return None;
         };
         let mut nodes: Vec<(String, u16)> = Vec::new();
-        let mut node_of = HashMap::with_capacity(16_384);
+        let mut node_of = vec![NO_NODE; SLOTS].into_boxed_slice();
         for range in ranges {
             let redis::Value::Array(items) = range else {
                 return None;
@@ -302,9 +305,9 @@ impl SlotMap {
                     nodes.len() - 1
                 }
             };
-            for slot in *start..=*end {
-                node_of.insert(Slot::new(u16::try_from(slot).ok()?)?, node);
-            }
+            let node = u16::try_from(node).ok().filter(|&n| n != NO_NODE)?;
+            let (start, end) = (usize::try_from(*start).ok()?, usize::try_from(*end).ok()?);
+            node_of.get_mut(start..=end)?.fill(node);
         }
         Some(Self {
             node_of,
@@ -314,8 +317,20 @@ impl SlotMap {
     }
 
     fn node_of(&self, key: &[u8]) -> Option<usize> {
-        self.node_of.get(&Slot::for_key(key)).copied()
+        let node = self.node_of[slot_of(key)];
+        (node != NO_NODE).then_some(usize::from(node))
     }
+}
+
+/// The cluster hash slot of `key`: CRC16 (XMODEM) of its hash tag, the text between its
+/// first `{` and the next `}` if that is not empty, or else of the whole key.
+fn slot_of(key: &[u8]) -> usize {
+    let tag = key.iter().position(|&b| b == b'{').and_then(|open| {
+        let rest = &key[open + 1..];
+        let close = rest.iter().position(|&b| b == b'}')?;
+        (close > 0).then(|| &rest[..close])
+    });
+    usize::from(crc16::State::<crc16::XMODEM>::calculate(tag.unwrap_or(key))) % SLOTS
 }
 
 /// The script for one policy (and its /48 share), run by hash.
@@ -613,19 +628,14 @@ impl RedisWindows {
             }
         }
         self.reroute(redis, unmapped, tries);
-        let mut calls: Vec<(usize, Vec<Waiter>)> = groups
+        // The masters' calls in flight together on this task: their replies wake one
+        // task, not one each.
+        let calls = groups
             .into_iter()
             .enumerate()
             .filter(|(_, group)| !group.is_empty())
-            .collect();
-        let last = calls.pop();
-        for (node, group) in calls {
-            let (this, redis, map) = (self.clone(), redis.clone(), map.clone());
-            tokio::spawn(async move { this.flush_node(&redis, &map, node, group, tries).await });
-        }
-        if let Some((node, group)) = last {
-            self.flush_node(redis, &map, node, group, tries).await;
-        }
+            .map(|(node, group)| self.flush_node(redis, &map, node, group, tries));
+        futures_util::future::join_all(calls).await;
     }
 
     /// One call to master `node` of `map`, checking all of `group` there.
@@ -940,6 +950,36 @@ mod tests {
         ];
         for (reply, why) in cases {
             assert_eq!(decide(reply, &policies), None, "{why}");
+        }
+    }
+
+    #[test]
+    fn slots_are_the_ones_redis_computes() {
+        let mut keys: Vec<Vec<u8>> = [
+            "",
+            "a",
+            "b",
+            "{}",
+            "{}a",
+            "a{}b{c}",
+            "{a",
+            "a}",
+            "}{a}",
+            "{{a}}",
+            "x{b}y",
+            "rl:{10.0.0.1}",
+            "rl:{2001:db8:1::}:48",
+            "{user1000}.following",
+        ]
+        .iter()
+        .map(|k| k.as_bytes().to_vec())
+        .collect();
+        keys.extend(
+            (0..2000u32).map(|i| format!("rl:v1:{{10.0.{}.{}}}", i / 256, i % 256).into_bytes()),
+        );
+        for key in keys {
+            let redis = format!("{:?}", redis::cluster_routing::Slot::for_key(&key));
+            assert_eq!(format!("Slot({})", slot_of(&key)), redis, "{key:?}");
         }
     }
 

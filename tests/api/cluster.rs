@@ -940,3 +940,56 @@ async fn a_manual_failover_under_load_keeps_the_limits_cluster_wide() {
         app.stop().await;
     }
 }
+
+/// Connections a master drops (a restart, `CLIENT KILL`, an idle timeout) are made
+/// again: the batched checks, which go over a connection of their own to each master,
+/// resume on it after a failed call or two, without opening the breaker (which would
+/// make every replica's limits its own for a while), and stay exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_dropping_the_services_connections_costs_a_call_not_an_outage() {
+    use fibonacci_api::ratelimit::ClientKey;
+    let Some(cluster) = RedisCluster::start(1000) else {
+        return;
+    };
+    // Per hour: a minute boundary mid-test would rightly let a 31st request through.
+    let (redis, windows) = limiter_on(&cluster, "30/hour").await;
+    let (masters, _) = cluster.roles();
+    let clients: Vec<String> = masters
+        .iter()
+        .flat_map(|port| clients_on(&cluster, *port, 10))
+        .collect();
+    assert_eq!(
+        allowed_of(&redis, &windows, &clients, 10).await,
+        vec![10; clients.len()]
+    );
+    let dropping = masters[0];
+    let killed: u64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .query(&mut RedisCluster::node(dropping))
+        .unwrap();
+    assert!(killed >= 1, "the service's connections to {dropping}");
+    // A client on that master, not checked before: answered again once the connection
+    // is remade; the breaker stays closed throughout.
+    let probe = clients_on(&cluster, dropping, 11).pop().unwrap();
+    let probe = ClientKey::of(probe.parse().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut failed = 0;
+    while windows.check(&redis, &probe, 0).await.is_err() {
+        failed += 1;
+        assert!(
+            redis.is_available(),
+            "the breaker opened after {failed} failed calls"
+        );
+        assert!(Instant::now() < deadline, "checks not answered again");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(redis.is_available());
+    assert!(windows.batches_by_node(), "still one call per master");
+    assert_eq!(
+        allowed_of(&redis, &windows, &clients, 30).await,
+        vec![20; clients.len()],
+        "30 of 40 each: none lost, none counted twice"
+    );
+}
