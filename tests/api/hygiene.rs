@@ -115,6 +115,25 @@ async fn hundreds_of_stalled_connections_do_not_block_a_fresh_client() {
     app.stop().await;
 }
 
+/// `count` keep-alive connections to `addr`, each served `request` once (a 200) and
+/// kept open.
+async fn hold_served(addr: std::net::SocketAddr, request: &[u8], count: usize) -> Vec<TcpStream> {
+    let mut held = Vec::new();
+    for _ in 0..count {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(request).await.unwrap();
+        let mut buf = [0u8; 512];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 200"),
+            "connection {} served",
+            held.len() + 1
+        );
+        held.push(s);
+    }
+    held
+}
+
 #[tokio::test]
 async fn past_the_connection_cap_new_connections_are_closed_at_once() {
     let app = spawn_app(Config {
@@ -123,20 +142,7 @@ async fn past_the_connection_cap_new_connections_are_closed_at_once() {
         ..quick_timeouts()
     })
     .await;
-    let mut held = Vec::new();
-    for _ in 0..4 {
-        let mut s = TcpStream::connect(app.addr).await.unwrap();
-        s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let mut buf = [0u8; 512];
-        let n = s.read(&mut buf).await.unwrap();
-        assert!(
-            buf[..n].starts_with(b"HTTP/1.1 200"),
-            "keep-alive connection served"
-        );
-        held.push(s);
-    }
+    let held = hold_served(app.addr, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", 4).await;
     let mut extra = TcpStream::connect(app.addr).await.unwrap();
     let _ = extra
         .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -177,18 +183,7 @@ async fn the_admin_listener_has_its_own_small_connection_cap() {
     .await;
     let admin = app.admin_addr.expect("admin bound");
     let probe = b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n";
-    let mut held = Vec::new();
-    for _ in 0..ADMIN_MAX_CONNECTIONS {
-        let mut s = TcpStream::connect(admin).await.unwrap();
-        s.write_all(probe).await.unwrap();
-        let mut buf = [0u8; 512];
-        let n = s.read(&mut buf).await.unwrap();
-        assert!(
-            buf[..n].starts_with(b"HTTP/1.1 200"),
-            "admin connection served"
-        );
-        held.push(s);
-    }
+    let held = hold_served(admin, probe, ADMIN_MAX_CONNECTIONS).await;
     let mut extra = TcpStream::connect(admin).await.unwrap();
     let _ = extra.write_all(probe).await;
     let reply = read_until_closed(&mut extra, Duration::from_secs(5)).await;
