@@ -338,7 +338,14 @@ impl RedisClient {
         &self,
         call: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, RedisUnavailable> {
-        match tokio::time::timeout(self.timeout, call).await {
+        Self::within(self.timeout, call).await
+    }
+
+    async fn within<T>(
+        budget: Duration,
+        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, RedisUnavailable> {
+        match tokio::time::timeout(budget, call).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(RedisUnavailable::Failed(e)),
             Err(_) => Err(RedisUnavailable::Timeout),
@@ -438,22 +445,36 @@ impl RedisClient {
         if !self.is_available() {
             return Err(RedisUnavailable::CircuitOpen);
         }
+        let mut budget = self.timeout;
         if let (
             Some(links),
             RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port }),
         ) = (&self.links, route)
         {
             if let Some(mut link) = links.get(host, *port) {
-                let result = self.timed(cmd.query_async(&mut link)).await;
-                if let Err(e) = &result {
-                    if !e.is_refusal() {
-                        // Lost or hung: the next calls go through the cluster client
-                        // until a new link is up.
+                let started = tokio::time::Instant::now();
+                match self.timed(cmd.query_async(&mut link)).await {
+                    // A connection the node closed (a restart, `CLIENT KILL`, its idle
+                    // `timeout`) or reset: the call goes through the cluster client, which
+                    // connects again, within what is left of the timeout — as it did
+                    // before the link, so a dropped link costs neither an answer nor a
+                    // count against the breaker.
+                    Err(RedisUnavailable::Failed(e))
+                        if e.is_connection_dropped() || e.is_io_error() =>
+                    {
                         links.failed(host, *port);
+                        budget = self.timeout.saturating_sub(started.elapsed());
+                    }
+                    result => {
+                        if matches!(result, Err(RedisUnavailable::Timeout)) {
+                            // Hung: the next calls go through the cluster client until a
+                            // new link is up.
+                            links.failed(host, *port);
+                        }
+                        self.record(&result);
+                        return result;
                     }
                 }
-                self.record(&result);
-                return result;
             }
         }
         let call = async move {
@@ -462,7 +483,7 @@ impl RedisClient {
             // as a value.
             Ok(redis::from_redis_value(value.extract_error()?)?)
         };
-        let result = self.timed(call).await;
+        let result = Self::within(budget, call).await;
         match &result {
             // Not Redis failing: the caller asked for a node the library does not know.
             Err(e) if e.is_unroutable() => {}

@@ -227,8 +227,10 @@ const SLOT_MAP_WAIT: Duration = Duration::from_millis(200);
 
 /// Node calls in a row to addresses the client library has no connection to, after
 /// which the map's addresses are taken not to be the library's (a cluster announcing
-/// endpoints it does not connect by) and every check is a call of its own.
+/// endpoints it does not connect by, or a master gone that the map still names) and
+/// every check is a call of its own for [`UNROUTABLE_PAUSE`]; then batching is tried again.
 const UNROUTABLE_LIMIT: u32 = 16;
+const UNROUTABLE_PAUSE: Duration = Duration::from_secs(30);
 
 /// Tries of a misplaced client by the slot map before its check goes through the client
 /// library's own routing (which follows MOVED and ASK: a slot mid-migration).
@@ -361,6 +363,12 @@ pub struct RedisWindows {
     per_check_only: AtomicBool,
     /// Node calls in a row addressed to a node the client library had no connection to.
     unroutable: AtomicU32,
+    /// Since when every check is a call of its own because of that (see
+    /// [`UNROUTABLE_PAUSE`]); `paused` mirrors it for the checks' fast path.
+    unroutable_since: std::sync::Mutex<Option<Instant>>,
+    paused: AtomicBool,
+    /// Whether that has been logged at `WARN` (once; later pauses at debug level).
+    unroutable_warned: AtomicBool,
 }
 
 impl RedisWindows {
@@ -407,6 +415,9 @@ impl RedisWindows {
             slots_stale: AtomicBool::new(false),
             per_check_only: AtomicBool::new(false),
             unroutable: AtomicU32::new(0),
+            unroutable_since: std::sync::Mutex::new(None),
+            paused: AtomicBool::new(false),
+            unroutable_warned: AtomicBool::new(false),
         }
     }
 
@@ -421,7 +432,26 @@ impl RedisWindows {
     /// and the cluster runs the batch script): for tests.
     #[doc(hidden)]
     pub fn batches_by_node(&self) -> bool {
-        !self.per_check_only.load(Ordering::Relaxed) && self.slots.borrow().is_some()
+        self.by_node() && self.slots.borrow().is_some()
+    }
+
+    /// Whether a cluster's checks may go by node: the cluster runs the batch script, and
+    /// no pause for unroutable addresses is under way (one that is over ends here).
+    fn by_node(&self) -> bool {
+        if self.per_check_only.load(Ordering::Relaxed) {
+            return false;
+        }
+        if !self.paused.load(Ordering::Relaxed) {
+            return true;
+        }
+        let mut since = self.unroutable_since.lock().expect("not poisoned");
+        if since.is_some_and(|at| at.elapsed() >= UNROUTABLE_PAUSE) {
+            *since = None;
+            self.unroutable.store(0, Ordering::Relaxed);
+            self.paused.store(false, Ordering::Relaxed);
+            return true;
+        }
+        false
     }
 
     /// Checks and counts one request of `client` in Redis (`now` is used only by the
@@ -440,8 +470,7 @@ impl RedisWindows {
         now: u64,
     ) -> Result<Decision, RedisUnavailable> {
         let batched = !self.clock_argument
-            && (!redis.is_cluster()
-                || (!self.per_check_only.load(Ordering::Relaxed) && self.slot_map(redis)));
+            && (!redis.is_cluster() || (self.by_node() && self.slot_map(redis)));
         if !batched {
             return self.check_one(redis, client, now).await;
         }
@@ -661,14 +690,18 @@ impl RedisWindows {
             // A node the library is not connected to (a new one, or an address it does
             // not know by that name): nothing was sent, and a new map would not help.
             Err(e) if e.is_unroutable() => {
-                if self.unroutable.fetch_add(1, Ordering::Relaxed) + 1 == UNROUTABLE_LIMIT
-                    && !self.per_check_only.swap(true, Ordering::Relaxed)
-                {
-                    tracing::warn!(
-                        event = "redis_batch_refused",
-                        error = %e,
-                        "the cluster's announced node addresses are not ones the client library connects to: each rate-limit check is now a call of its own"
-                    );
+                if self.unroutable.fetch_add(1, Ordering::Relaxed) + 1 == UNROUTABLE_LIMIT {
+                    *self.unroutable_since.lock().expect("not poisoned") = Some(Instant::now());
+                    self.paused.store(true, Ordering::Relaxed);
+                    if !self.unroutable_warned.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(
+                            event = "redis_batch_refused",
+                            error = %e,
+                            "calls to the cluster's announced node addresses found no connection of the client library's (a master gone that the slot map still names, or addresses it does not connect by): each rate-limit check is a call of its own for 30 s, then batching is tried again"
+                        );
+                    } else {
+                        tracing::debug!(error = %e, "unroutable node addresses again: each rate-limit check is a call of its own for 30 s");
+                    }
                 }
                 return self.reroute(redis, group, BY_MAP_TRIES);
             }

@@ -60,6 +60,18 @@ fn a_bad_setting_stops_start_up_with_one_line() {
             "redis://127.0.0.1:7000,redis://127.0.0.1:7001/3",
             "REDIS_CLUSTER_NODES",
         ),
+        // The first seed's credentials serve every node: none there and a password on
+        // another seed would run without it.
+        (
+            "REDIS_CLUSTER_NODES",
+            "redis://127.0.0.1:7000,redis://:hunter2@127.0.0.1:7001",
+            "REDIS_CLUSTER_NODES",
+        ),
+        (
+            "REDIS_CLUSTER_NODES",
+            "redis://alice:hunter2@127.0.0.1:7000,redis://bob:hunter2@127.0.0.1:7001",
+            "REDIS_CLUSTER_NODES",
+        ),
         (
             "OTEL_EXPORTER_OTLP_PROTOCOL",
             "carrier-pigeon",
