@@ -335,32 +335,27 @@ fn cluster_nodes(value: &str) -> Result<List<String>, String> {
     if !tcp || redis::cluster::ClusterClient::new(nodes.iter().map(String::as_str)).is_err() {
         return Err(expected.into());
     }
+    let seeds = nodes
+        .iter()
+        .map(|url| redis::IntoConnectionInfo::into_connection_info(url.as_str()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| expected.to_owned())?;
     // The client library takes the first seed's credentials for every node; a seed that
     // differs (one without the password, say) would have the service run on the wrong ones.
-    let credentials = |url: &String| {
-        redis::IntoConnectionInfo::into_connection_info(url.as_str()).map(|info| {
-            let settings = info.redis_settings();
-            (
-                settings.username().map(str::to_owned),
-                settings.password().map(str::to_owned),
-            )
-        })
-    };
-    let first = credentials(&nodes[0]).map_err(|_| expected.to_owned())?;
-    if nodes
+    fn credentials(seed: &redis::ConnectionInfo) -> (Option<&str>, Option<&str>) {
+        let settings = seed.redis_settings();
+        (settings.username(), settings.password())
+    }
+    if seeds
         .iter()
-        .any(|url| credentials(url).ok().as_ref() != Some(&first))
+        .any(|seed| credentials(seed) != credentials(&seeds[0]))
     {
         return Err(format!(
             "{expected} (one seed's user or password differs from the others')"
         ));
     }
     // A cluster has database 0 only: a node URL naming another would never work.
-    let other_db = nodes.iter().any(|url| {
-        redis::IntoConnectionInfo::into_connection_info(url.as_str())
-            .is_ok_and(|info| info.redis_settings().db() != 0)
-    });
-    if other_db {
+    if seeds.iter().any(|seed| seed.redis_settings().db() != 0) {
         return Err(format!(
             "{expected} (no /db: a Redis Cluster has database 0 only)"
         ));

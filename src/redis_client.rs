@@ -647,12 +647,11 @@ impl NodeLinks {
     /// attempt at a time, one per [`LINK_RETRY`] after a failure) and returns `None`.
     fn get(&self, host: &str, port: u16) -> Option<MultiplexedConnection> {
         let mut links = self.links.lock().expect("not poisoned");
-        let found = links.iter().position(|(h, p, _)| h == host && *p == port);
-        match found.map(|i| &links[i].2) {
-            Some(Link::Up(conn)) => return Some(conn.clone()),
-            Some(Link::Connecting) => return None,
-            Some(Link::Failed(at)) if at.elapsed() < LINK_RETRY => return None,
-            Some(Link::Failed(_)) => links[found.expect("found")].2 = Link::Connecting,
+        match links.iter_mut().find(|(h, p, _)| h == host && *p == port) {
+            Some((_, _, Link::Up(conn))) => return Some(conn.clone()),
+            Some((_, _, Link::Connecting)) => return None,
+            Some((_, _, Link::Failed(at))) if at.elapsed() < LINK_RETRY => return None,
+            Some((_, _, link)) => *link = Link::Connecting,
             None => links.push((host.to_owned(), port, Link::Connecting)),
         }
         let address = (host.to_owned(), port);

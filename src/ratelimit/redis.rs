@@ -361,14 +361,54 @@ pub struct RedisWindows {
     /// flags), or the addresses it announces are not ones the client library connects
     /// to: every check is its own call.
     per_check_only: AtomicBool,
-    /// Node calls in a row addressed to a node the client library had no connection to.
-    unroutable: AtomicU32,
-    /// Since when every check is a call of its own because of that (see
-    /// [`UNROUTABLE_PAUSE`]); `paused` mirrors it for the checks' fast path.
-    unroutable_since: std::sync::Mutex<Option<Instant>>,
+    /// Node calls to addresses the client library has no connection to.
+    unroutable: Unroutable,
+}
+
+/// Node calls in a row addressed to a node the client library had no connection to, and
+/// the pause of batching ([`UNROUTABLE_PAUSE`]) that [`UNROUTABLE_LIMIT`] of them start.
+#[derive(Default)]
+struct Unroutable {
+    in_a_row: AtomicU32,
+    /// Mirrors `since` for the checks' fast path.
     paused: AtomicBool,
-    /// Whether that has been logged at `WARN` (once; later pauses at debug level).
-    unroutable_warned: AtomicBool,
+    since: std::sync::Mutex<Option<Instant>>,
+    /// Whether a pause has been logged at `WARN` (once; later ones at debug level).
+    warned: AtomicBool,
+}
+
+impl Unroutable {
+    /// A node call was routed.
+    fn routed(&self) {
+        self.in_a_row.store(0, Ordering::Relaxed);
+    }
+
+    /// A node call found no connection at `now`: whether that starts a pause, and if so
+    /// whether it is the first (to be logged as a warning).
+    fn unrouted(&self, now: Instant) -> Option<bool> {
+        if self.in_a_row.fetch_add(1, Ordering::Relaxed) + 1 != UNROUTABLE_LIMIT {
+            return None;
+        }
+        *self.since.lock().expect("not poisoned") = Some(now);
+        self.paused.store(true, Ordering::Relaxed);
+        Some(!self.warned.swap(true, Ordering::Relaxed))
+    }
+
+    /// Whether checks may go by node at `now`: no pause, or one that is over (and ends
+    /// here, the count starting afresh).
+    fn allows_batching(&self, now: Instant) -> bool {
+        if !self.paused.load(Ordering::Relaxed) {
+            return true;
+        }
+        let mut since = self.since.lock().expect("not poisoned");
+        if since.is_some_and(|at| now.saturating_duration_since(at) >= UNROUTABLE_PAUSE) {
+            *since = None;
+            self.in_a_row.store(0, Ordering::Relaxed);
+            self.paused.store(false, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
 }
 
 impl RedisWindows {
@@ -414,10 +454,7 @@ impl RedisWindows {
             map_unusable: AtomicBool::new(false),
             slots_stale: AtomicBool::new(false),
             per_check_only: AtomicBool::new(false),
-            unroutable: AtomicU32::new(0),
-            unroutable_since: std::sync::Mutex::new(None),
-            paused: AtomicBool::new(false),
-            unroutable_warned: AtomicBool::new(false),
+            unroutable: Unroutable::default(),
         }
     }
 
@@ -438,20 +475,8 @@ impl RedisWindows {
     /// Whether a cluster's checks may go by node: the cluster runs the batch script, and
     /// no pause for unroutable addresses is under way (one that is over ends here).
     fn by_node(&self) -> bool {
-        if self.per_check_only.load(Ordering::Relaxed) {
-            return false;
-        }
-        if !self.paused.load(Ordering::Relaxed) {
-            return true;
-        }
-        let mut since = self.unroutable_since.lock().expect("not poisoned");
-        if since.is_some_and(|at| at.elapsed() >= UNROUTABLE_PAUSE) {
-            *since = None;
-            self.unroutable.store(0, Ordering::Relaxed);
-            self.paused.store(false, Ordering::Relaxed);
-            return true;
-        }
-        false
+        !self.per_check_only.load(Ordering::Relaxed)
+            && self.unroutable.allows_batching(Instant::now())
     }
 
     /// Checks and counts one request of `client` in Redis (`now` is used only by the
@@ -684,16 +709,14 @@ impl RedisWindows {
             .await
         {
             Ok(reply) => {
-                self.unroutable.store(0, Ordering::Relaxed);
+                self.unroutable.routed();
                 self.split(&reply, &clients, true)
             }
             // A node the library is not connected to (a new one, or an address it does
             // not know by that name): nothing was sent, and a new map would not help.
             Err(e) if e.is_unroutable() => {
-                if self.unroutable.fetch_add(1, Ordering::Relaxed) + 1 == UNROUTABLE_LIMIT {
-                    *self.unroutable_since.lock().expect("not poisoned") = Some(Instant::now());
-                    self.paused.store(true, Ordering::Relaxed);
-                    if !self.unroutable_warned.swap(true, Ordering::Relaxed) {
+                if let Some(first) = self.unroutable.unrouted(Instant::now()) {
+                    if first {
                         tracing::warn!(
                             event = "redis_batch_refused",
                             error = %e,
@@ -926,6 +949,40 @@ fn decide_items(items: &[redis::Value], policies: &[Option<&Policy>; 2]) -> Opti
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unroutable_calls_in_a_row_pause_batching_for_a_while() {
+        let unroutable = Unroutable::default();
+        let start = Instant::now();
+        for _ in 1..UNROUTABLE_LIMIT {
+            assert_eq!(unroutable.unrouted(start), None);
+        }
+        // A routed call starts the count again.
+        unroutable.routed();
+        for _ in 1..UNROUTABLE_LIMIT {
+            assert_eq!(unroutable.unrouted(start), None);
+        }
+        assert!(unroutable.allows_batching(start));
+        assert_eq!(
+            unroutable.unrouted(start),
+            Some(true),
+            "the first pause warns"
+        );
+        assert!(!unroutable.allows_batching(start));
+        let almost = start + UNROUTABLE_PAUSE - Duration::from_millis(1);
+        assert!(!unroutable.allows_batching(almost));
+        let over = start + UNROUTABLE_PAUSE;
+        assert!(unroutable.allows_batching(over), "batching again");
+        assert!(unroutable.allows_batching(over));
+        // The count started afresh: another pause takes the whole count again, and is
+        // not a warning.
+        for _ in 1..UNROUTABLE_LIMIT {
+            assert_eq!(unroutable.unrouted(over), None);
+        }
+        assert_eq!(unroutable.unrouted(over), Some(false));
+        assert!(!unroutable.allows_batching(over));
+        assert!(unroutable.allows_batching(over + UNROUTABLE_PAUSE));
+    }
 
     #[test]
     fn keys_of_one_check_share_a_slot_tag() {

@@ -429,6 +429,16 @@ fn clients_on(cluster: &RedisCluster, port: u16, count: usize) -> Vec<String> {
         .collect()
 }
 
+/// The masters' ports, and `count` clients whose keys each of them holds (in that order).
+fn clients_on_each_master(cluster: &RedisCluster, count: usize) -> (Vec<u16>, Vec<String>) {
+    let (masters, _) = cluster.roles();
+    let clients = masters
+        .iter()
+        .flat_map(|port| clients_on(cluster, *port, count))
+        .collect();
+    (masters, clients)
+}
+
 /// How many of 40 requests of `client`, alternating over `apps`, are accepted.
 async fn accepted_of_40(apps: &[TestApp], proxy: &reqwest::Client, client: &str) -> usize {
     let mut accepted = 0;
@@ -773,12 +783,8 @@ async fn concurrent_checks_go_as_one_call_per_master_and_stay_exact() {
         return;
     };
     let (redis, windows) = limiter_on(&cluster, "30/minute").await;
-    let (masters, _) = cluster.roles();
     // 60 clients, 20 on each master; a first check each loads the script everywhere.
-    let clients: Vec<String> = masters
-        .iter()
-        .flat_map(|port| clients_on(&cluster, *port, 20))
-        .collect();
+    let (masters, clients) = clients_on_each_master(&cluster, 20);
     let first = allowed_of(&redis, &windows, &clients, 1).await;
     assert_eq!(first, vec![1; clients.len()]);
     reset_stats_on(&masters);
@@ -953,11 +959,7 @@ async fn dropped_and_idle_closed_connections_cost_no_answer_and_no_count() {
     };
     // Per hour: a minute boundary mid-test would rightly let a 31st request through.
     let (redis, windows) = limiter_on(&cluster, "30/hour").await;
-    let (masters, _) = cluster.roles();
-    let clients: Vec<String> = masters
-        .iter()
-        .flat_map(|port| clients_on(&cluster, *port, 10))
-        .collect();
+    let (masters, clients) = clients_on_each_master(&cluster, 10);
     // `allowed_of` fails on a check that gets no answer from Redis.
     assert_eq!(
         allowed_of(&redis, &windows, &clients, 10).await,
