@@ -936,6 +936,9 @@ def cmd_chart() -> None:
              "extraEnv": [{"name": "DOCS_ENABLED", "value": "false"}]}, "config.DOCS_ENABLED"),
         "extraEnv setting a variable of the pod spec (REDIS_URL: NOTES and the NetworkPolicy would not know)": (
             {"extraEnv": [{"name": "REDIS_URL", "value": "redis://r:6379"}]}, "extraEnv sets REDIS_URL"),
+        "extraEnv listing one variable twice (the pod keeps only the last; server-side apply can refuse it)": (
+            {"extraEnv": [{"name": "HTTP_PROXY", "value": "http://a:3128"},
+                          {"name": "HTTP_PROXY", "value": "http://b:3128"}]}, "extraEnv lists HTTP_PROXY twice"),
         "an alert label that the rules set themselves": (
             {"prometheusRule": {"enabled": True, "alertLabels": {"environment": "prod"}}}, "environment"),
         # Issue 15's optional parts.

@@ -377,7 +377,12 @@ from the workload template so every render runs it.
 {{- end }}
 {{- end }}
 {{- $managed := include "fibonacci-api.managedEnv" . | fromJson }}
+{{- $listed := dict }}
 {{- range .Values.extraEnv }}
+{{- if hasKey $listed (toString .name) }}
+{{- fail (printf "extraEnv lists %s twice: the pod would get only the last entry, which hides the other (server-side apply, ArgoCD's option, can refuse the duplicate key): keep one" .name) }}
+{{- end }}
+{{- $_ := set $listed (toString .name) true }}
 {{- if hasKey $managed (toString .name) }}
 {{- $where := get $managed .name }}
 {{- fail (printf "extraEnv sets %s, which the chart sets itself (an extraEnv entry would override it behind the chart's checks and Ingress paths): %s" .name (ternary (printf "set it through %s" $where) "remove it (the chart sets it from the downward API)" (ne $where ""))) }}
