@@ -259,6 +259,25 @@ impl RedisClient {
         self.cluster.is_some()
     }
 
+    /// Keeps the direct connections to `masters` (a cluster's masters, as its slot map
+    /// read last names them) and drops the others: a master since demoted, moved or gone
+    /// would otherwise keep a connection and a place in the list for the life of the
+    /// process. One that is a master again gets a new link on its next call.
+    pub fn keep_links_to(&self, masters: &[(String, u16)]) {
+        if let Some(links) = &self.links {
+            links.retain(masters);
+        }
+    }
+
+    /// The ports of the nodes a cluster's direct links are to, up or not: for tests.
+    #[doc(hidden)]
+    pub fn linked_ports(&self) -> Vec<u16> {
+        self.links.as_ref().map_or_else(Vec::new, |links| {
+            let links = links.links.lock().expect("not poisoned");
+            links.iter().map(|(_, port, _)| *port).collect()
+        })
+    }
+
     /// Whether calls currently go to Redis (the breaker is closed).
     pub fn is_available(&self) -> bool {
         self.breaker.is_available()
@@ -705,7 +724,48 @@ impl NodeLinks {
         }
     }
 
+    fn retain(&self, masters: &[(String, u16)]) {
+        self.links
+            .lock()
+            .expect("not poisoned")
+            .retain(|(h, p, _)| masters.iter().any(|(host, port)| host == h && port == p));
+    }
+
     fn clear(&self) {
         self.links.lock().expect("not poisoned").clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn links_to_nodes_no_longer_masters_are_dropped() {
+        let links = NodeLinks::new(
+            &["redis://10.0.0.1:7000".to_owned()],
+            Duration::from_secs(1),
+        )
+        .unwrap()
+        .expect("a TCP seed");
+        for port in [7000, 7001, 7002] {
+            let state = if port == 7001 {
+                Link::Connecting
+            } else {
+                Link::Failed(Instant::now())
+            };
+            links
+                .links
+                .lock()
+                .unwrap()
+                .push(("10.0.0.1".into(), port, state));
+        }
+        // 7000 demoted (its replica on 7003 took over), 7002 still a master.
+        links.retain(&[("10.0.0.1".into(), 7002), ("10.0.0.1".into(), 7003)]);
+        let left: Vec<u16> = links.links.lock().unwrap().iter().map(|l| l.1).collect();
+        assert_eq!(left, [7002]);
+        // The same port on another host is another node.
+        links.retain(&[("10.0.0.2".into(), 7002)]);
+        assert!(links.links.lock().unwrap().is_empty());
     }
 }

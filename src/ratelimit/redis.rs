@@ -606,6 +606,9 @@ impl RedisWindows {
                         .await;
                     if let Ok(reply) = reply {
                         let map = SlotMap::parse(&reply);
+                        if let Some(map) = &map {
+                            redis.keep_links_to(&map.nodes);
+                        }
                         this.map_unusable.store(map.is_none(), Ordering::Relaxed);
                         if map.is_none() {
                             tracing::debug!("the cluster's slot map names no usable addresses: a call per check");

@@ -947,6 +947,56 @@ async fn a_manual_failover_under_load_keeps_the_limits_cluster_wide() {
     }
 }
 
+/// A master demoted by a failover keeps no direct connection from the limiter once the
+/// slot map is read again: the links follow the masters of now, and the checks stay
+/// exact through the change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_demoted_master_loses_its_direct_link() {
+    let Some(cluster) = RedisCluster::start(1000) else {
+        return;
+    };
+    let (redis, windows) = limiter_on(&cluster, "30/hour").await;
+    let (masters, clients) = clients_on_each_master(&cluster, 5);
+    assert_eq!(
+        allowed_of(&redis, &windows, &clients, 1).await,
+        vec![1; clients.len()]
+    );
+    let (mut linked, mut sorted) = (redis.linked_ports(), masters.clone());
+    linked.sort_unstable();
+    sorted.sort_unstable();
+    assert_eq!(linked, sorted, "a link to each master");
+    let demoted = masters[0];
+    let promoted = replica_of(&cluster, demoted);
+    redis::cmd("CLUSTER")
+        .arg("FAILOVER")
+        .query::<()>(&mut RedisCluster::node(promoted))
+        .unwrap();
+    // Checks of other clients go on meanwhile: the map is read again within its maximum
+    // age, or at once when a batch finds it wrong.
+    let other = std::sync::atomic::AtomicU32::new(0);
+    eventually(
+        Duration::from_secs(15),
+        "the demoted master's link dropped",
+        || {
+            let i = other.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let client = vec![format!("10.9.{}.{}", i / 250, i % 250)];
+            let (redis, windows) = (redis.clone(), windows.clone());
+            async move {
+                assert_eq!(allowed_of(&redis, &windows, &client, 1).await, [1]);
+                let linked = redis.linked_ports();
+                !linked.contains(&demoted) && linked.contains(&promoted)
+            }
+        },
+    )
+    .await;
+    assert!(cluster.roles().0.contains(&promoted));
+    assert_eq!(
+        allowed_of(&redis, &windows, &clients, 39).await,
+        vec![29; clients.len()],
+        "each client: 30 of 40 across the failover"
+    );
+}
+
 /// Connections a master drops (`CLIENT KILL`, a restart) or closes when idle (its
 /// `timeout`) are made again without a check going unanswered: the batched checks, which
 /// go over a connection of their own to each master, are sent again through the client
