@@ -269,12 +269,15 @@ impl RedisClient {
         }
     }
 
-    /// The ports of the nodes a cluster's direct links are to, up or not: for tests.
+    /// The ports of the nodes a cluster's limiter has a direct link up to: for tests.
     #[doc(hidden)]
     pub fn linked_ports(&self) -> Vec<u16> {
         self.links.as_ref().map_or_else(Vec::new, |links| {
             let links = links.links.lock().expect("not poisoned");
-            links.iter().map(|(_, port, _)| *port).collect()
+            let up = links
+                .iter()
+                .filter(|(_, _, link)| matches!(link, Link::Up(_)));
+            up.map(|(_, port, _)| *port).collect()
         })
     }
 

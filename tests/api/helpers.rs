@@ -323,33 +323,7 @@ impl RedisServer {
         server.kill();
         let dir = std::env::temp_dir().join(format!("redis-tls-{}", server.port));
         std::fs::create_dir_all(&dir).unwrap();
-        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-        let made = Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-days",
-                "1",
-            ])
-            .args([
-                "-subj",
-                "/CN=127.0.0.1",
-                "-addext",
-                "subjectAltName=IP:127.0.0.1",
-            ])
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .stderr(Stdio::null())
-            .status()
-            .expect("openssl runs");
-        assert!(made.success(), "openssl made a certificate");
+        let (cert, key) = self_signed_certificate(&dir);
         let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
         server.args = vec![
             "--port".into(),
@@ -617,6 +591,39 @@ impl Drop for Binary {
     }
 }
 
+/// A throwaway self-signed certificate for 127.0.0.1 made with `openssl` in `dir`:
+/// (certificate, key).
+fn self_signed_certificate(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "1",
+        ])
+        .args([
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl runs");
+    assert!(made.success(), "openssl made a certificate");
+    (cert, key)
+}
+
 /// Kills a child process that a failed start would leave behind.
 struct KillOnDrop(Option<Child>);
 
@@ -647,6 +654,9 @@ pub struct RedisCluster {
     /// Nodes stopped with SIGSTOP: they accept connections and never answer.
     frozen: Vec<u16>,
     dir: std::path::PathBuf,
+    /// With [`RedisCluster::start_tls`]: each node's TLS port (by the index of its
+    /// plain one, which the helpers here keep using), where the cluster's bus runs too.
+    pub tls_ports: Vec<u16>,
 }
 
 /// A port that is free, and whose cluster bus port (+10000) is free too.
@@ -667,6 +677,17 @@ impl RedisCluster {
     /// replica takes over), or `None` when `redis-server` is missing and skipping is
     /// allowed (see [`RedisServer::start`]).
     pub fn start(node_timeout_ms: u64) -> Option<Self> {
+        Self::start_with(node_timeout_ms, false)
+    }
+
+    /// Like [`RedisCluster::start`], and each node also serves TLS (a throwaway
+    /// certificate) on a port of its own, announced there to TLS clients
+    /// ([`RedisCluster::tls_seeds`]); the bus between the nodes runs on TLS too.
+    pub fn start_tls(node_timeout_ms: u64) -> Option<Self> {
+        Self::start_with(node_timeout_ms, true)
+    }
+
+    fn start_with(node_timeout_ms: u64, tls: bool) -> Option<Self> {
         // Only to apply the same installed-or-skip rule.
         drop(RedisServer::start()?);
         let dir = std::env::temp_dir().join(format!(
@@ -680,19 +701,37 @@ impl RedisCluster {
             children: Vec::new(),
             frozen: Vec::new(),
             dir,
+            tls_ports: Vec::new(),
         };
+        if tls {
+            self_signed_certificate(&cluster.dir);
+        }
         for _ in 0..6 {
             // As for one server: a port taken between the pick and the bind is picked again.
             let launched = (0..5).any(|_| {
-                let port = loop {
+                let taken: Vec<u16> = cluster
+                    .ports
+                    .iter()
+                    .chain(&cluster.tls_ports)
+                    .copied()
+                    .collect();
+                let pick = || loop {
                     let p = free_cluster_port();
-                    if !cluster.ports.contains(&p) {
+                    if !taken.contains(&p) {
                         break p;
                     }
                 };
-                match cluster.launch(port, node_timeout_ms) {
+                let port = pick();
+                let tls_port = tls.then(|| loop {
+                    let p = pick();
+                    if p != port {
+                        break p;
+                    }
+                });
+                match cluster.launch(port, tls_port, node_timeout_ms) {
                     Some(child) => {
                         cluster.ports.push(port);
+                        cluster.tls_ports.extend(tls_port);
                         cluster.children.push(Some(child));
                         true
                     }
@@ -724,8 +763,22 @@ impl RedisCluster {
 
     /// A node on `port`, once it answers there itself (not another process that took
     /// the port meanwhile); `None` if it could not have the port.
-    fn launch(&self, port: u16, node_timeout_ms: u64) -> Option<Child> {
-        let mut child = Command::new("redis-server")
+    fn launch(&self, port: u16, tls_port: Option<u16>, node_timeout_ms: u64) -> Option<Child> {
+        let mut command = Command::new("redis-server");
+        if let Some(tls_port) = tls_port {
+            let (cert, key) = (self.dir.join("cert.pem"), self.dir.join("key.pem"));
+            command
+                .args(["--tls-port", &tls_port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(&cert)
+                .arg("--tls-key-file")
+                .arg(&key)
+                .arg("--tls-ca-cert-file")
+                .arg(&cert)
+                .args(["--tls-auth-clients", "no"])
+                .args(["--tls-cluster", "yes", "--tls-replication", "yes"]);
+        }
+        let mut child = command
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--cluster-enabled", "yes"])
             .args(["--cluster-node-timeout", &node_timeout_ms.to_string()])
@@ -751,6 +804,21 @@ impl RedisCluster {
             .iter()
             .map(|p| format!("redis://127.0.0.1:{p}"))
             .collect()
+    }
+
+    /// The TLS seed URLs of a cluster from [`RedisCluster::start_tls`] (the fragment
+    /// skips certificate verification: the certificate is our own).
+    pub fn tls_seeds(&self) -> Vec<String> {
+        self.tls_ports
+            .iter()
+            .map(|p| format!("rediss://127.0.0.1:{p}#insecure"))
+            .collect()
+    }
+
+    /// The TLS port of the node on plain `port`.
+    pub fn tls_port_of(&self, port: u16) -> u16 {
+        let i = self.ports.iter().position(|p| *p == port).expect("a node");
+        self.tls_ports[i]
     }
 
     /// A synchronous cluster connection for planting and inspecting values.
