@@ -939,6 +939,9 @@ def cmd_chart() -> None:
         "extraEnv listing one variable twice (the pod keeps only the last; server-side apply can refuse it)": (
             {"extraEnv": [{"name": "HTTP_PROXY", "value": "http://a:3128"},
                           {"name": "HTTP_PROXY", "value": "http://b:3128"}]}, "extraEnv lists HTTP_PROXY twice"),
+        "a JWT key through extraEnv without an audience (the service would refuse to start)": (
+            {"extraEnv": [{"name": "AUTH_JWT_JWKS_URL", "value": "https://idp.example/jwks.json"}]},
+            "extraEnv sets AUTH_JWT_JWKS_URL (auth on) but config.AUTH_JWT_AUDIENCE is empty"),
         "an alert label that the rules set themselves": (
             {"prometheusRule": {"enabled": True, "alertLabels": {"environment": "prod"}}}, "environment"),
         # Issue 15's optional parts.
@@ -1013,6 +1016,12 @@ def cmd_chart() -> None:
             continue
         fail(f"rendering should fail for {why}: {values}")
     info(f"{len(must_fail)} invalid values sets rejected: {', '.join(must_fail)}")
+    # Their counterparts render: auth through extraEnv with an audience, and a key setting
+    # left empty (auth off) without one.
+    for values in ({"config": {"AUTH_JWT_AUDIENCE": "fibonacci-api"},
+                    "extraEnv": [{"name": "AUTH_JWT_JWKS_URL", "value": "https://idp.example/jwks.json"}]},
+                   {"extraEnv": [{"name": "AUTH_JWT_JWKS_URL", "value": ""}]}):
+        render(values)
     with h.Chart.load(str(CHART)) as c:
         need(c.metadata.get("kubeVersion"), {"kind": "Chart", "metadata": {"name": "fibonacci-api"}}, "kubeVersion unset")
 

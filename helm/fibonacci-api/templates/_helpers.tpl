@@ -383,6 +383,9 @@ from the workload template so every render runs it.
 {{- fail (printf "extraEnv lists %s twice: the pod would get only the last entry, which hides the other (server-side apply, ArgoCD's option, can refuse the duplicate key): keep one" .name) }}
 {{- end }}
 {{- $_ := set $listed (toString .name) true }}
+{{- if and (has (toString .name) (list "AUTH_JWT_HS256_SECRET" "AUTH_JWT_PUBLIC_KEY_FILE" "AUTH_JWT_JWKS_FILE" "AUTH_JWT_JWKS_URL")) (or .value .valueFrom) (not $.Values.config.AUTH_JWT_AUDIENCE) }}
+{{- fail (printf "extraEnv sets %s (auth on) but config.AUTH_JWT_AUDIENCE is empty: the service would refuse to start; set the audience tokens must carry (or * for any)" .name) }}
+{{- end }}
 {{- if hasKey $managed (toString .name) }}
 {{- $where := get $managed .name }}
 {{- fail (printf "extraEnv sets %s, which the chart sets itself (an extraEnv entry would override it behind the chart's checks and Ingress paths): %s" .name (ternary (printf "set it through %s" $where) "remove it (the chart sets it from the downward API)" (ne $where ""))) }}
