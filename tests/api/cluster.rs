@@ -785,6 +785,20 @@ async fn allowed_of(
     allowed
 }
 
+/// `checks` of each of `clients`, all at once: every one allowed.
+async fn assert_all_allowed(
+    redis: &Arc<fibonacci_api::redis_client::RedisClient>,
+    windows: &Arc<fibonacci_api::ratelimit::redis::RedisWindows>,
+    clients: &[String],
+    checks: usize,
+) {
+    assert_eq!(
+        allowed_of(redis, windows, clients, checks).await,
+        vec![checks; clients.len()],
+        "{checks} checks of each client, all within its limit"
+    );
+}
+
 // A single-threaded runtime makes "concurrent" exact: every check is runnable before the
 // first call goes out.
 #[tokio::test]
@@ -795,8 +809,7 @@ async fn concurrent_checks_go_as_one_call_per_master_and_stay_exact() {
     let (redis, windows) = limiter_on(&cluster, "30/minute").await;
     // 60 clients, 20 on each master; a first check each loads the script everywhere.
     let (masters, clients) = clients_on_each_master(&cluster, 20);
-    let first = allowed_of(&redis, &windows, &clients, 1).await;
-    assert_eq!(first, vec![1; clients.len()]);
+    assert_all_allowed(&redis, &windows, &clients, 1).await;
     reset_stats_on(&masters);
     let allowed = allowed_of(&redis, &windows, &clients, 39).await;
     assert_eq!(allowed, vec![29; clients.len()], "each client: 30 of 40");
@@ -1021,10 +1034,7 @@ async fn a_cluster_over_tls_shares_values_and_limits_and_links_to_its_masters() 
     }
     let (redis, windows) = limiter_by(&cluster.tls_seeds(), "30/hour").await;
     let (masters, clients) = clients_on_each_master(&cluster, 10);
-    assert_eq!(
-        allowed_of(&redis, &windows, &clients, 10).await,
-        vec![10; clients.len()]
-    );
+    assert_all_allowed(&redis, &windows, &clients, 10).await;
     let mut tls_masters: Vec<u16> = masters.iter().map(|p| cluster.tls_port_of(*p)).collect();
     tls_masters.sort_unstable();
     eventually(
@@ -1056,10 +1066,7 @@ async fn a_demoted_master_loses_its_direct_link() {
     };
     let (redis, windows) = limiter_on(&cluster, "30/hour").await;
     let (masters, clients) = clients_on_each_master(&cluster, 5);
-    assert_eq!(
-        allowed_of(&redis, &windows, &clients, 1).await,
-        vec![1; clients.len()]
-    );
+    assert_all_allowed(&redis, &windows, &clients, 1).await;
     eventually(Duration::from_secs(10), "a link up to each master", || {
         let linked = redis.linked_ports();
         let all = masters.iter().all(|port| linked.contains(port));
@@ -1112,10 +1119,7 @@ async fn dropped_and_idle_closed_connections_cost_no_answer_and_no_count() {
     let (redis, windows) = limiter_on(&cluster, "30/hour").await;
     let (masters, clients) = clients_on_each_master(&cluster, 10);
     // `allowed_of` fails on a check that gets no answer from Redis.
-    assert_eq!(
-        allowed_of(&redis, &windows, &clients, 10).await,
-        vec![10; clients.len()]
-    );
+    assert_all_allowed(&redis, &windows, &clients, 10).await;
     let dropping = masters[0];
     let killed: u64 = redis::cmd("CLIENT")
         .arg("KILL")
