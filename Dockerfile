@@ -32,6 +32,8 @@ RUN cargo chef prepare --recipe-path recipe.json
 
 FROM chef AS builder
 COPY --from=planner /app/recipe.json recipe.json
+# The allocator's run-time options are compiled in from here (tikv-jemalloc-sys).
+COPY .cargo/config.toml .cargo/config.toml
 RUN cargo chef cook --release --locked --recipe-path recipe.json --bin fibonacci-api
 COPY . .
 # build.rs stamps build_info{revision} from GIT_REVISION: the context has no .git.

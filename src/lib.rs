@@ -14,8 +14,7 @@
 //!   Redis → computation), [`ratelimit`] (per-client windows, in Redis or in process),
 //!   [`auth`] (optional JWTs), [`redis_client`] (the Redis connection) and [`breaker`]
 //!   (its circuit breaker), [`metrics`] (the registry and the contract's names).
-// Deny, not forbid: one call may opt out, `startup::release_free_memory` (malloc_trim).
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod breaker;

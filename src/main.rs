@@ -1,11 +1,22 @@
 //! The `fibonacci-api` binary: configuration, telemetry, then the application until a signal.
 
+#![forbid(unsafe_code)]
+
 use std::{process::ExitCode, time::Duration};
 
 use fibonacci_api::{
     config::{Cli, Command, StartError},
     healthcheck, shutdown, telemetry, Application,
 };
+
+// jemalloc, not the system's glibc malloc: a request woken by the task that made its Redis
+// call runs on that task's worker and frees there what another worker allocated, which
+// under glibc took an arena lock (68 % of the Redis limiter row's futex calls); and glibc
+// kept the heap a burst of connections grew until a 5-second malloc_trim sweep gave it
+// back. jemalloc's background threads purge freed pages after ~1 s by themselves
+// (.cargo/config.toml). Figures: docs/performance.md.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {

@@ -689,7 +689,7 @@ async def scenario_held_heads(v: Verdict, tmp: Path) -> None:
             break
     v.check(returned is not None,
             f"RSS back within 8 MiB of where it was {ms(returned) if returned is not None else 'never'} after they "
-            f"closed (within 7 s: the 5 s sweep hands free heap back; now "
+            f"closed (within 7 s: jemalloc purges freed pages after ~1 s; now "
             f"{vm_kib(svc.pid, 'VmRSS') / 1024:.1f} MiB)")
     # Every connection past the cap is refused. In the second wave some are refused by
     # the per-address rate instead (CONNECTION_RATE_PER_ADDRESS: the first wave spent
