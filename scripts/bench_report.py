@@ -6,6 +6,8 @@ import sys
 from collections import defaultdict
 
 raw, out, date, machine, load = sys.argv[1:6]
+# With scripts/bench-load --earlier, the name of the earlier build's binary.
+earlier = sys.argv[6] if len(sys.argv) > 6 else ""
 rows = defaultdict(list)
 for line in open(raw):
     scenario, label, rps, p50, p99, p999, rss, errors, cpu = line.rstrip("\n").split("\t")
@@ -23,6 +25,7 @@ ceiling_for = {"hot": ("hot", "ceiling"), "hot-wrk-t2": ("hot-wrk-t2", "ceiling"
 lines = [
     f"Measured {date} on {machine}; load {load} on 127.0.0.1 (wrk shares the cores with the server).",
     "Medians of the rounds; ratios are against the ceiling run in the same rounds.",
+    *([f"Server `earlier`: an earlier build ({earlier}), run in the same rounds as the service (before/after)."] if earlier else []),
     "",
     "| scenario | server | req/s | p50 µs | p99 µs | p99.9 µs | peak RSS MiB | CPU µs/req | req/s ÷ ceiling | p99 ÷ ceiling | CPU/req ÷ ceiling |",
     "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -30,7 +33,7 @@ lines = [
 order = ["hot", "hot-wrk-t2", "hot-access-logs", "limiter", "limiter-redis", "limiter-redis-cluster", "bad-input", "uncached-n50k-100k"]
 bars = []
 for scenario in order:
-    for label in ("ceiling", "service"):
+    for label in ("ceiling", "service", "earlier"):
         key = (scenario, label)
         if key not in rows:
             continue
@@ -38,7 +41,7 @@ for scenario in order:
         cpu = median(key, 6)
         ceiling = ceiling_for[scenario]
         ratio = p99_ratio = cpu_ratio = ""
-        if label == "service" and ceiling in rows:
+        if label != "ceiling" and ceiling in rows:
             ratio = f"{rps / median(ceiling, 0):.2f}"
             p99_ratio = f"{p99 / median(ceiling, 2):.2f}"
             cpu_ratio = f"{cpu / median(ceiling, 6):.2f}"
@@ -47,15 +50,16 @@ for scenario in order:
             f"| {ratio} | {p99_ratio} | {cpu_ratio} |"
         )
         bars.append((f"{scenario} ({label})", rps, p99))
-in_process = ("limiter", "service")
-for scenario in ("limiter-redis", "limiter-redis-cluster"):
-    if (scenario, "service") in rows and in_process in rows:
-        lines.append("")
-        lines.append(
-            f"Service CPU per request, {scenario} ÷ limiter (in process): "
-            f"{median((scenario, 'service'), 6) / median(in_process, 6):.2f} "
-            "(medians of the rounds; Redis's own CPU is not in it)"
-        )
+for label in ("service", "earlier"):
+    in_process = ("limiter", label)
+    for scenario in ("limiter-redis", "limiter-redis-cluster"):
+        if (scenario, label) in rows and in_process in rows:
+            lines.append("")
+            lines.append(
+                f"{label.capitalize()} CPU per request, {scenario} ÷ limiter (in process): "
+                f"{median((scenario, label), 6) / median(in_process, 6):.2f} "
+                "(medians of the rounds; Redis's own CPU is not in it)"
+            )
 open(f"{out}/results.md", "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 
@@ -65,9 +69,9 @@ bars_ratio = []
 for name, rps, p99 in bars:
     scenario, label = name.rstrip(")").split(" (")
     ceiling = ceiling_for.get(scenario)
-    ratio = rps / median(ceiling, 0) if label == "service" and ceiling in rows else None
+    ratio = rps / median(ceiling, 0) if label != "ceiling" and ceiling in rows else None
     bars_ratio.append((name, rps, p99, ratio))
-width, bar_h, gap, left = 820, 22, 8, 250
+width, bar_h, gap, left = 1060 if earlier else 820, 22, 8, 250
 height = 96 + len(bars) * (bar_h + gap)
 top = max(b[1] for b in bars) or 1
 svg = [
@@ -78,10 +82,12 @@ svg = [
     '<rect x="10" y="48" width="14" height="10" fill="#9aa5b1"/><text x="30" y="57">ceiling (the same framework returning the bytes, nothing else)</text>',
     '<rect x="430" y="48" width="14" height="10" fill="#2f6fde"/><text x="450" y="57">the service (label: × the ceiling of its scenario, p99)</text>',
 ]
+if earlier:
+    svg.append(f'<rect x="800" y="48" width="14" height="10" fill="#a9c4f5"/><text x="820" y="57">earlier build ({earlier})</text>')
 for i, (name, rps, p99, ratio) in enumerate(bars_ratio):
     y = 72 + i * (bar_h + gap)
     w = (width - left - 230) * rps / top
-    colour = "#9aa5b1" if "ceiling" in name else "#2f6fde"
+    colour = "#9aa5b1" if "(ceiling)" in name else "#a9c4f5" if "(earlier)" in name else "#2f6fde"
     share = f" · {ratio:.2f}× ceiling" if ratio is not None else ""
     svg.append(f'<text x="10" y="{y + 15}">{name}</text>')
     svg.append(f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{bar_h}" fill="{colour}"/>')
