@@ -10,7 +10,10 @@
 //! limiter addresses to one master go over a direct connection to it when one is up.
 
 use std::{
-    sync::{Arc, Mutex, RwLock},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, RwLock,
+    },
     time::{Duration, Instant},
 };
 
@@ -56,6 +59,10 @@ pub enum RedisUnavailable {
     /// with slots unserved, a node without cluster mode, a refused probe).
     #[error("{0}")]
     Unhealthy(String),
+    /// The probe's answer from the node of `REDIS_URL`: it is one node of a Redis Cluster,
+    /// which answers the keys of its own slots and refuses the rest (MOVED, CROSSSLOT).
+    #[error("REDIS_URL names a node of a Redis Cluster (cluster_enabled:1): set REDIS_CLUSTER_NODES to the cluster's nodes instead")]
+    ClusterNode,
 }
 
 impl RedisUnavailable {
@@ -111,6 +118,7 @@ impl RedisUnavailable {
             Self::CircuitOpen => return "circuit open",
             Self::Timeout => return "timeout",
             Self::Unhealthy(_) => return "unhealthy",
+            Self::ClusterNode => return "a cluster node as REDIS_URL",
             Self::Failed(e) => e,
         };
         let text = e.to_string().to_ascii_lowercase();
@@ -199,6 +207,9 @@ pub struct RedisClient {
     up: Gauge,
     /// Wakes the pinger when calls open the breaker.
     opened: tokio::sync::Notify,
+    /// The node of `REDIS_URL` said it is a cluster node: Redis is not used, whatever
+    /// calls in flight then answer, until a probe finds it no longer one.
+    cluster_node: AtomicBool,
 }
 
 impl RedisClient {
@@ -251,6 +262,7 @@ impl RedisClient {
             refusal_logged: Mutex::new(None),
             up,
             opened: tokio::sync::Notify::new(),
+            cluster_node: AtomicBool::new(false),
         }))
     }
 
@@ -283,10 +295,14 @@ impl RedisClient {
 
     /// Whether calls currently go to Redis (the breaker is closed).
     pub fn is_available(&self) -> bool {
-        self.breaker.is_available()
+        self.breaker.is_available() && !self.cluster_node.load(Ordering::Relaxed)
     }
 
     fn on_success(&self) {
+        // A call to a key of the node's own slots answers; that is no sign of health.
+        if self.cluster_node.load(Ordering::Relaxed) {
+            return;
+        }
         self.up.set(1.0);
         if self.breaker.record_success() == Transition::Closed {
             tracing::info!(event = "redis_available", "Redis answers again: using it");
@@ -534,11 +550,26 @@ impl RedisClient {
             }
         };
         if self.cluster.is_none() {
-            return redis::cmd("PING")
+            // INFO, not only PING: a cluster node answers PING, and the keys of its own
+            // slots, and refuses the rest one call at a time (refusals, which do not open
+            // the breaker): limits per instance with Redis reported up.
+            return match redis::cmd("INFO")
+                .arg("cluster")
                 .query_async::<String>(&mut conn)
                 .await
-                .map(drop)
-                .map_err(verdict);
+            {
+                Ok(info) if info.lines().any(|l| l.trim() == "cluster_enabled:1") => {
+                    Err(RedisUnavailable::ClusterNode)
+                }
+                Ok(_) => Ok(()),
+                // An ACL without INFO: PING decides, as it did before.
+                Err(e) if e.code().is_some() => redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .map(drop)
+                    .map_err(verdict),
+                Err(e) => Err(RedisUnavailable::Failed(e)),
+            };
         }
         let info: String = redis::cmd("CLUSTER")
             .arg("INFO")
@@ -592,7 +623,15 @@ impl RedisClient {
             return self.on_failure(&e);
         }
         match tokio::time::timeout(self.timeout, self.probe()).await {
-            Ok(Ok(())) => self.on_success(),
+            Ok(Ok(())) => {
+                self.cluster_node.store(false, Ordering::Relaxed);
+                self.on_success();
+            }
+            Ok(Err(e @ RedisUnavailable::ClusterNode)) => {
+                self.cluster_node.store(true, Ordering::Relaxed);
+                self.up.set(0.0);
+                self.on_unhealthy(&e);
+            }
             Ok(Err(e @ RedisUnavailable::Unhealthy(_))) => self.on_unhealthy(&e),
             Ok(Err(e)) => self.on_failure(&e),
             Err(_) => self.on_failure(&RedisUnavailable::Timeout),

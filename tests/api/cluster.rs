@@ -540,6 +540,55 @@ async fn cluster_nodes_that_are_not_a_cluster_are_reported_down() {
     }
 }
 
+// The mirror image: REDIS_URL naming one node of a cluster. The node answers PING and
+// the keys of its own slots, and refuses the rest (MOVED, CROSSSLOT), each refusal a
+// call that falls back: limits per instance and a cache tier missing two thirds of its
+// keys, with Redis reported up. It must be reported down and left alone instead.
+#[tokio::test]
+async fn a_cluster_node_named_by_redis_url_is_reported_down() {
+    let Some(cluster) = RedisCluster::start(1000) else {
+        return;
+    };
+    let app = spawn_app(Config {
+        redis_url: Some(cluster.seeds()[0].clone()),
+        redis_cluster_nodes: Vec::new(),
+        ..limited_on(&cluster, "30/hour")
+    })
+    .await;
+    let redis = app.state.redis.clone().unwrap();
+    // The pinger's first probe runs at start.
+    eventually(Duration::from_secs(5), "the node reported down", || {
+        let redis = redis.clone();
+        async move { !redis.is_available() }
+    })
+    .await;
+    let proxy = client_from(Some("127.0.0.5".parse().unwrap()));
+    let until = Instant::now() + Duration::from_secs(3);
+    let mut n = 0;
+    while Instant::now() < until {
+        n += 1;
+        assert_eq!(
+            // A client of its own each time: the limits are not what this is about.
+            as_client(
+                &app,
+                &proxy,
+                &format!("10.{}.{}.1", n / 250, n % 250),
+                n % 90 + 1
+            )
+            .await,
+            StatusCode::OK,
+            "answers are served meanwhile"
+        );
+        assert_eq!(
+            app.scrape().await.get("redis_up", &[]),
+            0.0,
+            "a node of a Redis Cluster serves nothing through REDIS_URL"
+        );
+        assert!(!redis.is_available(), "not used");
+    }
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_librarys_own_log_lines_are_off_unless_rust_log_names_it() {
     let Some(mut cluster) = RedisCluster::start(1000) else {
