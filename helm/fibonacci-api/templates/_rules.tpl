@@ -161,6 +161,28 @@ canary analysis use the same expressions.
           discarded (answers are still correct: they are computed instead). Something other
           than this release writes to its Redis keys.
         runbook_url: {{ printf "%s#%s" $runbook "fibonacciapiredisinvalidvalues" }}
+    - alert: FibonacciApiRateLimitsNotShared
+      # Limiter decisions made in a pod's own memory while Redis is configured. A Redis
+      # that cannot be reached does this (FibonacciApiRedisDown too, which inhibits this
+      # one in deploy/alertmanager); so does one that answers but refuses the limiter's
+      # script, where redis_up stays 1: an ACL user without scripting (NOPERM), a Redis
+      # at maxmemory with noeviction (OOM). A shard failing over again and again shows
+      # here too. Without this rule those paged no one.
+      expr: |
+        sum by (namespace, job) (rate(rate_limit_local_decisions_total{{ printf "{%s}" $sel }}[5m])) > 0
+      for: 10m
+      labels:
+        severity: warning
+        {{- toYaml $labels | nindent 8 }}
+      annotations:
+        summary: Rate limits are counted per pod, not cluster-wide
+        description: >-
+          {{ `{{ $labels.job }}` }} in {{ `{{ $labels.namespace }}` }} has been deciding
+          {{ `{{ $value | humanize }}` }} rate-limit checks per second in the pods' own memory
+          instead of in Redis for 10 minutes: a client gets up to replicas × the limits.
+          With FibonacciApiRedisDown firing, Redis is unreachable; without it, Redis answers
+          but refuses the limiter's calls (the pods log event=redis_refused with the code).
+        runbook_url: {{ printf "%s#%s" $runbook "fibonacciapiratelimitsnotshared" }}
     {{- end }}
     - alert: FibonacciApiRateLimitRejectionSpike
       expr: |
