@@ -942,6 +942,17 @@ def cmd_chart() -> None:
         "a JWT key through extraEnv without an audience (the service would refuse to start)": (
             {"extraEnv": [{"name": "AUTH_JWT_JWKS_URL", "value": "https://idp.example/jwks.json"}]},
             "extraEnv sets AUTH_JWT_JWKS_URL (auth on) but config.AUTH_JWT_AUDIENCE is empty"),
+        "a JWT key through extraEnv with an audience of spaces (the service trims it to none and refuses to start)": (
+            {"config": {"AUTH_JWT_AUDIENCE": " "},
+             "extraEnv": [{"name": "AUTH_JWT_JWKS_URL", "value": "https://idp.example/jwks.json"}]},
+            "extraEnv sets AUTH_JWT_JWKS_URL (auth on) but config.AUTH_JWT_AUDIENCE is empty"),
+        "a JWT key through extraEnv in lower case (the service never reads it: auth silently off)": (
+            {"extraEnv": [{"name": "auth_jwt_hs256_secret", "value": "s" * 32}]},
+            "did you mean AUTH_JWT_HS256_SECRET?"),
+        "a setting through extraEnv with a trailing space in its name (the service never reads it)": (
+            {"config": {"AUTH_JWT_AUDIENCE": "fibonacci-api"},
+             "extraEnv": [{"name": "AUTH_JWT_JWKS_URL ", "value": "https://idp.example/jwks.json"}]},
+            "did you mean AUTH_JWT_JWKS_URL?"),
         "an alert label that the rules set themselves": (
             {"prometheusRule": {"enabled": True, "alertLabels": {"environment": "prod"}}}, "environment"),
         # Issue 15's optional parts.
@@ -1016,11 +1027,12 @@ def cmd_chart() -> None:
             continue
         fail(f"rendering should fail for {why}: {values}")
     info(f"{len(must_fail)} invalid values sets rejected: {', '.join(must_fail)}")
-    # Their counterparts render: auth through extraEnv with an audience, and a key setting
-    # left empty (auth off) without one.
+    # Their counterparts render: auth through extraEnv with an audience, a key setting
+    # left empty (auth off) without one, and a lower-case name that is no setting.
     for values in ({"config": {"AUTH_JWT_AUDIENCE": "fibonacci-api"},
                     "extraEnv": [{"name": "AUTH_JWT_JWKS_URL", "value": "https://idp.example/jwks.json"}]},
-                   {"extraEnv": [{"name": "AUTH_JWT_JWKS_URL", "value": ""}]}):
+                   {"extraEnv": [{"name": "AUTH_JWT_JWKS_URL", "value": ""}]},
+                   {"extraEnv": [{"name": "http_proxy", "value": "http://proxy.example:3128"}]}):
         render(values)
     with h.Chart.load(str(CHART)) as c:
         need(c.metadata.get("kubeVersion"), {"kind": "Chart", "metadata": {"name": "fibonacci-api"}}, "kubeVersion unset")

@@ -372,18 +372,30 @@ from the workload template so every render runs it.
 {{- if and (or (has "REDIS_URL" $env) (has "REDIS_CLUSTER_NODES" $env)) (or .Values.redis.enabled (include "fibonacci-api.externalRedis" .)) }}
 {{- fail "externalSecret.data provides the Redis address, and so do redis.enabled or externalRedis: these are exclusive, choose one" }}
 {{- end }}
-{{- if and (has "AUTH_JWT_HS256_SECRET" $env) (not .Values.config.AUTH_JWT_AUDIENCE) }}
+{{- if and (has "AUTH_JWT_HS256_SECRET" $env) (not (trim (toString (default "" .Values.config.AUTH_JWT_AUDIENCE)))) }}
 {{- fail "externalSecret.data provides AUTH_JWT_HS256_SECRET (auth on) but config.AUTH_JWT_AUDIENCE is empty: set the audience tokens must carry (or * for any)" }}
 {{- end }}
 {{- end }}
 {{- $managed := include "fibonacci-api.managedEnv" . | fromJson }}
+{{- $jwtKeys := list "AUTH_JWT_HS256_SECRET" "AUTH_JWT_PUBLIC_KEY_FILE" "AUTH_JWT_JWKS_FILE" "AUTH_JWT_JWKS_URL" }}
+{{- /* The service's settings: an extraEnv name that is one of them but for its case or
+       surrounding spaces is one the service never reads (a JWT key so named leaves
+       auth off, silently). */}}
+{{- $known := dict }}
+{{- range $k, $_ := .Values.config }}{{ $_ := set $known $k true }}{{ end }}
+{{- range $k, $_ := $managed }}{{ $_ := set $known $k true }}{{ end }}
+{{- range (concat $jwtKeys (list "REDIS_PASSWORD")) }}{{ $_ := set $known . true }}{{ end }}
 {{- $listed := dict }}
 {{- range .Values.extraEnv }}
+{{- $canonical := upper (trim (toString .name)) }}
+{{- if and (ne (toString .name) $canonical) (hasKey $known $canonical) }}
+{{- fail (printf "extraEnv lists %q, a name the service does not read (its settings are upper case, without spaces): did you mean %s?" (toString .name) $canonical) }}
+{{- end }}
 {{- if hasKey $listed (toString .name) }}
 {{- fail (printf "extraEnv lists %s twice: the pod would get only the last entry, which hides the other (server-side apply, ArgoCD's option, can refuse the duplicate key): keep one" .name) }}
 {{- end }}
 {{- $_ := set $listed (toString .name) true }}
-{{- if and (has (toString .name) (list "AUTH_JWT_HS256_SECRET" "AUTH_JWT_PUBLIC_KEY_FILE" "AUTH_JWT_JWKS_FILE" "AUTH_JWT_JWKS_URL")) (or .value .valueFrom) (not $.Values.config.AUTH_JWT_AUDIENCE) }}
+{{- if and (has (toString .name) $jwtKeys) (or .value .valueFrom) (not (trim (toString (default "" $.Values.config.AUTH_JWT_AUDIENCE)))) }}
 {{- fail (printf "extraEnv sets %s (auth on) but config.AUTH_JWT_AUDIENCE is empty: the service would refuse to start; set the audience tokens must carry (or * for any)" .name) }}
 {{- end }}
 {{- if hasKey $managed (toString .name) }}
