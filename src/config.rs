@@ -294,10 +294,13 @@ pub fn trusted_proxies(value: &str) -> Result<List<IpNet>, String> {
                         "comma-separated IPs or CIDRs (e.g. 10.0.0.0/8,192.168.1.7); {item:?} is neither"
                     )
                 })?;
-            // Trusting everyone lets every client write its own rate-limit key.
-            if net.prefix_len() == 0 {
+            // Trusting everyone lets every client write its own rate-limit key, and so does
+            // trusting half of everyone twice (0.0.0.0/1,128.0.0.0/1). No proxy network is
+            // wider than 10.0.0.0/8, or fc00::/7 (IPv6's unique local addresses).
+            let widest = if net.addr().is_ipv4() { 8 } else { 7 };
+            if net.prefix_len() < widest {
                 return Err(format!(
-                    "the proxies' own addresses; {item:?} trusts every address, so any client could choose its rate-limit key"
+                    "the proxies' own addresses; {item:?} is wider than any proxy network (/{widest} at most), so clients in it could choose their rate-limit keys"
                 ));
             }
             // 10.1.2.3/8 is most likely a typo for 10.1.2.3/32 or 10.0.0.0/8: say which.
@@ -678,6 +681,31 @@ mod tests {
         assert!(config.trusted_proxies.is_empty() && config.cors_allowed_origins.is_empty());
         let policy = config.rate_limits.expect("limits on by default");
         assert_eq!(policy.to_string(), "30/minute,50/hour,200/day");
+    }
+
+    #[test]
+    fn trusted_proxies_wider_than_a_private_network_are_refused() {
+        for wide in [
+            "0.0.0.0/0",
+            "0.0.0.0/1,128.0.0.0/1",
+            "10.0.0.1,::/0",
+            "::/1",
+            "8000::/1",
+            "fc00::/6",
+        ] {
+            let err = trusted_proxies(wide).unwrap_err();
+            assert!(
+                err.contains("wider than any proxy network"),
+                "{wide}: {err}"
+            );
+        }
+        for private in [
+            "10.0.0.0/8",
+            "fc00::/7",
+            "172.16.0.0/12,192.168.1.7,fd00::/8",
+        ] {
+            assert!(trusted_proxies(private).is_ok(), "{private}");
+        }
     }
 
     #[test]
