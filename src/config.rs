@@ -335,6 +335,23 @@ fn cluster_nodes(value: &str) -> Result<List<String>, String> {
     let tcp = nodes
         .iter()
         .all(|url| url.starts_with("redis://") || url.starts_with("rediss://"));
+    // The generic line would leave an operator guessing which part of a URL is wrong.
+    let fragments: Vec<Option<&str>> = nodes
+        .iter()
+        .map(|url| url.split_once('#').map(|(_, fragment)| fragment))
+        .collect();
+    // Not echoed: after a `#` left unencoded in a password comes the rest of it.
+    if fragments.iter().flatten().any(|f| *f != "insecure") {
+        return Err(format!(
+            "{expected} (a seed has a #fragment other than #insecure, the one that skips \
+             certificate checks; a # in a password is written %23)"
+        ));
+    }
+    if fragments.iter().any(|f| *f != fragments[0]) {
+        return Err(format!(
+            "{expected} (#insecure on some seeds only: on every seed or on none)"
+        ));
+    }
     if !tcp || redis::cluster::ClusterClient::new(nodes.iter().map(String::as_str)).is_err() {
         return Err(expected.into());
     }
@@ -801,6 +818,33 @@ mod tests {
             ]);
             assert!(config.is_ok_and(|c| c.auth.is_some()), "{audience}");
         }
+    }
+
+    #[test]
+    fn a_seed_list_with_a_stray_fragment_says_so() {
+        let cases = [
+            (
+                "rediss://a:6379#insecure,rediss://b:6379",
+                "#insecure on some seeds only",
+            ),
+            (
+                "rediss://a:6379#INSECURE,rediss://b:6379#INSECURE",
+                "other than #insecure",
+            ),
+            ("rediss://a:6379#insecure=1", "other than #insecure"),
+            // A password with an unencoded #: its tail is not repeated in the message.
+            (
+                "rediss://:secret#tail@a:6379",
+                "a # in a password is written %23",
+            ),
+        ];
+        for (value, why) in cases {
+            let err = cluster_nodes(value).unwrap_err();
+            assert!(err.contains(why), "{value}: {err}");
+            assert!(!err.contains("tail"), "{value}: {err}");
+        }
+        assert!(cluster_nodes("rediss://a:6379#insecure,rediss://b:6379#insecure").is_ok());
+        assert!(cluster_nodes("rediss://a:6379,rediss://b:6379").is_ok());
     }
 
     #[test]
