@@ -1603,6 +1603,11 @@ def check_dashboard_failure_paths(d: dict) -> None:
     need("\n## Metrics\n" in ops, D, "docs/operations.md has no \"## Metrics\" section: the metric contract moved?")
     metrics_section = ops.split("\n## Metrics\n", 1)[-1].split("\n## ", 1)[0]
     contract = re.findall(r"^\| `([a-z_]+)` \|", metrics_section, re.M)
+    # ...and the contract is every metric the service exports (src/metrics.rs names
+    # each once): one added without a row is one nobody is told about.
+    exported = re.findall(r'^pub const [A-Z_]+: &str = "([a-z_]+)";', (ROOT / "src" / "metrics.rs").read_text(), re.M)
+    need(exported and not set(exported) - set(contract), D,
+         f"metrics exported (src/metrics.rs) without a row in docs/operations.md's table: {sorted(set(exported) - set(contract))}")
     shown = " ".join(e for _, _, e in exprs)
     unseen = [m for m in contract if m != "process_" and not re.search(rf"\b{m}(_bucket|_count|_sum)?\b", shown)]
     need(contract and not unseen, D, f"metrics of docs/operations.md's contract on no panel: {unseen}")
