@@ -2,9 +2,12 @@
 //! until a probe (not a request) sees it answer again.
 //!
 //! States: closed (calls go through) → open after `threshold` consecutive failures
-//! (calls are skipped; only the prober calls) → closed on the next success, the
-//! prober's being the half-open probe. Each transition is reported exactly once, to the
-//! one caller that made it, so the caller can log it once.
+//! (calls are skipped; only the prober calls) → closed by the prober's next success, the
+//! half-open probe. A call's success never closes it: calls still in flight when it
+//! opened answer from whichever part of the dependency still works (another shard of a
+//! cluster whose one shard is failing over, a node that answers the keys of its own slots
+//! only), which says nothing of the whole. Each transition is reported exactly once, to
+//! the one caller that made it, so the caller can log it once.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
@@ -42,8 +45,14 @@ impl CircuitBreaker {
         !self.open.load(Ordering::Relaxed)
     }
 
-    /// A call (or probe) succeeded.
-    pub fn record_success(&self) -> Transition {
+    /// A call succeeded: the failures so far were not consecutive. An open breaker stays
+    /// open (see the module's opening).
+    pub fn record_success(&self) {
+        self.failures.store(0, Ordering::Relaxed);
+    }
+
+    /// The prober's check of the whole dependency succeeded: closes the breaker.
+    pub fn record_probe_success(&self) -> Transition {
         self.failures.store(0, Ordering::Relaxed);
         if self.open.swap(false, Ordering::Relaxed) {
             Transition::Closed
@@ -100,12 +109,28 @@ mod tests {
             "opened once, reported once"
         );
         assert_eq!(
-            breaker.record_success(),
+            breaker.record_probe_success(),
             Transition::Closed,
             "the probe's success"
         );
         assert!(breaker.is_available());
-        assert_eq!(breaker.record_success(), Transition::None);
+        assert_eq!(breaker.record_probe_success(), Transition::None);
+    }
+
+    #[test]
+    fn a_call_succeeding_while_open_does_not_close_it() {
+        let breaker = CircuitBreaker::new(3);
+        for _ in 0..3 {
+            breaker.record_failure();
+        }
+        assert!(!breaker.is_available());
+        breaker.record_success();
+        assert!(
+            !breaker.is_available(),
+            "a call in flight when it opened answered: only the probe may close it"
+        );
+        assert_eq!(breaker.open_now(), Transition::None, "still open");
+        assert_eq!(breaker.record_probe_success(), Transition::Closed);
     }
 
     #[test]
@@ -145,7 +170,9 @@ mod tests {
         assert!(!breaker.is_available());
         assert_eq!(breaker.open_now(), Transition::None, "reported once");
         assert_eq!(breaker.record_failure(), Transition::None);
-        assert_eq!(breaker.record_success(), Transition::Closed);
+        breaker.record_success();
+        assert!(!breaker.is_available(), "a call's answer is no verdict");
+        assert_eq!(breaker.record_probe_success(), Transition::Closed);
         assert!(breaker.is_available());
     }
 }

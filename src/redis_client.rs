@@ -1,8 +1,8 @@
 //! The shared Redis connection: bounded calls and a circuit breaker, so that Redis being
 //! slow or gone costs requests at most a few timeouts, then nothing until it is back.
 //!
-//! Requests never probe an open breaker; a background pinger does, and closes it when
-//! Redis answers again. The cache tier and the cluster-wide rate limiter share it.
+//! Requests never probe an open breaker; a background pinger does, through a new
+//! connection, and closes it when Redis as a whole can serve again. The cache tier and the cluster-wide rate limiter share it.
 //!
 //! One Redis node (`REDIS_URL`) or a Redis Cluster (`REDIS_CLUSTER_NODES`): the cluster
 //! client of the `redis` crate follows MOVED/ASK redirections, refreshes the topology and
@@ -10,10 +10,7 @@
 //! limiter addresses to one master go over a direct connection to it when one is up.
 
 use std::{
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc, Mutex, RwLock,
-    },
+    sync::{Arc, Mutex, RwLock},
     time::{Duration, Instant},
 };
 
@@ -22,7 +19,7 @@ use redis::{
     aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection},
     cluster::{ClusterClient, ClusterClientBuilder},
     cluster_async::ClusterConnection,
-    cluster_routing::{RoutingInfo, SingleNodeRoutingInfo},
+    cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo, SingleNodeRoutingInfo},
     AsyncConnectionConfig, Cmd, ConnectionAddr, ConnectionInfo, FromRedisValue, IntoConnectionInfo,
     Pipeline, RedisFuture, Value,
 };
@@ -61,6 +58,10 @@ pub enum RedisUnavailable {
     Unhealthy(String),
     /// The probe's answer from the node of `REDIS_URL`: it is one node of a Redis Cluster,
     /// which answers the keys of its own slots and refuses the rest (MOVED, CROSSSLOT).
+    /// The probe's answer from a cluster: some masters serving slots did not answer (one
+    /// died and the cluster has not failed it over yet).
+    #[error("{answered} of the cluster's {masters} masters answered")]
+    MastersUnanswered { answered: usize, masters: usize },
     #[error("REDIS_URL names a node of a Redis Cluster (cluster_enabled:1): set REDIS_CLUSTER_NODES to the cluster's nodes instead")]
     ClusterNode,
 }
@@ -119,6 +120,7 @@ impl RedisUnavailable {
             Self::Timeout => return "timeout",
             Self::Unhealthy(_) => return "unhealthy",
             Self::ClusterNode => return "a cluster node as REDIS_URL",
+            Self::MastersUnanswered { .. } => return "a master unreachable",
             Self::Failed(e) => e,
         };
         let text = e.to_string().to_ascii_lowercase();
@@ -189,13 +191,18 @@ impl ConnectionLike for Connection {
     }
 }
 
+/// What makes a new [`Connection`].
+enum Connector {
+    Node(redis::Client, ConnectionManagerConfig),
+    /// Each new connection reads the topology afresh.
+    Cluster(ClusterClient),
+}
+
 /// A Redis connection behind a circuit breaker.
 pub struct RedisClient {
-    /// Replaced, for a cluster, by a new one each time the breaker has opened.
+    /// Replaced by a new one for each probe while the breaker is open.
     conn: RwLock<Connection>,
-    /// For a cluster: the client that makes new connections, each reading the topology
-    /// afresh.
-    cluster: Option<ClusterClient>,
+    connector: Connector,
     /// For a cluster: direct connections to its nodes (see [`NodeLinks`]).
     links: Option<NodeLinks>,
     timeout: Duration,
@@ -207,9 +214,6 @@ pub struct RedisClient {
     up: Gauge,
     /// Wakes the pinger when calls open the breaker.
     opened: tokio::sync::Notify,
-    /// The node of `REDIS_URL` said it is a cluster node: Redis is not used, whatever
-    /// calls in flight then answer, until a probe finds it no longer one.
-    cluster_node: AtomicBool,
 }
 
 impl RedisClient {
@@ -219,9 +223,8 @@ impl RedisClient {
         timeout: Duration,
         metrics: &Metrics,
     ) -> redis::RedisResult<Arc<Self>> {
-        let mut cluster = None;
         let mut links = None;
-        let conn = match target {
+        let (conn, connector) = match target {
             Target::Node(url) => {
                 let client = redis::Client::open(url)?;
                 let config = ConnectionManagerConfig::new()
@@ -232,7 +235,8 @@ impl RedisClient {
                     // as our timeout.
                     .set_number_of_retries(0)
                     .set_max_delay(timeout);
-                Connection::Node(ConnectionManager::new_lazy_with_config(client, config)?)
+                let conn = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())?;
+                (Connection::Node(conn), Connector::Node(client, config))
             }
             Target::Cluster(nodes) => {
                 let client = ClusterClientBuilder::new(nodes.iter().map(String::as_str))
@@ -245,15 +249,14 @@ impl RedisClient {
                     .max_retry_wait(10)
                     .build()?;
                 let conn = client.get_pending_async_connection_with_config(Default::default());
-                cluster = Some(client);
                 links = NodeLinks::new(nodes, timeout)?;
-                Connection::Cluster(conn)
+                (Connection::Cluster(conn), Connector::Cluster(client))
             }
         };
         let up = metrics.scope(|| metrics::gauge!(REDIS_UP));
         up.set(0.0);
         Ok(Arc::new(Self {
-            cluster,
+            connector,
             links,
             conn: RwLock::new(conn),
             timeout,
@@ -262,13 +265,12 @@ impl RedisClient {
             refusal_logged: Mutex::new(None),
             up,
             opened: tokio::sync::Notify::new(),
-            cluster_node: AtomicBool::new(false),
         }))
     }
 
     /// Whether this is a Redis Cluster (`REDIS_CLUSTER_NODES`), not one node.
     pub fn is_cluster(&self) -> bool {
-        self.cluster.is_some()
+        matches!(self.connector, Connector::Cluster(_))
     }
 
     /// Keeps the direct connections to `masters` (a cluster's masters, as its slot map
@@ -295,16 +297,23 @@ impl RedisClient {
 
     /// Whether calls currently go to Redis (the breaker is closed).
     pub fn is_available(&self) -> bool {
-        self.breaker.is_available() && !self.cluster_node.load(Ordering::Relaxed)
+        self.breaker.is_available()
     }
 
+    /// A call succeeded. It may have been in flight when the breaker opened, and answered
+    /// by whatever part of Redis still works: it does not close the breaker, nor raise
+    /// `redis_up` while it is open.
     fn on_success(&self) {
-        // A call to a key of the node's own slots answers; that is no sign of health.
-        if self.cluster_node.load(Ordering::Relaxed) {
-            return;
+        self.breaker.record_success();
+        if self.breaker.is_available() {
+            self.up.set(1.0);
         }
+    }
+
+    /// The pinger's probe found Redis able to serve: the breaker closes.
+    fn on_probe_success(&self) {
         self.up.set(1.0);
-        if self.breaker.record_success() == Transition::Closed {
+        if self.breaker.record_probe_success() == Transition::Closed {
             tracing::info!(event = "redis_available", "Redis answers again: using it");
         }
     }
@@ -549,7 +558,7 @@ impl RedisClient {
                 RedisUnavailable::Failed(e)
             }
         };
-        if self.cluster.is_none() {
+        if !self.is_cluster() {
             // INFO, not only PING: a cluster node answers PING, and the keys of its own
             // slots, and refuses the rest one call at a time (refusals, which do not open
             // the breaker): limits per instance with Redis reported up.
@@ -576,30 +585,65 @@ impl RedisClient {
             .query_async(&mut conn)
             .await
             .map_err(verdict)?;
-        match info
-            .lines()
-            .map(str::trim)
-            .find(|l| l.starts_with("cluster_state:"))
-        {
-            Some("cluster_state:ok") => Ok(()),
-            state => Err(RedisUnavailable::Unhealthy(format!(
-                "cluster state is not ok: {}",
-                state.unwrap_or("no cluster_state")
-            ))),
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.trim().strip_prefix(name)?.strip_prefix(':'))
+        };
+        match field("cluster_state") {
+            Some("ok") => {}
+            state => {
+                return Err(RedisUnavailable::Unhealthy(format!(
+                    "cluster state is not ok: {}",
+                    state.unwrap_or("no cluster_state")
+                )))
+            }
         }
+        // The cluster says `ok` until it has marked a dead master failed (its node
+        // timeout), while every call to that master's slots fails: each master serving
+        // slots (`cluster_size`) must answer too. The client library asks only the
+        // masters it is connected to, and a new connection has none to a dead one: count.
+        let masters: usize = field("cluster_size")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        let Connection::Cluster(mut conn) = conn else {
+            unreachable!("a cluster's connection");
+        };
+        let every_master = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+        let answered = match conn.route_command(redis::cmd("PING"), every_master).await {
+            Ok(Value::Map(replies)) => replies
+                .iter()
+                .filter(|(_, reply)| !matches!(reply, Value::ServerError(_)))
+                .count(),
+            Ok(_) => 0,
+            Err(e) => return Err(RedisUnavailable::Failed(e)),
+        };
+        if answered < masters {
+            return Err(RedisUnavailable::MastersUnanswered { answered, masters });
+        }
+        Ok(())
     }
 
-    /// While the breaker is open, a cluster is probed through a new connection, which
-    /// reads the slot map afresh. The client library refreshes its map on redirections
-    /// and errors, but not on timeouts: a master that hangs (a frozen VM, a partition)
-    /// rather than refusing would otherwise keep its slots, replica promoted or not.
+    /// While the breaker is open, Redis is probed through a new connection. The client
+    /// library reconnects by itself only after a connection was lost: one whose login
+    /// was refused (a password rotated in Redis after the service's Secret) would be
+    /// refused for the life of the process. A new cluster connection also reads the slot
+    /// map afresh: the library refreshes its map on redirections and errors, but not on
+    /// timeouts, so a master that hangs (a frozen VM, a partition) rather than refusing
+    /// would otherwise keep its slots, replica promoted or not.
     async fn reconnect_if_open(&self) -> Result<(), RedisUnavailable> {
-        let Some(client) = &self.cluster else {
-            return Ok(());
-        };
         if self.is_available() {
             return Ok(());
         }
+        let client = match &self.connector {
+            Connector::Node(client, config) => {
+                // Connects on its first call: the probe, which bounds it.
+                let fresh =
+                    ConnectionManager::new_lazy_with_config(client.clone(), config.clone())?;
+                *self.conn.write().expect("not poisoned") = Connection::Node(fresh);
+                return Ok(());
+            }
+            Connector::Cluster(client) => client,
+        };
         let bound = RECONNECT_BOUND.max(self.timeout);
         match tokio::time::timeout(bound, client.get_async_connection()).await {
             Ok(Ok(fresh)) => {
@@ -623,18 +667,17 @@ impl RedisClient {
             return self.on_failure(&e);
         }
         match tokio::time::timeout(self.timeout, self.probe()).await {
-            Ok(Ok(())) => {
-                self.cluster_node.store(false, Ordering::Relaxed);
-                self.on_success();
-            }
-            Ok(Err(e @ RedisUnavailable::ClusterNode)) => {
-                self.cluster_node.store(true, Ordering::Relaxed);
-                self.up.set(0.0);
+            Ok(Ok(())) => self.on_probe_success(),
+            Ok(Err(e @ (RedisUnavailable::ClusterNode | RedisUnavailable::Unhealthy(_)))) => {
                 self.on_unhealthy(&e);
             }
-            Ok(Err(e @ RedisUnavailable::Unhealthy(_))) => self.on_unhealthy(&e),
             Ok(Err(e)) => self.on_failure(&e),
             Err(_) => self.on_failure(&RedisUnavailable::Timeout),
+        }
+        if !self.is_available() {
+            // A call that read the breaker closed just before it opened may have raised
+            // the gauge after the opening lowered it.
+            self.up.set(0.0);
         }
     }
 

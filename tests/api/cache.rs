@@ -418,3 +418,45 @@ async fn with_the_breaker_open_misses_never_wait_on_redis() {
     }
     app.stop().await;
 }
+
+// A password rotated in the wrong order (the service's Secret before Redis's): the
+// service must pick Redis up once Redis accepts the password, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_redis_accepts_only_later_is_picked_up_without_a_restart() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let app = spawn_app(Config {
+        redis_url: Some(redis.url().replace("redis://", "redis://:rotated@")),
+        ..with_redis(&redis)
+    })
+    .await;
+    assert_eq!(app.fib("11").await.status(), StatusCode::OK);
+    eventually(
+        Duration::from_secs(5),
+        "a refused login is reported down",
+        || async { app.scrape().await.get("redis_up", &[]) == 0.0 },
+    )
+    .await;
+
+    let mut conn = redis.conn();
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("rotated")
+        .query::<()>(&mut conn)
+        .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the tier recovers once Redis takes the password",
+        || async { app.scrape().await.get("redis_up", &[]) == 1.0 },
+    )
+    .await;
+    app.fib("4242").await;
+    eventually(Duration::from_secs(5), "write-back resumes", || {
+        let exists: bool = conn.exists(redis_key(4242)).unwrap();
+        async move { exists }
+    })
+    .await;
+    app.stop().await;
+}

@@ -265,6 +265,81 @@ async fn a_master_killed_under_load_costs_no_errors_and_its_replica_takes_over()
     drop(apps);
 }
 
+// While one shard fails over, calls to the other shards still answer. Those answers must
+// not close the breaker the failed shard's calls opened: Redis would be reported up and
+// used, and drop out again, several times a second (`redis_up` and the logs flapping).
+// Only the probe, which asks whether every slot is served, closes it: one opening and one
+// closing per failover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_failing_over_opens_the_breaker_once_until_the_cluster_is_whole() {
+    let Some(mut cluster) = RedisCluster::start(1000) else {
+        return;
+    };
+    let service = crate::helpers::spawn_binary(&[
+        ("REDIS_CLUSTER_NODES", cluster.seeds().join(",")),
+        ("REDIS_TIMEOUT_MS", "250".to_owned()),
+        ("RATE_LIMITS", "1000000/minute".to_owned()),
+        ("TRUSTED_PROXIES", "127.0.0.5/32".to_owned()),
+    ])
+    .await;
+    let events = |name: &str| {
+        service
+            .json_lines()
+            .iter()
+            .filter(|l| l["event"] == name && l["message"] != "Redis still unavailable")
+            .count()
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    // Many clients, so every shard gets calls all the time.
+    let workers: Vec<_> = (0..8)
+        .map(|w| {
+            let (base, stop) = (service.base(), stop.clone());
+            tokio::spawn(async move {
+                let proxy = client_from(Some("127.0.0.5".parse().unwrap()));
+                let mut i = w;
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = proxy
+                        .get(format!("{base}/fibonacci?n={}", i % 500))
+                        .header(
+                            "x-forwarded-for",
+                            format!("10.9.{}.{}", i / 256 % 256, i % 256),
+                        )
+                        .send()
+                        .await;
+                    i += 8;
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(events("redis_unavailable"), 0, "healthy before the kill");
+    let (masters, _) = cluster.roles();
+    cluster.kill(masters[0]);
+    eventually(Duration::from_secs(30), "the breaker opened", || {
+        let opened = events("redis_unavailable") > 0;
+        async move { opened }
+    })
+    .await;
+    eventually(Duration::from_secs(30), "Redis used again", || {
+        let back = events("redis_available") > 0;
+        async move { back }
+    })
+    .await;
+    // Load on the whole cluster again for a while.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await.unwrap();
+    }
+    let (opened, closed) = (events("redis_unavailable"), events("redis_available"));
+    service.terminate();
+    assert_eq!(
+        (opened, closed),
+        (1, 1),
+        "one opening and one closing for one failover, not a flapping breaker"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slots_moved_under_load_cost_no_errors_and_no_early_rejection() {
     let Some(cluster) = RedisCluster::start(1000) else {
