@@ -1428,8 +1428,11 @@ def cmd_alert_routes() -> None:
             want = EXPECTED_RECEIVERS[(labels["environment"], labels["severity"])]
             need(got == want, A, f"{label} alert {r['alert']} {r['labels']} reaches {got!r}, expected {want!r}")
             routed += 1
+        if label == "production":
+            inhibited = check_inhibitions(ALERTMANAGER, "fibonacci-api", rules, A)
     info(f"amtool: config valid; {routed} rendered alerts routed as promised "
-         "(production critical -> pager, warning -> tickets; staging -> chat, never the pager)")
+         "(production critical -> pager, warning -> tickets; staging -> chat, never the pager); "
+         f"a running Alertmanager held back exactly the promised alerts in {inhibited} inhibition cases")
     check_alertmanager_config_routes()
 
 
@@ -1467,7 +1470,87 @@ def operator_alertmanager_config(amc: dict) -> dict:
         if r.get("pagerdutyConfigs"):
             rc["pagerduty_configs"] = [{"routing_key": "stand-in"} for _ in r["pagerdutyConfigs"]]
         receivers.append(rc)
-    return {"route": {"receiver": "null", "routes": [route(amc["spec"]["route"], top=True)]}, "receivers": receivers}
+    namespaced = f'namespace="{ns}"'
+
+    def inhibit(rule):
+        # The operator appends the namespace matcher to both sides (unless present).
+        src, tgt = matchers(rule.get("sourceMatch")), matchers(rule.get("targetMatch"))
+        return {"source_matchers": src + [namespaced] * (namespaced not in src),
+                "target_matchers": tgt + [namespaced] * (namespaced not in tgt),
+                "equal": rule.get("equal", [])}
+    return {"route": {"receiver": "null", "routes": [route(amc["spec"]["route"], top=True)]}, "receivers": receivers,
+            "inhibit_rules": [inhibit(r) for r in amc["spec"].get("inhibitRules", [])]}
+
+
+def check_inhibitions(config: Path, namespace: str, rules: list[dict], where: dict) -> int:
+    """Runs a real Alertmanager with `config`, fires sets of the chart's rendered
+    alerts at it and checks which it holds back: RateLimitsNotShared while RedisDown
+    fires for the same release (and not alone, nor for another release's RedisDown),
+    everything while FibonacciApiDown fires, an SLO's ticket while its page fires.
+    amtool cannot test inhibition; the running Alertmanager can (its API reports
+    `inhibitedBy` per alert). Returns the number of cases checked."""
+    binary = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+    need(binary, where, "no Alertmanager binary (Debian's prometheus-alertmanager) to check inhibition with")
+    def rule(name: str) -> dict:
+        return next(r for r in rules if r["alert"] == name)
+    # The pages and tickets of one SLO share their alert name: an alert is its name,
+    # severity and (per case) job.
+    pages = [r for r in rules if r["labels"].get("severity") == "critical" and r["labels"].get("slo")]
+    tickets = [r for r in rules if r["labels"].get("severity") == "warning" and r["labels"].get("slo")]
+    slo = next(((p, t) for p in pages for t in tickets if p["labels"]["slo"] == t["labels"]["slo"]), None)
+    need(slo, where, "no SLO with both a critical and a warning alert rendered: the SLO inhibition is untested")
+    redis_down, not_shared, down = (rule(n) for n in
+                                    ("FibonacciApiRedisDown", "FibonacciApiRateLimitsNotShared", "FibonacciApiDown"))
+    # (alerts fired with their job label, and whether each must be held back): every
+    # rule requires an equal job, so the cases cannot touch each other.
+    cases = [
+        [(redis_down, "redis", False), (not_shared, "redis", True)],
+        [(not_shared, "alone", False)],
+        [(redis_down, "other-release", False), (not_shared, "this-release", False)],
+        [(down, "down", False), (redis_down, "down", True), (slo[1], "down", True)],
+        [(slo[0], "slo", False), (slo[1], "slo", True)],
+    ]
+
+    def key(labels: dict) -> tuple:
+        return labels["alertname"], labels["severity"], labels["job"]
+
+    def labels_of(r: dict, job: str) -> dict:
+        return dict(r["labels"], alertname=r["alert"], namespace=namespace, job=job)
+    tmp = Path(tempfile.mkdtemp(prefix="check-deploy-am-"))
+    atexit.register(shutil.rmtree, tmp, True)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = start([binary, f"--config.file={config}", f"--storage.path={tmp}", f"--web.listen-address=127.0.0.1:{port}",
+                  "--cluster.listen-address="], tmp / "alertmanager.log")
+    try:
+        poll("Alertmanager ready", lambda: http(f"{base}/-/ready")[0] == 200, timeout=30)
+        now = time.time()
+
+        def stamp(t: float) -> str:
+            return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+        fired = [{"labels": labels_of(r, job), "startsAt": stamp(now - 60), "endsAt": stamp(now + 3600)}
+                 for case in cases for r, job, _ in case]
+        req = urllib.request.Request(f"{base}/api/v2/alerts", data=json.dumps(fired).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            need(r.status == 200, where, f"Alertmanager refused the alerts: HTTP {r.status}")
+        want = {key(labels_of(r, job)): held for case in cases for r, job, held in case}
+
+        def held_back():
+            got = {key(a["labels"]): bool(a["status"]["inhibitedBy"])
+                   for a in json.loads(http(f"{base}/api/v2/alerts")[1])}
+            return got if got == want else None
+        try:
+            poll("the expected inhibitions", held_back, timeout=20, every=0.5)
+        except CheckFailed:
+            got = json.loads(http(f"{base}/api/v2/alerts")[1])
+            need(False, where, "inhibition differs from the promise: " + "; ".join(
+                f'{key(a["labels"])}: held back={bool(a["status"]["inhibitedBy"])}, expected {want.get(key(a["labels"]))}'
+                for a in got if bool(a["status"]["inhibitedBy"]) != want.get(key(a["labels"]))))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    return len(cases)
 
 
 def check_alertmanager_config_routes() -> None:
@@ -1478,7 +1561,7 @@ def check_alertmanager_config_routes() -> None:
     another namespace never reach this release's receivers."""
     tmp = Path(tempfile.mkdtemp(prefix="check-deploy-amc-"))
     atexit.register(shutil.rmtree, tmp, True)
-    routed = 0
+    routed = inhibited = 0
     for label, env in (("production", "production"), ("staging", "staging")):
         values = deep_merge(values_of(label), {"alertmanagerConfig": {"enabled": True}})
         objects, _ = render(values, namespace=f"fibonacci-api-{label}")
@@ -1500,8 +1583,10 @@ def check_alertmanager_config_routes() -> None:
                     "pager" if r["labels"]["severity"] == "critical" and env == "production" else "tickets")
                 need(got == want, amc, f"{label}: alert {r['alert']} {labels} reaches {got!r}, expected {want!r}")
                 routed += 1
+        inhibited += check_inhibitions(cfg, ns, rules, amc)
     info(f"AlertmanagerConfig (as the operator translates it), amtool: {routed} alert x namespace cases routed as promised "
-         "(production critical -> PagerDuty, warning -> webhook; staging never pages; other namespaces untouched)")
+         "(production critical -> PagerDuty, warning -> webhook; staging never pages; other namespaces untouched); "
+         f"a running Alertmanager held back exactly the promised alerts in {inhibited} inhibition cases")
 
 
 # --------------------------------------------------------------------------- dashboard
