@@ -21,7 +21,8 @@ use crate::{
 pub const MAX_N_CEILING: u64 = 1_000_000;
 
 /// An optional setting. An alias, not `Option`, so that clap hands the whole value to
-/// its parser: an empty variable (as charts write an unset one) means "not set".
+/// its parser: an empty variable (as compose files write an unset one) means "not set",
+/// but for the settings of [`ON_WHEN_SET`], which refuse a blank value.
 pub type Maybe<T> = Option<T>;
 /// A comma-separated setting; an alias for the same reason (empty: none).
 pub type List<T> = Vec<T>;
@@ -494,13 +495,62 @@ impl Cli {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        let mut cli = Self::try_parse_from(args).map_err(|e| match ConfigError::from_clap(&e) {
+        let refused = |e: clap::Error| match ConfigError::from_clap(&e) {
             Some(setting) => StartError::Setting(setting),
             None => StartError::Usage(e),
-        })?;
+        };
+        let matches = Self::command()
+            .try_get_matches_from(args)
+            .map_err(refused)?;
+        let mut cli = Self::from_arg_matches(&matches).map_err(refused)?;
+        refuse_blank(&matches).map_err(StartError::Setting)?;
         cli.config.validate().map_err(StartError::Setting)?;
         Ok(cli)
     }
+}
+
+/// Settings that turn something on when set. Blank, any other optional setting means
+/// "not set" (as a compose file's `${VAR}` writes an unset one); blank, one of these
+/// would turn Redis, authentication or the admin port off without a word — an empty
+/// Secret key, say — and a Redis never configured reports no `redis_up`, so no alert.
+const ON_WHEN_SET: [&str; 8] = [
+    "REDIS_URL",
+    "REDIS_CLUSTER_NODES",
+    "ADMIN_LISTEN_ADDR",
+    "AUTH_JWT_HS256_SECRET",
+    "AUTH_JWT_PUBLIC_KEY_FILE",
+    "AUTH_JWT_JWKS_FILE",
+    "AUTH_JWT_JWKS_URL",
+    "AUTH_JWT_ISSUER",
+];
+
+/// Refuses one of [`ON_WHEN_SET`] given blank, in the environment or as a flag.
+fn refuse_blank(matches: &clap::ArgMatches) -> Result<(), ConfigError> {
+    use clap::parser::ValueSource;
+    for arg in Cli::command().get_arguments() {
+        let Some(var) = arg.get_env().and_then(|v| v.to_str()) else {
+            continue;
+        };
+        let Some(var) = ON_WHEN_SET.iter().copied().find(|known| *known == var) else {
+            continue;
+        };
+        let given = matches!(
+            matches.value_source(arg.get_id().as_str()),
+            Some(ValueSource::EnvVariable | ValueSource::CommandLine)
+        );
+        let blank = matches
+            .get_raw(arg.get_id().as_str())
+            .is_some_and(|mut values| values.all(|v| v.to_string_lossy().trim().is_empty()));
+        if given && blank {
+            return Err(ConfigError::new(
+                var,
+                "",
+                "a value, or the variable unset to leave this off (set but blank, as an empty \
+                 Secret key leaves it, it would turn the feature off without a word)",
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl Config {

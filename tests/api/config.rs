@@ -112,6 +112,31 @@ fn a_bad_setting_stops_start_up_with_one_line() {
     }
 }
 
+// A variable that turns something on when set must not be set blank: an empty Secret
+// key would otherwise turn Redis or authentication off without a word (no Redis: no
+// `redis_up`, so no alert either).
+#[test]
+fn a_blank_value_for_a_setting_that_turns_something_on_stops_start_up() {
+    for var in [
+        "REDIS_URL",
+        "REDIS_CLUSTER_NODES",
+        "ADMIN_LISTEN_ADDR",
+        "AUTH_JWT_HS256_SECRET",
+        "AUTH_JWT_PUBLIC_KEY_FILE",
+        "AUTH_JWT_JWKS_FILE",
+        "AUTH_JWT_JWKS_URL",
+        "AUTH_JWT_ISSUER",
+    ] {
+        for blank in ["", "  "] {
+            let stderr = assert_refused(&[(var, blank)], var, "blank");
+            assert!(
+                stderr.contains("unset"),
+                "{var}: says to unset it: {stderr}"
+            );
+        }
+    }
+}
+
 #[test]
 fn the_healthcheck_subcommand_fails_when_nothing_answers() {
     let port = crate::helpers::free_port();
