@@ -29,6 +29,9 @@ use crate::{
     metrics::{Metrics, REDIS_UP},
 };
 
+/// Two keys in different cluster slots, in the service's key space (`fibonacci:`), for
+/// telling a node of a cluster from a lone Redis where an ACL forbids `INFO`.
+const PROBE_KEYS: [&str; 2] = ["fibonacci:probe:{a}", "fibonacci:probe:{b}"];
 /// Consecutive failures that open the breaker.
 const FAILURES_TO_OPEN: u32 = 3;
 /// How often the pinger checks Redis while it is healthy, and while the breaker is open.
@@ -571,12 +574,26 @@ impl RedisClient {
                     Err(RedisUnavailable::ClusterNode)
                 }
                 Ok(_) => Ok(()),
-                // An ACL without INFO: PING decides, as it did before.
-                Err(e) if e.code().is_some() => redis::cmd("PING")
-                    .query_async::<String>(&mut conn)
+                // An ACL without INFO: one command on two keys of different slots (hash
+                // tags `a` and `b`: slots 15495 and 3300), which a node of a cluster
+                // refuses and a lone Redis answers. In the service's key space, which its
+                // ACL user may read; PING decides where it may not.
+                Err(e) if e.code().is_some() => match redis::cmd("EXISTS")
+                    .arg(&PROBE_KEYS)
+                    .query_async::<i64>(&mut conn)
                     .await
-                    .map(drop)
-                    .map_err(verdict),
+                {
+                    Ok(_) => Ok(()),
+                    Err(e) if matches!(e.code(), Some("CROSSSLOT" | "MOVED")) => {
+                        Err(RedisUnavailable::ClusterNode)
+                    }
+                    Err(e) if e.code().is_some() => redis::cmd("PING")
+                        .query_async::<String>(&mut conn)
+                        .await
+                        .map(drop)
+                        .map_err(verdict),
+                    Err(e) => Err(RedisUnavailable::Failed(e)),
+                },
                 Err(e) => Err(RedisUnavailable::Failed(e)),
             };
         }

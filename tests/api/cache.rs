@@ -460,3 +460,41 @@ async fn a_password_redis_accepts_only_later_is_picked_up_without_a_restart() {
     .await;
     app.stop().await;
 }
+
+// Where an ACL forbids INFO, the probe tells a lone Redis from a cluster's node by a
+// command on two keys of different slots: a lone Redis answers it, and is used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_redis_is_used_by_a_user_an_acl_forbids_info() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let mut conn = redis.conn();
+    redis::cmd("ACL")
+        .arg(&[
+            "SETUSER",
+            "noinfo",
+            "on",
+            ">pw",
+            "~fibonacci:*",
+            "+@all",
+            "-info",
+        ])
+        .query::<()>(&mut conn)
+        .unwrap();
+    let app = spawn_app(Config {
+        redis_url: Some(redis.url().replace("redis://", "redis://noinfo:pw@")),
+        ..with_redis(&redis)
+    })
+    .await;
+    app.fib("2024").await;
+    eventually(Duration::from_secs(5), "written back as that user", || {
+        let exists: bool = conn.exists(redis_key(2024)).unwrap();
+        async move { exists }
+    })
+    .await;
+    eventually(Duration::from_secs(5), "redis_up is 1", || async {
+        app.scrape().await.get("redis_up", &[]) == 1.0
+    })
+    .await;
+    app.stop().await;
+}
