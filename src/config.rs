@@ -285,7 +285,7 @@ fn rate_limits(value: &str) -> Result<Maybe<Policy>, String> {
 
 /// `TRUSTED_PROXIES`: IPs (taken as single-address networks) and CIDRs.
 pub fn trusted_proxies(value: &str) -> Result<List<IpNet>, String> {
-    comma_list(value)
+    let nets = comma_list(value)
         .map(|item| {
             let net = item
                 .parse::<IpNet>()
@@ -295,6 +295,16 @@ pub fn trusted_proxies(value: &str) -> Result<List<IpNet>, String> {
                         "comma-separated IPs or CIDRs (e.g. 10.0.0.0/8,192.168.1.7); {item:?} is neither"
                     )
                 })?;
+            // Clients are compared as IPv4 (a dual-stack socket's ::ffff:a.b.c.d is the
+            // IPv4 client a.b.c.d): a mapped entry is the IPv4 network it names.
+            let net = match net {
+                IpNet::V6(v6) if v6.prefix_len() >= 96 => v6
+                    .addr()
+                    .to_ipv4_mapped()
+                    .and_then(|v4| ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).ok())
+                    .map_or(net, IpNet::V4),
+                _ => net,
+            };
             // Trusting everyone lets every client write its own rate-limit key, and so does
             // trusting half of everyone twice (0.0.0.0/1,128.0.0.0/1). No proxy network is
             // wider than 10.0.0.0/8, or fc00::/7 (IPv6's unique local addresses).
@@ -314,7 +324,25 @@ pub fn trusted_proxies(value: &str) -> Result<List<IpNet>, String> {
             }
             Ok(net)
         })
-        .collect()
+        .collect::<Result<List<IpNet>, String>>()?;
+    // Each entry within those bounds, many together can still trust everyone (every
+    // N.0.0.0/8): the union may cover at most four /8s of IPv4 — all its private and
+    // shared ranges together are 1.3 — and two /7s of IPv6.
+    let (mut v4, mut v6) = (0_u64, 0_u128);
+    for net in IpNet::aggregate(&nets) {
+        match net {
+            IpNet::V4(n) => v4 += 1 << (32 - n.prefix_len()),
+            IpNet::V6(n) => v6 += 1 << (128 - n.prefix_len()),
+        }
+    }
+    if v4 > 4 << 24 || v6 > 2 << 121 {
+        return Err(
+            "the proxies' own addresses; these networks together trust more than four /8s of \
+             IPv4 or two /7s of IPv6, so clients in them could choose their rate-limit keys"
+                .into(),
+        );
+    }
+    Ok(nets)
 }
 
 fn redis_url(value: &str) -> Result<String, String> {
@@ -770,9 +798,41 @@ mod tests {
             "10.0.0.0/8",
             "fc00::/7",
             "172.16.0.0/12,192.168.1.7,fd00::/8",
+            // Every private and shared range of IPv4 at once: a mesh of providers.
+            "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,100.64.0.0/10,fc00::/7",
         ] {
             assert!(trusted_proxies(private).is_ok(), "{private}");
         }
+    }
+
+    #[test]
+    fn trusted_proxies_that_together_cover_too_much_are_refused() {
+        // Each /8 alone is fine; 256 of them trust every IPv4 address.
+        let every_8: Vec<String> = (0..=255).map(|a| format!("{a}.0.0.0/8")).collect();
+        for many in [
+            every_8.join(","),
+            every_8[..5].join(","),
+            "fc00::/7,fe00::/7,2000::/7".into(),
+        ] {
+            let err = trusted_proxies(&many).unwrap_err();
+            assert!(err.contains("together"), "{many}: {err}");
+        }
+        assert!(trusted_proxies(&every_8[..4].join(",")).is_ok());
+    }
+
+    #[test]
+    fn ipv4_mapped_proxies_are_the_ipv4_networks_they_name() {
+        // Clients are compared as IPv4: a mapped entry would trust no one.
+        let nets = trusted_proxies("::ffff:10.1.0.0/112,::ffff:192.168.1.7").unwrap();
+        assert_eq!(
+            nets,
+            [
+                "10.1.0.0/16".parse::<IpNet>().unwrap(),
+                "192.168.1.7/32".parse().unwrap()
+            ]
+        );
+        let err = trusted_proxies("::ffff:0:0/96").unwrap_err();
+        assert!(err.contains("wider than any proxy network"), "{err}");
     }
 
     #[test]
