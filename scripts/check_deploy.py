@@ -953,6 +953,9 @@ def cmd_chart() -> None:
             {"config": {"AUTH_JWT_AUDIENCE": "fibonacci-api"},
              "extraEnv": [{"name": "AUTH_JWT_JWKS_URL ", "value": "https://idp.example/jwks.json"}]},
             "did you mean AUTH_JWT_JWKS_URL?"),
+        "the allocator's options through extraEnv (the memory model and limit rely on the compiled-in ones)": (
+            {"extraEnv": [{"name": "_RJEM_MALLOC_CONF", "value": "background_thread:false"}]},
+            "extraEnv sets _RJEM_MALLOC_CONF"),
         "an alert label that the rules set themselves": (
             {"prometheusRule": {"enabled": True, "alertLabels": {"environment": "prod"}}}, "environment"),
         # Issue 15's optional parts.

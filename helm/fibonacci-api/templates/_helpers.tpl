@@ -398,6 +398,9 @@ from the workload template so every render runs it.
 {{- if and (has (toString .name) $jwtKeys) (or .value .valueFrom) (not (trim (toString (default "" $.Values.config.AUTH_JWT_AUDIENCE)))) }}
 {{- fail (printf "extraEnv sets %s (auth on) but config.AUTH_JWT_AUDIENCE is empty: the service would refuse to start; set the audience tokens must carry (or * for any)" .name) }}
 {{- end }}
+{{- if eq (toString .name) "_RJEM_MALLOC_CONF" }}
+{{- fail "extraEnv sets _RJEM_MALLOC_CONF, which overrides the allocator's compiled-in options (.cargo/config.toml): without its background release of freed memory the pods keep what a burst of connections took, past the memory model the chart's limit is checked against; remove it" }}
+{{- end }}
 {{- if hasKey $managed (toString .name) }}
 {{- $where := get $managed .name }}
 {{- fail (printf "extraEnv sets %s, which the chart sets itself (an extraEnv entry would override it behind the chart's checks and Ingress paths): %s" .name (ternary (printf "set it through %s" $where) "remove it (the chart sets it from the downward API)" (ne $where ""))) }}
