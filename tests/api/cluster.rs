@@ -340,6 +340,78 @@ async fn a_shard_failing_over_opens_the_breaker_once_until_the_cluster_is_whole(
     );
 }
 
+// A master killed under load: until its replica takes over, the breaker is open and each
+// service replica decides in its own memory, from zero. A client whose requests spread
+// over R replicas can then be admitted R × its limit in the outage, besides what the
+// cluster admitted before and admits after (together at most the limit): (R + 1) × the
+// limit per window at worst (docs/scaling.md), never more, and never less than the limit.
+// The figures scaling.md quotes come from this test's output (--nocapture).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_killed_under_load_admits_no_client_past_replicas_plus_one_times_its_limit() {
+    let Some(mut cluster) = RedisCluster::start(1000) else {
+        return;
+    };
+    let apps = [
+        spawn_app(limited_on(&cluster, "30/hour")).await,
+        spawn_app(limited_on(&cluster, "30/hour")).await,
+    ];
+    for app in &apps {
+        eventually(Duration::from_secs(10), "connected", || async {
+            app.scrape().await.get("redis_up", &[]) == 1.0
+        })
+        .await;
+    }
+    let (masters, clients) = clients_on_each_master(&cluster, 10);
+    let proxy = client_from(Some("127.0.0.5".parse().unwrap()));
+    let mut accepted = vec![0_usize; clients.len()];
+    let mut rounds = 0;
+    loop {
+        if rounds == 10 {
+            cluster.kill(masters[0]);
+        }
+        let tasks: Vec<_> = clients
+            .iter()
+            .enumerate()
+            .map(|(i, client)| {
+                let request = proxy
+                    .get(apps[(i + rounds) % 2].url("/fibonacci?n=9"))
+                    .header("x-forwarded-for", client)
+                    .send();
+                tokio::spawn(async move { request.await.map(|r| r.status()) })
+            })
+            .collect();
+        for (total, task) in accepted.iter_mut().zip(tasks) {
+            let status = task.await.unwrap().unwrap();
+            assert!(
+                status == StatusCode::OK || status == StatusCode::TOO_MANY_REQUESTS,
+                "{status}"
+            );
+            *total += usize::from(status == StatusCode::OK);
+        }
+        rounds += 1;
+        if rounds >= 40 {
+            let mut back = true;
+            for app in &apps {
+                back &= app.scrape().await.get("redis_up", &[]) == 1.0;
+            }
+            if back {
+                break;
+            }
+        }
+        assert!(rounds < 1000, "the services never used the cluster again");
+    }
+    let (failed, others) = accepted.split_at(10);
+    eprintln!(
+        "{rounds} rounds, 30/hour over 2 replicas, master {} killed at round 10: its clients \
+         were admitted {failed:?}, the others' {others:?}",
+        masters[0]
+    );
+    assert!(
+        accepted.iter().all(|&a| (30..=(2 + 1) * 30).contains(&a)),
+        "every client between its limit and (replicas + 1) × it: {accepted:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slots_moved_under_load_cost_no_errors_and_no_early_rejection() {
     let Some(cluster) = RedisCluster::start(1000) else {
