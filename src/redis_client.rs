@@ -2,7 +2,8 @@
 //! slow or gone costs requests at most a few timeouts, then nothing until it is back.
 //!
 //! Requests never probe an open breaker; a background pinger does, through a new
-//! connection, and closes it when Redis as a whole can serve again. The cache tier and the cluster-wide rate limiter share it.
+//! connection, and closes it when Redis as a whole can serve again. The cache tier and
+//! the cluster-wide rate limiter share it.
 //!
 //! One Redis node (`REDIS_URL`) or a Redis Cluster (`REDIS_CLUSTER_NODES`): the cluster
 //! client of the `redis` crate follows MOVED/ASK redirections, refreshes the topology and
@@ -59,12 +60,12 @@ pub enum RedisUnavailable {
     /// with slots unserved, a node without cluster mode, a refused probe).
     #[error("{0}")]
     Unhealthy(String),
-    /// The probe's answer from the node of `REDIS_URL`: it is one node of a Redis Cluster,
-    /// which answers the keys of its own slots and refuses the rest (MOVED, CROSSSLOT).
     /// The probe's answer from a cluster: some masters serving slots did not answer (one
     /// died and the cluster has not failed it over yet).
     #[error("{answered} of the cluster's {masters} masters answered")]
     MastersUnanswered { answered: usize, masters: usize },
+    /// The probe's answer from the node of `REDIS_URL`: it is one node of a Redis Cluster,
+    /// which answers the keys of its own slots and refuses the rest (MOVED, CROSSSLOT).
     #[error("REDIS_URL names a node of a Redis Cluster (cluster_enabled:1): set REDIS_CLUSTER_NODES to the cluster's nodes instead")]
     ClusterNode,
 }
