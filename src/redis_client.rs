@@ -11,7 +11,10 @@
 //! limiter addresses to one master go over a direct connection to it when one is up.
 
 use std::{
-    sync::{Arc, Mutex, RwLock},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, RwLock,
+    },
     time::{Duration, Instant},
 };
 
@@ -218,6 +221,8 @@ pub struct RedisClient {
     up: Gauge,
     /// Wakes the pinger when calls open the breaker.
     opened: tokio::sync::Notify,
+    /// How many times the probe has closed the breaker (see [`Self::closings`]).
+    closings: AtomicU64,
 }
 
 impl RedisClient {
@@ -269,6 +274,7 @@ impl RedisClient {
             refusal_logged: Mutex::new(None),
             up,
             opened: tokio::sync::Notify::new(),
+            closings: AtomicU64::new(0),
         }))
     }
 
@@ -299,6 +305,12 @@ impl RedisClient {
         })
     }
 
+    /// How many times the breaker has closed after an outage: what was learnt of Redis
+    /// before the last closing (a cluster's slot map) may no longer hold.
+    pub fn closings(&self) -> u64 {
+        self.closings.load(Ordering::Acquire)
+    }
+
     /// Whether calls currently go to Redis (the breaker is closed).
     pub fn is_available(&self) -> bool {
         self.breaker.is_available()
@@ -318,6 +330,7 @@ impl RedisClient {
     fn on_probe_success(&self) {
         self.up.set(1.0);
         if self.breaker.record_probe_success() == Transition::Closed {
+            self.closings.fetch_add(1, Ordering::Release);
             tracing::info!(event = "redis_available", "Redis answers again: using it");
         }
     }

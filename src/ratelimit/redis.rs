@@ -218,10 +218,14 @@ pub fn redis_key(key: &ClientKey) -> String {
 /// in one script (a few microseconds per client).
 const MAX_BATCH: usize = 128;
 
-/// How long a cluster's slot map is used before it is read again; how often it may be
-/// read when clients turn out to be elsewhere; how long a batch's misplaced clients wait
-/// for the new map before they are sent anyway.
+/// How old a cluster's slot map may be and still be used (older, checks go one call
+/// each, routed by the client library, until a new one is read: a map read before a
+/// failover that happened while no check came names a dead master), and from what age
+/// it is read again (early enough that a steady flow never sees it expire); how often
+/// it may be read when clients turn out to be elsewhere; how long a batch's misplaced
+/// clients wait for the new map before they are sent anyway.
 const SLOT_MAP_MAX_AGE: Duration = Duration::from_secs(5);
+const SLOT_MAP_REFRESH: Duration = Duration::from_secs(4);
 const SLOT_MAP_RETRY: Duration = Duration::from_millis(100);
 const SLOT_MAP_WAIT: Duration = Duration::from_millis(200);
 
@@ -261,6 +265,9 @@ struct SlotMap {
     /// connects to it).
     nodes: Vec<(String, u16)>,
     read_at: Instant,
+    /// How many times the breaker had closed when the read began: a map read before
+    /// the last closing (during the outage, or before it) may be the old topology.
+    closings: u64,
 }
 
 impl SlotMap {
@@ -315,6 +322,7 @@ impl SlotMap {
             node_of,
             nodes,
             read_at: Instant::now(),
+            closings: 0,
         })
     }
 
@@ -576,13 +584,18 @@ impl RedisWindows {
         let (held, due) = match &*self.slots.borrow() {
             None => (false, true),
             // While the breaker is open the cluster may be failing over: the map read
-            // last can be the old one, and the breaker closes onto whatever is held.
-            Some(map) => (
-                true,
-                map.read_at.elapsed() >= SLOT_MAP_MAX_AGE
-                    || self.slots_stale.load(Ordering::Relaxed)
-                    || !redis.is_available(),
-            ),
+            // last can be the old one, so once it closes only a map read since counts.
+            Some(map) => {
+                let age = map.read_at.elapsed();
+                let current = age < SLOT_MAP_MAX_AGE && map.closings == redis.closings();
+                (
+                    current,
+                    !current
+                        || age >= SLOT_MAP_REFRESH
+                        || self.slots_stale.load(Ordering::Relaxed)
+                        || !redis.is_available(),
+                )
+            }
         };
         if due {
             let mut asked = self.slots_asked.lock().expect("not poisoned");
@@ -599,13 +612,14 @@ impl RedisWindows {
                 self.slots_stale.store(false, Ordering::Relaxed);
                 let (this, redis) = (self.clone(), redis.clone());
                 tokio::spawn(async move {
+                    let closings = redis.closings();
                     // Also while the breaker is open: a master that failed over leaves
-                    // the map wrong, and the breaker closes onto the map read last.
+                    // the map wrong.
                     let reply = redis
                         .query_past_breaker::<redis::Value>(redis::cmd("CLUSTER").arg("SLOTS"))
                         .await;
                     if let Ok(reply) = reply {
-                        let map = SlotMap::parse(&reply);
+                        let map = SlotMap::parse(&reply).map(|map| SlotMap { closings, ..map });
                         if let Some(map) = &map {
                             redis.keep_links_to(&map.nodes);
                         }
