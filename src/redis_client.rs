@@ -125,6 +125,10 @@ impl RedisUnavailable {
         let e = match self {
             Self::CircuitOpen => return "circuit open",
             Self::Timeout => return "timeout",
+            // A probe refused for want of a login is an authentication problem.
+            Self::Unhealthy(why) if why.contains("NOAUTH") || why.contains("WRONGPASS") => {
+                return "authentication failed"
+            }
             Self::Unhealthy(_) => return "unhealthy",
             Self::ClusterNode => return "a cluster node as REDIS_URL",
             Self::MastersUnanswered { .. } => return "a master unreachable",
@@ -855,6 +859,16 @@ impl NodeLinks {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_probe_refused_for_want_of_a_login_says_so() {
+        let noauth = RedisUnavailable::Unhealthy(
+            "health probe refused: NOAUTH: Authentication required.".into(),
+        );
+        assert_eq!(noauth.cause(), "authentication failed");
+        let fail = RedisUnavailable::Unhealthy("cluster state is not ok: fail".into());
+        assert_eq!(fail.cause(), "unhealthy");
+    }
 
     #[test]
     fn links_to_nodes_no_longer_masters_are_dropped() {
