@@ -38,8 +38,11 @@ use crate::{
 const PROBE_KEYS: [&str; 2] = ["fibonacci:probe:{a}", "fibonacci:probe:{b}"];
 /// Consecutive failures that open the breaker.
 const FAILURES_TO_OPEN: u32 = 3;
-/// How often the pinger checks Redis while it is healthy, and while the breaker is open.
+/// How often the pinger checks Redis while it is healthy (a cluster more often: its probe
+/// is also how an idle service learns that a master failed over), and while the breaker
+/// is open.
 const PING_HEALTHY: Duration = Duration::from_secs(5);
+const PING_HEALTHY_CLUSTER: Duration = Duration::from_secs(1);
 const PING_OPEN: Duration = Duration::from_millis(500);
 /// How long a new cluster connection may take to read the topology (it is never on a
 /// request's path: the breaker is open while it happens).
@@ -225,8 +228,9 @@ pub struct RedisClient {
     up: Gauge,
     /// Wakes the pinger when calls open the breaker.
     opened: tokio::sync::Notify,
-    /// How many times the probe has closed the breaker (see [`Self::closings`]).
-    closings: AtomicU64,
+    /// Bumped whenever what was learnt of Redis may no longer hold (see
+    /// [`Self::generation`]).
+    generation: AtomicU64,
 }
 
 impl RedisClient {
@@ -278,7 +282,7 @@ impl RedisClient {
             refusal_logged: Mutex::new(None),
             up,
             opened: tokio::sync::Notify::new(),
-            closings: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
         }))
     }
 
@@ -309,10 +313,11 @@ impl RedisClient {
         })
     }
 
-    /// How many times the breaker has closed after an outage: what was learnt of Redis
-    /// before the last closing (a cluster's slot map) may no longer hold.
-    pub fn closings(&self) -> u64 {
-        self.closings.load(Ordering::Acquire)
+    /// Changes when what was learnt of Redis before (a cluster's slot map) may no longer
+    /// hold: the breaker closed after an outage, or the probe needed a new connection to
+    /// a cluster whose masters changed under a closed breaker.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Whether calls currently go to Redis (the breaker is closed).
@@ -334,7 +339,7 @@ impl RedisClient {
     fn on_probe_success(&self) {
         self.up.set(1.0);
         if self.breaker.record_probe_success() == Transition::Closed {
-            self.closings.fetch_add(1, Ordering::Release);
+            self.generation.fetch_add(1, Ordering::Release);
             tracing::info!(event = "redis_available", "Redis answers again: using it");
         }
     }
@@ -669,6 +674,11 @@ impl RedisClient {
         if self.is_available() {
             return Ok(());
         }
+        self.reconnect().await
+    }
+
+    /// A new connection in place of the current one (see [`Self::reconnect_if_open`]).
+    async fn reconnect(&self) -> Result<(), RedisUnavailable> {
         let client = match &self.connector {
             Connector::Node(client, config) => {
                 // Connects on its first call: the probe, which bounds it.
@@ -701,19 +711,46 @@ impl RedisClient {
         if let Err(e) = self.reconnect_if_open().await {
             return self.on_failure(&e);
         }
-        match tokio::time::timeout(self.timeout, self.probe()).await {
-            Ok(Ok(())) => self.on_probe_success(),
-            Ok(Err(e @ (RedisUnavailable::ClusterNode | RedisUnavailable::Unhealthy(_)))) => {
+        let mut verdict = self.bounded_probe().await;
+        if self.is_cluster()
+            && self.is_available()
+            && !matches!(
+                verdict,
+                Ok(()) | Err(RedisUnavailable::ClusterNode | RedisUnavailable::Unhealthy(_))
+            )
+        {
+            // A master that stopped answering while the breaker is closed: a failover
+            // (a frozen master is only found by timeouts, which the client library does
+            // not read as a reason to refresh its map) or an outage. A new connection
+            // reads the slot map afresh: if it serves, the service goes on with it, and
+            // what it learnt before (the limiter's map) is read again.
+            verdict = match self.reconnect().await {
+                Ok(()) => self.bounded_probe().await,
+                Err(e) => Err(e),
+            };
+            if verdict.is_ok() {
+                self.generation.fetch_add(1, Ordering::Release);
+                tracing::debug!("a cluster master stopped answering: a new connection serves");
+            }
+        }
+        match verdict {
+            Ok(()) => self.on_probe_success(),
+            Err(e @ (RedisUnavailable::ClusterNode | RedisUnavailable::Unhealthy(_))) => {
                 self.on_unhealthy(&e);
             }
-            Ok(Err(e)) => self.on_failure(&e),
-            Err(_) => self.on_failure(&RedisUnavailable::Timeout),
+            Err(e) => self.on_failure(&e),
         }
         if !self.is_available() {
             // A call that read the breaker closed just before it opened may have raised
             // the gauge after the opening lowered it.
             self.up.set(0.0);
         }
+    }
+
+    async fn bounded_probe(&self) -> Result<(), RedisUnavailable> {
+        tokio::time::timeout(self.timeout, self.probe())
+            .await
+            .unwrap_or(Err(RedisUnavailable::Timeout))
     }
 
     /// Probes Redis until `stop` resolves: keeps `redis_up` true and closes the breaker
@@ -727,10 +764,12 @@ impl RedisClient {
                 _ = &mut stop => return,
                 () = self.check() => {}
             }
-            let period = if self.is_available() {
-                PING_HEALTHY
-            } else {
+            let period = if !self.is_available() {
                 PING_OPEN
+            } else if self.is_cluster() {
+                PING_HEALTHY_CLUSTER
+            } else {
+                PING_HEALTHY
             };
             tokio::select! {
                 _ = &mut stop => return,

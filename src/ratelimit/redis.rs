@@ -265,9 +265,10 @@ struct SlotMap {
     /// connects to it).
     nodes: Vec<(String, u16)>,
     read_at: Instant,
-    /// How many times the breaker had closed when the read began: a map read before
-    /// the last closing (during the outage, or before it) may be the old topology.
-    closings: u64,
+    /// The client's [`RedisClient::generation`] when the read began: a map read before
+    /// the breaker last closed, or before the probe found the masters changed, may be
+    /// the old topology.
+    generation: u64,
 }
 
 impl SlotMap {
@@ -322,7 +323,7 @@ impl SlotMap {
             node_of,
             nodes,
             read_at: Instant::now(),
-            closings: 0,
+            generation: 0,
         })
     }
 
@@ -587,7 +588,7 @@ impl RedisWindows {
             // last can be the old one, so once it closes only a map read since counts.
             Some(map) => {
                 let age = map.read_at.elapsed();
-                let current = age < SLOT_MAP_MAX_AGE && map.closings == redis.closings();
+                let current = age < SLOT_MAP_MAX_AGE && map.generation == redis.generation();
                 (
                     current,
                     !current
@@ -612,14 +613,14 @@ impl RedisWindows {
                 self.slots_stale.store(false, Ordering::Relaxed);
                 let (this, redis) = (self.clone(), redis.clone());
                 tokio::spawn(async move {
-                    let closings = redis.closings();
+                    let generation = redis.generation();
                     // Also while the breaker is open: a master that failed over leaves
                     // the map wrong.
                     let reply = redis
                         .query_past_breaker::<redis::Value>(redis::cmd("CLUSTER").arg("SLOTS"))
                         .await;
                     if let Ok(reply) = reply {
-                        let map = SlotMap::parse(&reply).map(|map| SlotMap { closings, ..map });
+                        let map = SlotMap::parse(&reply).map(|map| SlotMap { generation, ..map });
                         if let Some(map) = &map {
                             redis.keep_links_to(&map.nodes);
                         }
