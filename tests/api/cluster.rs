@@ -182,6 +182,47 @@ fn load(
         .collect()
 }
 
+/// Checks from many clients (distinct slots) against the services at `bases`, in turn,
+/// until `stop`; statuses are not looked at.
+fn load_binaries(
+    bases: Arc<Vec<String>>,
+    stop: Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..8)
+        .map(|w| {
+            let (bases, stop) = (bases.clone(), stop.clone());
+            tokio::spawn(async move {
+                let proxy = client_from(Some("127.0.0.5".parse().unwrap()));
+                let mut i: usize = w;
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = proxy
+                        .get(format!(
+                            "{}/fibonacci?n={}",
+                            bases[i % bases.len()],
+                            i % 1000
+                        ))
+                        .header(
+                            "x-forwarded-for",
+                            format!("10.8.{}.{}", i / 256 % 256, i % 256),
+                        )
+                        .send()
+                        .await;
+                    i += 8;
+                }
+            })
+        })
+        .collect()
+}
+
+/// How many times the breaker opened (`redis_unavailable`) or closed (`redis_available`)
+/// in these log lines: the first line of each, not the "still unavailable" ones.
+fn breaker_events(lines: &[serde_json::Value], event: &str) -> usize {
+    lines
+        .iter()
+        .filter(|l| l["event"] == event && l["message"] != "Redis still unavailable")
+        .count()
+}
+
 fn summary(statuses: &[u16]) -> String {
     let mut counts = std::collections::BTreeMap::new();
     for s in statuses {
@@ -282,35 +323,10 @@ async fn a_shard_failing_over_opens_the_breaker_once_until_the_cluster_is_whole(
         ("TRUSTED_PROXIES", "127.0.0.5/32".to_owned()),
     ])
     .await;
-    let events = |name: &str| {
-        service
-            .json_lines()
-            .iter()
-            .filter(|l| l["event"] == name && l["message"] != "Redis still unavailable")
-            .count()
-    };
+    let events = |name: &str| breaker_events(&service.json_lines(), name);
     let stop = Arc::new(AtomicBool::new(false));
     // Many clients, so every shard gets calls all the time.
-    let workers: Vec<_> = (0..8)
-        .map(|w| {
-            let (base, stop) = (service.base(), stop.clone());
-            tokio::spawn(async move {
-                let proxy = client_from(Some("127.0.0.5".parse().unwrap()));
-                let mut i = w;
-                while !stop.load(Ordering::Relaxed) {
-                    let _ = proxy
-                        .get(format!("{base}/fibonacci?n={}", i % 500))
-                        .header(
-                            "x-forwarded-for",
-                            format!("10.9.{}.{}", i / 256 % 256, i % 256),
-                        )
-                        .send()
-                        .await;
-                    i += 8;
-                }
-            })
-        })
-        .collect();
+    let workers = load_binaries(Arc::new(vec![service.base()]), stop.clone());
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(events("redis_unavailable"), 0, "healthy before the kill");
     let (masters, _) = cluster.roles();
@@ -485,26 +501,7 @@ async fn limits_after_a_failover(frozen_while_idle: bool) {
     }
     // Checks of many clients on both, from 1.5 s before the kill to 1.5 s after it.
     let stop = Arc::new(AtomicBool::new(false));
-    let workers: Vec<_> = (0..8)
-        .map(|w| {
-            let (bases, stop) = (bases.clone(), stop.clone());
-            tokio::spawn(async move {
-                let proxy = client_from(Some("127.0.0.5".parse().unwrap()));
-                let mut i: usize = w;
-                while !stop.load(Ordering::Relaxed) {
-                    let _ = proxy
-                        .get(format!("{}/fibonacci?n={}", bases[i % 2], i % 1000))
-                        .header(
-                            "x-forwarded-for",
-                            format!("10.8.{}.{}", i / 256 % 256, i % 256),
-                        )
-                        .send()
-                        .await;
-                    i += 8;
-                }
-            })
-        })
-        .collect();
+    let workers = load_binaries(bases.clone(), stop.clone());
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let (masters, _) = cluster.roles();
     cluster.kill(masters[0]);
@@ -593,13 +590,11 @@ async fn limits_are_shared(
     }
     for service in services {
         let (_, lines) = service.terminate();
-        let openings = lines
+        let lines: Vec<serde_json::Value> = lines
             .iter()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|l| {
-                l["event"] == "redis_unavailable" && l["message"] != "Redis still unavailable"
-            })
-            .count();
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        let openings = breaker_events(&lines, "redis_unavailable");
         assert!(
             openings_expected.contains(&openings),
             "breaker openings for one failover: {openings}, expected {openings_expected:?}"
