@@ -11,4 +11,4 @@ pub mod router;
 pub mod routes;
 pub mod server;
 
-pub use router::{admin_router, router, router_with};
+pub use router::{admin_router, router, router_with, Api};

@@ -1,35 +1,39 @@
 //! Observation of every request, outermost: the client's address, the correlation id,
-//! the server span, RED metrics and the request's log line, the security headers. A
-//! tower layer with a hand-written future: no boxed future, no allocation it can avoid.
+//! the server span, RED metrics and the request's log line, the security headers, and a
+//! handler's panic turned into a 500. A tower layer with a hand-written future: no boxed
+//! future, no allocation it can avoid.
 //!
 //! A request is counted whatever becomes of it: answered (its status), a caught panic (a
-//! 500 from the layer inside), or abandoned when the client goes away (`499`, nginx's
-//! "client closed request"): a drop guard, so `http_requests_in_flight` never leaks.
+//! 500), or abandoned when the client goes away (`499`, nginx's "client closed request"):
+//! a drop guard, so `http_requests_in_flight` never leaks.
 
 use std::{
+    any::Any,
     convert::Infallible,
     future::Future,
     net::{IpAddr, SocketAddr},
+    panic::{catch_unwind, AssertUnwindSafe},
     pin::Pin,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, LazyLock,
     },
-    task::{ready, Context, Poll},
+    task::{Context, Poll},
     time::Instant,
 };
 
 use axum::{
-    body::Body,
-    extract::ConnectInfo,
+    body::{Body, HttpBody},
     http::{header, HeaderName, HeaderValue, Request},
-    response::Response,
+    response::{IntoResponse, Response},
+    BoxError,
 };
+use bytes::Bytes;
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 use tracing::{field::Empty, instrument::Instrumented, Instrument};
 
-use super::{client, router::RouteLabels};
+use super::{client, error::ApiError, router::RouteLabels};
 use crate::{shutdown::Phase, state::App, telemetry};
 
 /// Status recorded for a request whose client went away before it was answered
@@ -39,6 +43,9 @@ pub const CLIENT_CLOSED_REQUEST: u16 = 499;
 /// The correlation id of a request: the caller's `X-Request-Id` if it is sane, else one
 /// of ours; echoed, logged and put on the span.
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Made once: a name given as a string is parsed and validated at every lookup.
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// Whether an incoming id can be trusted into logs and headers: 1 to 64 characters of
 /// `[A-Za-z0-9._:-]` (UUIDs, ULIDs, trace ids, the usual proxy formats).
@@ -53,17 +60,23 @@ fn is_sane_request_id(id: &HeaderValue) -> bool {
 /// A fresh id: this process's random prefix and a counter, 32 hex digits. Unique without
 /// a random draw per request; unpredictability is not needed of a correlation id.
 fn new_request_id() -> HeaderValue {
-    static PREFIX: LazyLock<u64> = LazyLock::new(|| getrandom::u64().unwrap_or_default());
+    static PREFIX: LazyLock<[u8; 16]> = LazyLock::new(|| hex(getrandom::u64().unwrap_or_default()));
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    // By hand: `format!` costs more than the rest of the id's life on this path.
     let mut id = [0u8; 32];
-    for (i, digit) in id.iter_mut().enumerate() {
-        let word = if i < 16 { *PREFIX } else { n };
-        *digit = HEX[((word >> (60 - 4 * (i % 16))) & 0xf) as usize];
-    }
+    id[..16].copy_from_slice(&*PREFIX);
+    id[16..].copy_from_slice(&hex(NEXT.fetch_add(1, Ordering::Relaxed)));
     HeaderValue::from_bytes(&id).expect("hex digits")
+}
+
+/// The 16 hex digits of `word`, by hand: `format!` costs more than the rest of the id's
+/// life on this path.
+fn hex(word: u64) -> [u8; 16] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut digits = [0u8; 16];
+    for (i, digit) in digits.iter_mut().enumerate() {
+        *digit = HEX[((word >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    digits
 }
 
 fn method_label(method: &http::Method) -> &'static str {
@@ -179,22 +192,38 @@ impl<S> Layer<S> for ObserveLayer {
         Observe {
             inner,
             shared: self.shared.clone(),
+            peer: IpAddr::from([0, 0, 0, 0]),
         }
     }
 }
 
-/// The service [`ObserveLayer`] makes.
+/// The service [`ObserveLayer`] makes: what every listener serves.
 #[derive(Clone)]
 pub struct Observe<S> {
     inner: S,
     shared: Arc<Shared>,
+    /// The connection's peer ([`Observe::serving`]); 0.0.0.0 when a test drives the
+    /// service directly.
+    peer: IpAddr,
 }
 
-impl<S, B> Service<Request<Body>> for Observe<S>
+impl<S: Clone> Observe<S> {
+    /// This service for the requests of one connection, from `peer`.
+    pub fn serving(&self, peer: SocketAddr) -> Self {
+        Self {
+            peer: peer.ip(),
+            ..self.clone()
+        }
+    }
+}
+
+impl<S, B> Service<Request<B>> for Observe<S>
 where
-    S: Service<Request<Body>, Response = Response<B>, Error = Infallible> + Clone,
+    S: Service<Request<Body>, Response = Response, Error = Infallible> + Clone,
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
 {
-    type Response = Response<B>;
+    type Response = Response;
     type Error = Infallible;
     type Future = ObserveFuture<S::Future>;
 
@@ -202,17 +231,57 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        // The inner service was made ready by `poll_ready`; a fresh clone takes its place.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        self.start(inner, req)
+    }
+}
+
+/// hyper serves a connection through this directly (`Observe::serving`): hyper-util's
+/// `TowerToHyperService` would take each request through a `Oneshot` state machine that
+/// moves the request and then the whole response future between its states. Nothing in
+/// the stack ever waits to be ready (axum's `Router` is always ready and every layer
+/// only asks the one inside it), so there is no readiness to wait for.
+impl<S, B> hyper::service::Service<Request<B>> for Observe<S>
+where
+    S: Service<Request<Body>, Response = Response, Error = Infallible> + Clone,
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = ObserveFuture<S::Future>;
+
+    fn call(&self, req: Request<B>) -> Self::Future {
+        let mut inner = self.inner.clone();
+        debug_assert!(
+            inner
+                .poll_ready(&mut Context::from_waker(std::task::Waker::noop()))
+                .is_ready(),
+            "the stack is always ready"
+        );
+        self.start(inner, req)
+    }
+}
+
+impl<S: Clone> Observe<S> {
+    /// Observes `req` on its way through `inner`, a ready clone of the inner service.
+    fn start<B>(&self, mut inner: S, req: Request<B>) -> ObserveFuture<S::Future>
+    where
+        S: Service<Request<Body>, Response = Response, Error = Infallible>,
+        B: HttpBody<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        // Already a `Body` (a test's request) is taken as it is, not boxed again.
+        let mut req = req.map(Body::new);
         let app = &self.shared.app;
         let method = method_label(req.method());
         let route = self.shared.routes.of_path(req.uri().path());
-        let peer = req
-            .extensions()
-            .get::<ConnectInfo<SocketAddr>>()
-            .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
         let client = client::resolve(
-            peer,
-            req.headers().get_all("x-forwarded-for").iter(),
+            self.peer,
+            req.headers().get_all(X_FORWARDED_FOR).iter(),
             &app.config.trusted_proxies,
         );
         req.extensions_mut().insert(client::Client(client));
@@ -244,34 +313,70 @@ where
             span: span.clone(),
             answered: false,
         };
-        // The inner service was made ready by `poll_ready`; a fresh clone takes its place.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let state = match catch_unwind(AssertUnwindSafe(|| inner.call(req))) {
+            Ok(future) => State::Running {
+                future: future.instrument(span),
+            },
+            Err(cause) => State::Panicked {
+                response: Some(span.in_scope(|| panic_response(cause))),
+            },
+        };
         ObserveFuture {
-            inner: inner.call(req).instrument(span),
+            state,
             in_flight: Some(in_flight),
         }
     }
+}
+
+/// A panic becomes an opaque JSON 500 (logged), never a dropped connection.
+fn panic_response(cause: Box<dyn Any + Send + 'static>) -> Response {
+    let cause = cause
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| cause.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown panic");
+    ApiError::Internal(format!("handler panicked: {cause}")).into_response()
 }
 
 pin_project! {
     /// The response of [`Observe`], finished (headers, metrics, log line) as it comes.
     pub struct ObserveFuture<F> {
         #[pin]
-        inner: Instrumented<F>,
+        state: State<F>,
         in_flight: Option<InFlight>,
     }
 }
 
-impl<F, B> Future for ObserveFuture<F>
+pin_project! {
+    /// The inner service's response on its way, or the 500 of its panic.
+    #[project = StateProj]
+    enum State<F> {
+        Running { #[pin] future: Instrumented<F> },
+        Panicked { response: Option<Response> },
+    }
+}
+
+impl<F> Future for ObserveFuture<F>
 where
-    F: Future<Output = Result<Response<B>, Infallible>>,
+    F: Future<Output = Result<Response, Infallible>>,
 {
-    type Output = Result<Response<B>, Infallible>;
+    type Output = Result<Response, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let Ok(mut response) = ready!(this.inner.poll(cx));
+        let mut response = match this.state.project() {
+            StateProj::Running { future } => {
+                match catch_unwind(AssertUnwindSafe(|| future.poll(cx))) {
+                    Ok(Poll::Pending) => return Poll::Pending,
+                    Ok(Poll::Ready(Ok(response))) => response,
+                    Err(cause) => {
+                        let span = &this.in_flight.as_ref().expect("not finished").span;
+                        span.in_scope(|| panic_response(cause))
+                    }
+                }
+            }
+            StateProj::Panicked { response } => response.take().expect("polled after completion"),
+        };
         let mut in_flight = this.in_flight.take().expect("polled after completion");
         let draining = in_flight.app.lifecycle.phase() == Phase::Draining;
         let headers = response.headers_mut();
@@ -283,13 +388,15 @@ where
             // A route that needs a policy of its own (the docs page runs scripts) sets it.
             headers.entry(name).or_insert(value);
         }
-        headers.insert(X_REQUEST_ID, in_flight.request_id.clone());
         if draining {
             // Keep-alive clients would otherwise send their next request on a connection
             // the drain is about to close; this tells them to open a new one elsewhere.
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         in_flight.finish(response.status().as_u16());
+        // Moved, not cloned, once logged: a clone of a fresh id's bytes allocates.
+        let request_id = std::mem::replace(&mut in_flight.request_id, HeaderValue::from_static(""));
+        response.headers_mut().insert(X_REQUEST_ID, request_id);
         Poll::Ready(Ok(response))
     }
 }

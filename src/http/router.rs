@@ -1,19 +1,25 @@
 //! The router: a plain function that tests can drive. Routes come from the route table
-//! (`routes`); the layers every route gets are wrapped around the routed service once.
+//! (`routes`); the layers every route gets are wrapped around the routed service once,
+//! and that service is what the listeners serve (no outer `Router`, which would box and
+//! clone the whole stack per request).
 
 use std::sync::{Arc, Mutex};
 
 use axum::{
     extract::FromRef,
     http::{HeaderValue, Method},
-    response::{IntoResponse, Response},
     Router,
 };
 use bytes::Bytes;
-use tower::ServiceBuilder;
-use tower_http::{catch_panic::CatchPanicLayer, cors::CorsLayer};
+use tower::{util::Either, Layer};
+use tower_http::cors::{Cors, CorsLayer};
 
-use super::{admit::AdmitLayer, error::ApiError, observe::ObserveLayer, routes};
+use super::{
+    admit::{Admit, AdmitLayer},
+    error::ApiError,
+    observe::{Observe, ObserveLayer},
+    routes,
+};
 use crate::state::App;
 
 /// What the handlers can ask for: the instance's state, and the OpenAPI document
@@ -34,24 +40,34 @@ impl FromRef<HttpState> for Arc<App> {
 /// table declared (so a route cannot be missing here), or `unmatched`. A closed set: no
 /// request can add a series.
 pub struct RouteLabels {
+    /// The templates without parameters, compared as they are: the common case, cheaper
+    /// than a walk of the tree.
+    exact: Vec<&'static str>,
     templates: matchit::Router<&'static str>,
 }
 
 impl RouteLabels {
     fn of(doc: &utoipa::openapi::OpenApi, pages: &[&'static str]) -> Self {
         let mut templates = matchit::Router::new();
+        let mut exact = Vec::new();
         let paths = doc.paths.paths.keys().map(String::as_str);
         for path in paths.chain(pages.iter().copied()) {
             let label = intern(path);
             templates
                 .insert(path, label)
                 .expect("the route table's paths are distinct");
+            if !path.contains('{') {
+                exact.push(label);
+            }
         }
-        Self { templates }
+        Self { exact, templates }
     }
 
     /// The label of a request to `path`.
     pub fn of_path(&self, path: &str) -> &'static str {
+        if let Some(label) = self.exact.iter().find(|label| **label == path) {
+            return label;
+        }
         self.templates.at(path).map_or("unmatched", |m| *m.value)
     }
 }
@@ -75,16 +91,6 @@ async fn not_found() -> ApiError {
 
 async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
-}
-
-/// A panic becomes an opaque JSON 500 (logged), never a dropped connection.
-fn panic_response(cause: Box<dyn std::any::Any + Send + 'static>) -> Response {
-    let cause = cause
-        .downcast_ref::<String>()
-        .map(String::as_str)
-        .or_else(|| cause.downcast_ref::<&str>().copied())
-        .unwrap_or("unknown panic");
-    ApiError::Internal(format!("handler panicked: {cause}")).into_response()
 }
 
 fn cors(origins: &[HeaderValue]) -> Option<CorsLayer> {
@@ -146,12 +152,12 @@ impl Table {
     }
 
     /// Layers every route gets (admission only acts on the admitted ones), observation
-    /// outermost so it sees every response and every request (a caught panic's 500
-    /// included, an abandoned request as 499).
+    /// outermost so it sees every response and every request (a panic's 500 included, an
+    /// abandoned request as 499).
     ///
     /// Wrapped around the routed service once rather than with `Router::layer` or a
     /// route's own layer, which box the service per route and clone it per request.
-    fn finish(self, app: &Arc<App>, extra: Router<HttpState>) -> Router {
+    fn finish(self, app: &Arc<App>, extra: Router<HttpState>) -> Api {
         let state = HttpState {
             app: app.clone(),
             openapi: Bytes::from(routes::openapi::render(
@@ -166,32 +172,35 @@ impl Table {
             .fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
             .with_state(state);
-        let stack = ServiceBuilder::new()
-            .layer(ObserveLayer::new(app, self.labels.clone()))
-            .layer(CatchPanicLayer::custom(panic_response))
-            .option_layer(cors(&app.config.cors_allowed_origins))
-            .layer(AdmitLayer::new(app, self.labels, self.admitted))
-            .service(routed);
-        Router::new().fallback_service(stack)
+        let admitted = AdmitLayer::new(app, self.labels.clone(), self.admitted).layer(routed);
+        let inner = match cors(&app.config.cors_allowed_origins) {
+            Some(cors) => Either::Left(cors.layer(admitted)),
+            None => Either::Right(admitted),
+        };
+        ObserveLayer::new(app, self.labels).layer(inner)
     }
 }
+
+/// What a listener serves: the routes under admission (and CORS, when configured) under
+/// observation. A tower service; [`Observe::serving`] gives it a connection's peer.
+pub type Api = Observe<Either<Cors<Admit<Router>>, Admit<Router>>>;
 
 /// The API router: `/fibonacci` behind admission, `/health`, the OpenAPI document and its
 /// page (`/docs`) beside it. Probes and metrics are here too unless `ADMIN_LISTEN_ADDR` gives them a
 /// port of their own: then the public port (the one an Ingress routes to) never
 /// exposes them.
-pub fn router(app: Arc<App>) -> Router {
+pub fn router(app: Arc<App>) -> Api {
     router_with(app, Router::new())
 }
 
 /// The API router with `extra` routes beside the API, under the same layers: the seam
 /// for tests that need a route of their own (one that panics, say).
-pub fn router_with(app: Arc<App>, extra: Router<HttpState>) -> Router {
+pub fn router_with(app: Arc<App>, extra: Router<HttpState>) -> Api {
     let with_admin = app.config.admin_listen_addr.is_none();
     Table::new(true, with_admin, app.config.docs_enabled).finish(&app, extra)
 }
 
 /// The admin router (`ADMIN_LISTEN_ADDR`): metrics and probes only.
-pub fn admin_router(app: Arc<App>) -> Router {
+pub fn admin_router(app: Arc<App>) -> Api {
     Table::new(false, true, false).finish(&app, Router::new())
 }

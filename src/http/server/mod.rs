@@ -20,16 +20,14 @@ pub mod io;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use axum::{extract::ConnectInfo, Router};
-use hyper::{body::Incoming, server::conn::http1};
+use hyper::server::conn::http1;
 use hyper_util::{
     rt::{TokioIo, TokioTimer},
     server::graceful::GracefulShutdown,
-    service::TowerToHyperService,
 };
 use tokio::{net::TcpListener, sync::Semaphore};
-use tower::ServiceExt;
 
+use super::router::Api;
 use crate::metrics::Metrics;
 
 /// The limits a listener enforces.
@@ -97,10 +95,10 @@ const MAX_HEAD_BYTES: usize = 32 * 1024;
 /// How often the gate forgets the rate state of addresses at rest.
 const SWEEP_PERIOD: Duration = Duration::from_secs(1);
 
-/// Serves `router` on `listener` until `stop` resolves, then drains.
+/// Serves `api` on `listener` until `stop` resolves, then drains.
 pub async fn serve(
     listener: TcpListener,
-    router: Router,
+    api: Api,
     limits: Limits,
     gate: Arc<gate::Gate>,
     metrics: Arc<Metrics>,
@@ -161,12 +159,7 @@ pub async fn serve(
         // client that never reads hold megabytes of answers per socket (plenty for
         // F(10^6)'s 209 kB in flight).
         let _ = socket.set_send_buffer_size(SEND_BUFFER_BYTES);
-        let service = TowerToHyperService::new(router.clone().map_request(
-            move |mut req: http::Request<Incoming>| {
-                req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
-                req
-            },
-        ));
+        let service = api.serving(peer);
         let io = io::WriteDeadline::new(TokioIo::new(stream), limits.write_timeout);
         let conn = graceful.watch(builder.serve_connection(io, service));
         let open = metrics.connections_open().clone();
