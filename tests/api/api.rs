@@ -322,6 +322,24 @@ async fn cors_allows_only_configured_origins() {
             .unwrap();
         let header = response.headers().get(header::ACCESS_CONTROL_ALLOW_ORIGIN);
         assert_eq!(header.is_some(), allowed, "{origin}");
+        // A browser's preflight before a cross-origin request: answered by the CORS layer,
+        // allowing the listed origin only.
+        let preflight = open
+            .client
+            .request(reqwest::Method::OPTIONS, open.url("/fibonacci?n=1"))
+            .header(header::ORIGIN, origin)
+            .header(header::ACCESS_CONTROL_REQUEST_METHOD, "GET")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(preflight.status(), 200, "preflight from {origin}");
+        let headers = preflight.headers();
+        assert_eq!(
+            headers.get(header::ACCESS_CONTROL_ALLOW_ORIGIN).is_some(),
+            allowed,
+            "preflight from {origin}"
+        );
+        assert_eq!(headers[header::ACCESS_CONTROL_ALLOW_METHODS], "GET,HEAD");
     }
     open.stop().await;
 }
